@@ -1,0 +1,121 @@
+"""The public decision API (SPEC §7): :class:`Guard`."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import config as config_mod
+from . import lists as lists_mod
+from .config import Config
+from .lists import Lists
+from .settings import RULE_NAMES, compile_settings
+
+NO_EXTENSIONS = bool(os.environ.get("CALLGUARD_NO_EXTENSIONS"))
+
+if NO_EXTENSIONS:
+    from ._corepy import CorePy as Core
+    from ._corepy import Verdict
+else:
+    try:
+        from ._core import Core, Verdict  # type: ignore[no-redef]
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise ImportError(f"callguard's compiled core is missing ({exc}); reinstall with `pip install .` "
+                          "or set CALLGUARD_NO_EXTENSIONS=1 for the pure-Python core") from exc
+
+IMPLEMENTATION = "python" if NO_EXTENSIONS else "cython"
+
+
+def load_lists(cfg: Config, strict: bool | None = None) -> Lists:
+    """Load the lists a config names (with its allowlist numbers)."""
+    return lists_mod.load_lists(cfg.lists.blocklist, cfg.lists.service_numbers, cfg.lists.allowlist,
+                                extra_allow=cfg.allowlist_numbers,
+                                strict=cfg.lists.strict if strict is None else strict,
+                                tz=lists_mod.parse_tz(cfg.lists.timezone))
+
+
+def _fail_open(caller: str, callee: str, source: str | None) -> Any:
+    """The verdict for a call whose decision raised: let it through (safety first)."""
+    return Verdict("allow", 0, "allow", "internal fault: failed open", "internal fault", 0.0, str(caller),
+                   str(callee), "hidden", "", (), ())
+
+
+class Guard:
+    """Screens calls: one :meth:`check` per call setup.
+
+    Example:
+        >>> guard = Guard.from_config("config/callguard.yaml")
+        >>> v = guard.check("sip:+8613800138000@gw", "02150001234", source="127.0.0.1")
+        >>> v.verdict, v.code, v.rule
+    """
+
+    def __init__(self, config: Config, lists: Lists | None = None) -> None:
+        self.config = config
+        self.lists = lists if lists is not None else load_lists(config)
+        self.settings = compile_settings(config)
+        self.core = Core(self.settings, self.lists)
+        self.faults = 0
+        self.last_fault: BaseException | None = None
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None) -> "Guard":
+        """Load a YAML config and the lists it names.
+
+        Raises:
+            ConfigError: the config is invalid (names file, key and problem).
+            ListError: a list file cannot be read, or has a broken row in strict mode.
+        """
+        return cls(config_mod.load(path or config_mod.default_config_path()))
+
+    @property
+    def problems(self) -> list[lists_mod.RowProblem]:
+        """Broken list rows that were skipped at load."""
+        return self.lists.problems
+
+    def check(self, caller: str, callee: str, source: str | None = None, now: float | None = None) -> Any:
+        """Decide on one call and count it as an attempt.
+
+        Args:
+            caller: caller as it arrived (URI, name-addr or digits).
+            callee: callee as it arrived.
+            source: the sender's IP address; ``None`` for an offline check (untrusted_source skipped).
+            now: epoch seconds; defaults to the current time.
+
+        Returns:
+            A ``Verdict`` with ``verdict``, ``code``, ``rule``, ``reason``, ``score`` and more.
+            An internal fault never blocks a call: it fails open, is counted in ``faults``.
+        """
+        try:
+            return self.core.check(caller, callee, source, time.time() if now is None else now)
+        except Exception as exc:  # noqa: BLE001 - safety: an internal fault must not block calls
+            self.faults += 1
+            self.last_fault = exc
+            return _fail_open(caller, callee, source)
+
+    def check_batch(self, callers: Sequence[str], callees: Sequence[str], sources: Sequence[str | None],
+                    times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decide many calls in order; returns (codes, rule indexes into RULE_NAMES, scores)."""
+        return self.core.check_batch(callers, callees, sources, np.ascontiguousarray(times, dtype=np.float64))
+
+    def observe(self, caller: str, answered: bool, duration: float, source: str | None = None,
+                now: float | None = None) -> None:
+        """Feed a finished call's outcome (answered, duration in seconds) into the caller's score."""
+        self.core.observe(caller, answered, duration, source, time.time() if now is None else now)
+
+    def with_config(self, config: Config, lists: Lists | None = None) -> "Guard":
+        """A new guard for a reloaded config that keeps this one's rate-limit state."""
+        new = Guard(config, lists)
+        new.core.adopt_state(self.core)
+        return new
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.core.snapshot()
+
+    def restore(self, data: dict[str, Any]) -> None:
+        self.core.restore(data)
+
+
+__all__ = ["Guard", "Verdict", "RULE_NAMES", "IMPLEMENTATION", "load_lists"]
