@@ -12,9 +12,12 @@ from . import config as config_mod
 from . import lists as lists_mod
 from .config import Config
 from .lists import Lists
+from .log import get_logger
 from .settings import RULE_NAMES, compile_settings
 
 NO_EXTENSIONS = bool(os.environ.get("CALLGUARD_NO_EXTENSIONS"))
+
+from ._corepy import CorePy
 
 if NO_EXTENSIONS:
     from ._corepy import CorePy as Core
@@ -52,11 +55,21 @@ class Guard:
         >>> v.verdict, v.code, v.rule
     """
 
-    def __init__(self, config: Config, lists: Lists | None = None) -> None:
+    def __init__(self, config: Config, lists: Lists | None = None, implementation: str | None = None) -> None:
+        """Build a guard from a loaded config.
+
+        Args:
+            config: the frozen config.
+            lists: lists already loaded (default: load the files the config names).
+            implementation: ``"cython"`` or ``"python"`` (the reference twin); default as selected by
+                ``CALLGUARD_NO_EXTENSIONS``.
+        """
         self.config = config
         self.lists = lists if lists is not None else load_lists(config)
         self.settings = compile_settings(config)
-        self.core = Core(self.settings, self.lists)
+        self.implementation = implementation or IMPLEMENTATION
+        core_cls = CorePy if self.implementation == "python" else Core
+        self.core = core_cls(self.settings, self.lists)
         self.faults = 0
         self.last_fault: BaseException | None = None
 
@@ -93,6 +106,8 @@ class Guard:
         except Exception as exc:  # noqa: BLE001 - safety: an internal fault must not block calls
             self.faults += 1
             self.last_fault = exc
+            get_logger("callguard.guard").error("decision_fault", error=repr(exc), caller=str(caller)[:64],
+                                                callee=str(callee)[:64], faults=self.faults)
             return _fail_open(caller, callee, source)
 
     def check_batch(self, callers: Sequence[str], callees: Sequence[str], sources: Sequence[str | None],
@@ -107,7 +122,7 @@ class Guard:
 
     def with_config(self, config: Config, lists: Lists | None = None) -> "Guard":
         """A new guard for a reloaded config that keeps this one's rate-limit state."""
-        new = Guard(config, lists)
+        new = Guard(config, lists, self.implementation)
         new.core.adopt_state(self.core)
         return new
 
