@@ -1,0 +1,213 @@
+"""Prometheus metrics of callguard.
+
+Each :class:`Metrics` owns its own ``CollectorRegistry`` (not the process-global one), so a
+proxy, a test and a benchmark can each have theirs in one process.
+
+The per-call methods are cheap: label children for the known rule ids, SIP methods,
+response classes and trunks are bound once, and a call is one dict lookup plus the
+client's increment.  Label values from the network are folded into a fixed set (unknown
+methods count as ``other``) so a hostile peer cannot grow the number of series.
+
+Families (all prefixed ``callguard_``):
+
+=========================================  =======================================================
+``decisions_total{rule}``                  decisions by rule id (``allow`` when nothing fired)
+``decision_latency_seconds``               histogram of the core's decision time (µs-scale buckets)
+``sip_messages_in_total{method}``          SIP messages received: requests by method, responses by
+                                           status class ``1xx`` … ``6xx``
+``sip_messages_out_total{method}``         SIP messages sent, labelled the same way
+``sip_parse_errors_total``                 messages that could not be parsed
+``trunk_up{trunk}``                        1 while the trunk answers, 0 while it is marked down
+``records_written_total``                  call records stored
+``records_dropped_total``                  call records lost (queue full or write failure)
+``overload_rejections_total``              INVITEs answered 503 because too many were in flight
+``internal_faults_total``                  internal faults that failed open (the call passed)
+=========================================  =======================================================
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import start_http_server
+
+from .config import RULE_IDS
+
+#: Label values of ``method`` for requests; anything else is counted as ``other``.
+SIP_METHODS: tuple[str, ...] = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE",
+                                "INFO", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH")
+#: Label values of ``method`` for responses: the status class.
+RESPONSE_CLASSES: tuple[str, ...] = ("1xx", "2xx", "3xx", "4xx", "5xx", "6xx")
+OTHER = "other"
+
+#: Decision latency buckets in seconds: 1 µs … 100 ms, dense where the core lives (1-100 µs).
+LATENCY_BUCKETS: tuple[float, ...] = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,
+                                      1e-2, 1e-1, float("inf"))
+
+_RULES: tuple[str, ...] = RULE_IDS + ("allow",)
+
+
+def method_label(method: str | int) -> str:
+    """The ``method`` label for a request method or a response status.
+
+    Requests keep their method (unknown ones become ``other``); a response is given as its
+    status code (``200`` or ``"200"``) or class (``"2xx"``) and is labelled by its class.
+    """
+    if isinstance(method, int):
+        return f"{method // 100}xx" if 100 <= method <= 699 else OTHER
+    if len(method) == 3 and method[0] in "123456":
+        if method[1:] == "xx":
+            return method
+        if method.isdigit():
+            return method[0] + "xx"
+    up = method.upper()
+    return up if up in SIP_METHODS else OTHER
+
+
+class Metrics:
+    """The metric families of one proxy (or test), in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self._decisions = Counter("callguard_decisions_total", "Decisions by rule id (allow: nothing fired)",
+                                  ["rule"], registry=reg)
+        self._latency = Histogram("callguard_decision_latency_seconds", "Time the core took for one decision",
+                                  buckets=LATENCY_BUCKETS, registry=reg)
+        self._msg_in = Counter("callguard_sip_messages_in_total",
+                               "SIP messages received: requests by method, responses by status class",
+                               ["method"], registry=reg)
+        self._msg_out = Counter("callguard_sip_messages_out_total",
+                                "SIP messages sent: requests by method, responses by status class",
+                                ["method"], registry=reg)
+        self._parse_errors = Counter("callguard_sip_parse_errors_total", "SIP messages that could not be parsed",
+                                     registry=reg)
+        self._trunk_up = Gauge("callguard_trunk_up", "1 while the trunk answers, 0 while it is marked down",
+                               ["trunk"], registry=reg)
+        self._written = Counter("callguard_records_written_total", "Call records stored", registry=reg)
+        self._dropped = Counter("callguard_records_dropped_total",
+                                "Call records lost (queue full or failed write)", registry=reg)
+        self._overload = Counter("callguard_overload_rejections_total",
+                                 "INVITEs answered 503 because too many transactions were in flight", registry=reg)
+        self._faults = Counter("callguard_internal_faults_total",
+                               "Internal faults that failed open (the call passed)", registry=reg)
+        # Bound once: labels() takes a lock and builds a key, too slow to do per call.
+        self._by_rule: dict[str, Any] = {r: self._decisions.labels(r) for r in _RULES}
+        labels = SIP_METHODS + RESPONSE_CLASSES + (OTHER,)
+        self._in: dict[str | int, Any] = {m: self._msg_in.labels(m) for m in labels}
+        self._out: dict[str | int, Any] = {m: self._msg_out.labels(m) for m in labels}
+        self._trunks: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._server_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ per call
+    def decision(self, rule: str, latency_seconds: float) -> None:
+        """Count one decision of ``rule`` and observe how long the core took."""
+        child = self._by_rule.get(rule)
+        if child is None:
+            child = self._bind_rule(rule)
+        child.inc()
+        self._latency.observe(latency_seconds)
+
+    def _bind_rule(self, rule: str) -> Any:
+        # Rule ids come from the core, not the network, so the set stays small.
+        with self._lock:
+            child = self._by_rule.get(rule)
+            if child is None:
+                child = self._by_rule[rule] = self._decisions.labels(rule)
+        return child
+
+    def message_in(self, method: str | int) -> None:
+        """Count a received message: a request method, or a response status / class (``2xx``)."""
+        child = self._in.get(method)
+        if child is None:
+            child = _lookup(self._in, method)
+        child.inc()
+
+    def message_out(self, method: str | int) -> None:
+        """Count a sent message, labelled like :meth:`message_in`."""
+        child = self._out.get(method)
+        if child is None:
+            child = _lookup(self._out, method)
+        child.inc()
+
+    def parse_error(self) -> None:
+        """Count a message that could not be parsed."""
+        self._parse_errors.inc()
+
+    def trunk_state(self, name: str, up: bool) -> None:
+        """Set whether trunk ``name`` is up."""
+        child = self._trunks.get(name)
+        if child is None:
+            with self._lock:
+                child = self._trunks.setdefault(name, self._trunk_up.labels(name))
+        child.set(1 if up else 0)
+
+    def record_written(self, n: int = 1) -> None:
+        """Count ``n`` stored call records (``RecordStore(on_written=...)`` calls this per batch)."""
+        self._written.inc(n)
+
+    def record_dropped(self, n: int = 1) -> None:
+        """Count ``n`` lost call records (``RecordStore(on_dropped=...)``)."""
+        self._dropped.inc(n)
+
+    def overload(self) -> None:
+        """Count an INVITE rejected with 503 for overload."""
+        self._overload.inc()
+
+    def fault(self) -> None:
+        """Count an internal fault that failed open."""
+        self._faults.inc()
+
+    # ------------------------------------------------------------ exposition
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every family."""
+        return generate_latest(self.registry)
+
+    def start_server(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP from a daemon thread; returns the bound port (0: a free one).
+
+        Only one server per :class:`Metrics`; a second call returns the port already bound.
+        """
+        with self._lock:
+            if self._server is not None:
+                return int(self._server.server_port)
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server, self._server_thread = server, thread
+            return int(server.server_port)
+
+    def stop_server(self) -> None:
+        """Stop the HTTP server started by :meth:`start_server`, if any."""
+        with self._lock:
+            server, thread = self._server, self._server_thread
+            self._server = self._server_thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            if thread is not None:
+                thread.join(timeout=5.0)
+
+
+def _lookup(children: dict[str | int, Any], method: str | int) -> Any:
+    child = children[method_label(method)]
+    if isinstance(method, int) and 100 <= method <= 699:
+        children[method] = child   # at most 600 status codes: safe to remember for the next time
+    return child
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split the ``metrics.listen`` option (``HOST:PORT``, ``[::1]:PORT``) into host and port.
+
+    Raises:
+        ValueError: not HOST:PORT or the port is out of range.
+    """
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT (got {text!r})")
+    port = int(port_text)
+    if not 0 <= port < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    return host.strip("[]"), port
