@@ -27,13 +27,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from .errors import CallguardError, ConfigError, InputError
 from .lists import parse_time as lists_parse_time
 from .lists import parse_tz
+from .log import get_logger
 
-log = structlog.get_logger("callguard.records")
+
+def _log() -> Any:
+    # Looked up at each (rare) event instead of cached at import, so a logging set-up made
+    # later, or a test capturing logs, always applies.
+    return get_logger("callguard.records")
+
 
 SCHEMA_VERSION = 1
 MIN_RETENTION_DAYS = 30
@@ -231,7 +235,7 @@ class RecordStore:
         if not self._dropping:
             # Logged once when dropping starts; the writer logs when it stops, with the count.
             self._dropping = True
-            log.warning("records_dropping", path=self.path, reason="closed" if self._closed else "queue full",
+            _log().warning("records_dropping", path=self.path, reason="closed" if self._closed else "queue full",
                         queue_max=self.queue_max, dropped=self.dropped)
 
     @property
@@ -255,7 +259,7 @@ class RecordStore:
                     self._prune(self._wconn, time.time())
                 self._report()
             except Exception:  # the writer must survive anything; logged with the traceback
-                log.exception("records_writer_fault", path=self.path)
+                _log().exception("records_writer_fault", path=self.path)
             if stopping:
                 break
             self._wake.wait(self.flush_interval)
@@ -305,7 +309,7 @@ class RecordStore:
                     self._write([], [upd])
                 return
             self._dropped_failed += 1
-            log.error("records_write_failed", path=self.path, error=str(exc), dropped=self.dropped)
+            _log().error("records_write_failed", path=self.path, error=str(exc), dropped=self.dropped)
             return
         self.written += len(inserts)
         if inserts and self._on_written is not None:
@@ -319,7 +323,7 @@ class RecordStore:
             self._dropped_reported = dropped
         if self._dropping and not self._closed and len(self._queue) < self.queue_max:
             self._dropping = False
-            log.warning("records_dropping_stopped", path=self.path, dropped=dropped)
+            _log().warning("records_dropping_stopped", path=self.path, dropped=dropped)
 
     # ------------------------------------------------------------ control
     def flush(self, timeout: float = 5.0) -> None:
@@ -354,7 +358,7 @@ class RecordStore:
             if cur.rowcount < PRUNE_CHUNK:
                 break
         if total:
-            log.info("records_pruned", path=self.path, deleted=total, older_than=cutoff)
+            _log().info("records_pruned", path=self.path, deleted=total, older_than=cutoff)
         return total
 
     def close(self) -> None:
@@ -366,7 +370,7 @@ class RecordStore:
         self._wake.set()
         self._thread.join(timeout=30.0)
         if self._thread.is_alive():
-            log.error("records_writer_stuck", path=self.path, pending=len(self._queue))
+            _log().error("records_writer_stuck", path=self.path, pending=len(self._queue))
         else:
             self._wconn.close()
             # An add() racing with close() may land after the last drain: count it, do not lose it silently.
@@ -374,7 +378,7 @@ class RecordStore:
             self._queue.clear()
             if left:
                 self._dropped_failed += left
-                log.error("records_lost_on_close", path=self.path, dropped=left)
+                _log().error("records_lost_on_close", path=self.path, dropped=left)
         with self._read_lock:
             self._conn.close()
 

@@ -1,0 +1,374 @@
+"""Call records: round trip, outcomes, retention, WAL, overload, reopen and the records command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from callguard.errors import CallguardError, InputError
+from callguard.records import RecordStore, parse_time, records_main
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_780_000_000.0
+DAY = 86400.0
+RULES = ("allow", "banned", "high_frequency", "score")
+
+
+def make_record(i: int, t: float) -> dict[str, Any]:
+    rule = RULES[i % len(RULES)]
+    return {"time": t, "call_id": f"call-{i}@test", "source": "loopback", "caller": f"138{i % 7:08d}",
+            "callee": f"0215{i % 5:07d}", "rule": rule, "verdict": "allow" if rule == "allow" else "reject",
+            "code": {"allow": 0, "banned": 403, "high_frequency": 603, "score": 608}[rule],
+            "score": (i % 10) / 10, "latency_us": 10.0 + i % 3}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = RecordStore(str(tmp_path / "records.sqlite3"), flush_interval=0.05)
+    yield s
+    s.close()
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_round_trip_and_filters(store: RecordStore) -> None:
+    records = [make_record(i, T0 + i) for i in range(3000)]
+    for r in records:
+        store.add(r)
+    store.flush()
+    assert store.written == 3000
+    assert store.dropped == 0
+
+    def expect(pred: Any, limit: int = 0) -> list[str]:
+        ids = [r["call_id"] for r in sorted(records, key=lambda r: -r["time"]) if pred(r)]
+        return ids[:limit] if limit else ids
+
+    def ids(rows: list[dict[str, Any]]) -> list[str]:
+        return [r["call_id"] for r in rows]
+
+    assert ids(store.query(caller="13800000003", limit=0)) == expect(lambda r: r["caller"] == "13800000003")
+    assert ids(store.query(callee="02150000004", limit=0)) == expect(lambda r: r["callee"] == "02150000004")
+    assert ids(store.query(rule="banned", limit=0)) == expect(lambda r: r["rule"] == "banned")
+    assert ids(store.query(since=T0 + 100, until=T0 + 200, limit=0)) == expect(
+        lambda r: T0 + 100 <= r["time"] < T0 + 200)
+    both = store.query(caller="13800000001", rule="score", since=T0 + 1000, limit=0)
+    assert ids(both) == expect(lambda r: r["caller"] == "13800000001" and r["rule"] == "score"
+                               and r["time"] >= T0 + 1000)
+    assert both, "the combined filter should match something"
+    # Newest first, limited; every field comes back as given.
+    latest = store.query(limit=5)
+    assert ids(latest) == expect(lambda r: True, 5)
+    original = records[2999]
+    assert {k: latest[0][k] for k in original} == original
+    assert latest[0]["final_code"] is None and latest[0]["answered_at"] is None
+    assert store.query(caller="19999999999") == []
+    with pytest.raises(InputError):
+        store.query(limit=-1)
+
+
+def test_writer_flushes_without_being_asked(store: RecordStore) -> None:
+    store.add(make_record(1, T0))
+    assert wait_for(lambda: store.written == 1)
+    assert len(store.query(caller="13800000001")) == 1
+
+
+def test_outcomes_and_stats(store: RecordStore) -> None:
+    # caller A: 4 finished calls, 3 answered, 2 of them short (< 6 s); 1 call still ringing.
+    a, b = "13900000001", "13900000002"
+    for i in range(5):
+        store.add({"time": T0 + i, "call_id": f"a{i}", "caller": a, "callee": "02150001234", "rule": "allow"})
+    store.add({"time": T0, "call_id": "b0", "caller": b, "callee": "02150001234", "rule": "allow"})
+    store.add({"time": T0 - DAY, "call_id": "old", "caller": b, "callee": "02150001234", "rule": "allow"})
+    store.outcome("a0", 200, answered_at=T0 + 1, ended_at=T0 + 3)        # short
+    store.outcome("a1", 200, answered_at=T0 + 2)                           # answered, then the end separately
+    store.outcome("a1", ended_at=T0 + 4)                                   # short
+    store.outcome("a2", 200, answered_at=T0 + 3, ended_at=T0 + 60)         # long
+    store.outcome("a3", 486)                                               # busy
+    store.outcome("b0", 487)
+    store.outcome("old", 200, answered_at=T0 - DAY + 1, ended_at=T0 - DAY + 2)
+    store.outcome("no-such-call", 200)                                     # harmless
+    store.flush()
+    row = {r["call_id"]: r for r in store.query(caller=a)}
+    assert (row["a1"]["final_code"], row["a1"]["answered_at"], row["a1"]["ended_at"]) == (200, T0 + 2, T0 + 4)
+    assert row["a3"]["final_code"] == 486 and row["a3"]["answered_at"] is None
+    assert row["a4"]["final_code"] is None
+    assert store.outcome_stats(since=T0 - 10) == [(a, 4, 3, 2), (b, 1, 0, 0)]
+    assert store.outcome_stats(since=T0 - 10, short_seconds=1.0) == [(a, 4, 3, 0), (b, 1, 0, 0)]
+    assert store.outcome_stats(since=T0 - 2 * DAY) == [(a, 4, 3, 2), (b, 2, 1, 1)]
+
+
+def test_prune_keeps_retention(tmp_path: Path) -> None:
+    with RecordStore(str(tmp_path / "r.sqlite3"), retention_days=30) as s:
+        now = T0
+        ages = [0, 1, 29.9, 30.1, 45, 400]
+        for i, age in enumerate(ages):
+            s.add({"time": now - age * DAY, "call_id": f"c{i}", "caller": "13800000000", "rule": "allow"})
+        assert s.prune(now=now) == 3
+        left = sorted(r["call_id"] for r in s.query(limit=0))
+        assert left == ["c0", "c1", "c2"]
+        assert s.prune(now=now) == 0
+    with pytest.raises(CallguardError, match="at least 30"):
+        RecordStore(str(tmp_path / "r2.sqlite3"), retention_days=7)
+
+
+def test_wal_mode_and_schema(store: RecordStore, tmp_path: Path) -> None:
+    store.add(make_record(0, T0))
+    store.flush()
+    assert store.pragma("journal_mode") == "wal"
+    assert store.pragma("synchronous") == 1       # NORMAL
+    assert Path(store.path + "-wal").exists()
+    # Another process's view (the records command while the proxy runs): same file, WAL, schema v1.
+    conn = sqlite3.connect(store.path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"records_caller_time", "records_callee_time", "records_rule_time", "records_call_id"} <= indexes
+        assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+def test_queue_full_counts_dropped(tmp_path: Path) -> None:
+    # A writer that only wakes when asked: the queue fills up and further records are dropped.
+    reported: list[int] = []
+    s = RecordStore(str(tmp_path / "r.sqlite3"), flush_interval=3600, queue_max=100, on_dropped=reported.append)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)   # keep the writer thread off the CPU while the queue is filled
+    try:
+        with capture_logs() as logs:
+            for i in range(5000):
+                s.add(make_record(i, T0 + i))
+    finally:
+        sys.setswitchinterval(old)
+    try:
+        assert s.dropped > 0
+        s.flush()
+        assert s.written + s.dropped == 5000
+        assert len(s.query(limit=0)) == s.written
+        events = [e for e in logs if e["event"] == "records_dropping"]
+        assert len(events) == 1, "dropping is logged once when it starts, not per record"
+        assert events[0]["log_level"] == "warning"
+        assert wait_for(lambda: sum(reported) == s.dropped), "drops are reported to the metrics hook"
+    finally:
+        s.close()
+
+
+def test_reopen_keeps_data_and_close_is_final(tmp_path: Path) -> None:
+    path = str(tmp_path / "sub" / "dir" / "records.sqlite3")     # parent folders are created
+    s = RecordStore(path)
+    for i in range(50):
+        s.add(make_record(i, T0 + i))
+    s.outcome("call-7@test", 200, answered_at=T0 + 8, ended_at=T0 + 20)
+    s.close()                    # close flushes what is queued
+    s.close()                    # twice is harmless
+    s.add(make_record(99, T0))   # after close: counted, not lost silently
+    assert s.dropped == 1
+    with RecordStore(path) as again:
+        rows = again.query(limit=0)
+        assert len(rows) == 50
+        assert [r for r in rows if r["call_id"] == "call-7@test"][0]["final_code"] == 200
+
+
+def test_bad_record_costs_only_itself(store: RecordStore) -> None:
+    store.add(make_record(1, T0))
+    store.add({"time": T0, "call_id": {"not": "a string"}, "caller": "13800000000"})
+    store.add(make_record(2, T0 + 1))
+    store.flush()
+    assert store.written == 2
+    assert store.dropped == 1
+
+
+def test_unusable_paths_raise_callguard_error(tmp_path: Path) -> None:
+    not_db = tmp_path / "garbage.sqlite3"
+    not_db.write_bytes(b"this is not an SQLite database, just some bytes" * 100)
+    with pytest.raises(CallguardError, match="garbage.sqlite3"):
+        RecordStore(str(not_db))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(CallguardError, match="cannot create the records folder"):
+        RecordStore(str(a_file / "records.sqlite3"))
+    with pytest.raises(CallguardError):
+        RecordStore(str(tmp_path))          # a directory
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    RecordStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CallguardError, match="newer"):
+        RecordStore(path)
+
+
+def test_reader_while_writer_writes(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    writer = RecordStore(path, flush_interval=0.01)
+    reader = RecordStore(path)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def feed() -> None:
+        i = 0
+        while not stop.is_set() and i < 20000:
+            writer.add(make_record(i, T0 + i))
+            i += 1
+            if i % 500 == 0:
+                time.sleep(0.001)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        seen = 0
+        while t.is_alive():
+            try:
+                seen = max(seen, len(reader.query(limit=0)))
+            except BaseException as exc:  # a "database is locked" here would be a failure
+                errors.append(exc)
+                break
+    finally:
+        stop.set()
+        t.join()
+        writer.close()
+    assert errors == []
+    assert len(reader.query(limit=0)) == writer.written
+    reader.close()
+
+
+def test_parse_time_forms() -> None:
+    now = T0
+    assert parse_time("-1h", now) == now - 3600
+    assert parse_time("-30d", now) == now - 30 * DAY
+    assert parse_time("-15m", now) == now - 900
+    assert parse_time("now", now) == now
+    assert parse_time("1780000000", now) == 1_780_000_000.0
+    assert parse_time("2026-05-28T00:00:00Z", now) == 1_779_926_400.0
+    assert parse_time("2026-05-28T08:00:00+08:00", now) == 1_779_926_400.0
+    assert parse_time("2026-05-28", now, end_of_day=True) == 1_779_926_400.0 + DAY
+    for bad in ("yesterday", "-1y", "", "2026-13-01"):
+        with pytest.raises(InputError):
+            parse_time(bad, now)
+
+
+# ---------------------------------------------------------------- the records command
+def write_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "callguard.yaml"
+    cfg.write_text("records:\n  path: data/records.sqlite3\n  retention_days: 30\nlists:\n  timezone: \"+08:00\"\n",
+                   encoding="utf-8")
+    return cfg
+
+
+def fill(tmp_path: Path) -> None:
+    now = time.time()
+    with RecordStore(str(tmp_path / "data" / "records.sqlite3")) as s:
+        s.add({"time": now - 60, "call_id": "fresh-1", "caller": "13800138000", "callee": "02150001234",
+               "rule": "banned", "verdict": "reject", "code": 403, "score": 0.93, "latency_us": 14.2})
+        s.add({"time": now - 7200, "call_id": "older-2", "caller": "13800138000", "callee": "039196123",
+               "rule": "allow", "verdict": "allow", "code": 0, "score": 0.1, "latency_us": 9.0})
+        s.add({"time": now - 3 * DAY, "call_id": "other-3", "caller": "13900139000", "callee": "02150001234",
+               "rule": "score", "verdict": "reject", "code": 608, "score": 0.8, "latency_us": 11.0})
+        s.add({"time": now - 40 * DAY, "call_id": "ancient-4", "caller": "13900139000", "callee": "02150001234",
+               "rule": "allow", "verdict": "allow", "code": 0, "score": 0.0, "latency_us": 8.0})
+        s.outcome("older-2", 200, answered_at=now - 7190, ended_at=now - 7100)
+
+
+def ns(cfg: Path, **kw: Any) -> argparse.Namespace:
+    base: dict[str, Any] = {"config": str(cfg), "caller": None, "callee": None, "rule": None, "since": None,
+                            "until": None, "limit": 100, "json": False, "prune": False}
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_records_main_direct(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path)
+    # No database yet: not an error, nothing created.
+    assert records_main(ns(cfg)) == 0
+    assert "no records yet" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+    fill(tmp_path)
+
+    assert records_main(ns(cfg, caller="sip:+8613800138000@gw;user=phone", json=True)) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["call_id"] for x in lines] == ["fresh-1", "older-2"]
+    assert lines[1]["final_code"] == 200 and lines[1]["answered_at"] is not None
+    assert lines[0]["time_iso"].endswith("+08:00")
+
+    assert records_main(ns(cfg, since="-1h")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:5] == ["time", "call_id", "caller", "callee", "rule"]
+    assert len(out) == 2 and "fresh-1" in out[1] and "403" in out[1] and "banned" in out[1]
+
+    assert records_main(ns(cfg, callee="+86 21 5000 1234", rule="score", json=True)) == 0
+    assert [json.loads(x)["call_id"] for x in capsys.readouterr().out.splitlines()] == ["other-3"]
+
+    assert records_main(ns(cfg, until="-1d", json=True, limit=0)) == 0
+    assert [json.loads(x)["call_id"] for x in capsys.readouterr().out.splitlines()] == ["other-3", "ancient-4"]
+
+    assert records_main(ns(cfg, prune=True, json=True)) == 0
+    captured = capsys.readouterr()
+    assert "pruned 1 records" in captured.err
+    assert "ancient-4" not in captured.out and "fresh-1" in captured.out
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"since": "last tuesday"}, "not a time"),
+    ({"caller": "not-a-number"}, "--caller"),
+    ({"rule": "no_such_rule"}, "unknown rule"),
+    ({"limit": -3}, "--limit"),
+])
+def test_records_main_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], kw: dict[str, Any],
+                                message: str) -> None:
+    cfg = write_config(tmp_path)
+    fill(tmp_path)
+    assert records_main(ns(cfg, **kw)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_records_main_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("records:\n  retention_days: 7\n", encoding="utf-8")
+    assert records_main(ns(cfg)) == 2
+    err = capsys.readouterr().err
+    assert "records.retention_days" in err and "bad.yaml" in err
+    assert records_main(ns(tmp_path / "missing.yaml")) == 2
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), CALLGUARD_NO_EXTENSIONS="1")
+    return subprocess.run([sys.executable, "-m", "callguard", *args], capture_output=True, text=True, env=env,
+                          timeout=60, cwd=str(ROOT))
+
+
+def test_records_command_subprocess(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    fill(tmp_path)
+    done = run_cli("records", "--config", str(cfg), "--caller", "13800138000", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(x)["call_id"] for x in done.stdout.splitlines()] == ["fresh-1", "older-2"]
+    done = run_cli("records", "--config", str(cfg), "--rule", "score")
+    assert done.returncode == 0, done.stderr
+    assert "other-3" in done.stdout and "608" in done.stdout
+    done = run_cli("records", "--config", str(cfg), "--since", "whenever")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "not a time" in done.stderr
