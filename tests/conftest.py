@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from callguard import config as config_mod
-from callguard.guard import Guard
-from callguard.guard import load_lists
+from callguard.guard import Guard, load_lists
 from callguard.lists import Lists
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,15 +8,32 @@ this file and the Cython disagree, this file is right.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from .lists import NEVER, P_ABSENT, P_SCALE, SOURCE_BIG_DATA, SOURCES, Lists
 from .numbers import FREEPHONE, HIDDEN, KIND_NAMES, SERVICE95, SERVICE96, key_of, normalize
-from .settings import (FEATURES, R_ALLOW, R_ANONYMOUS, R_BANNED, R_EMERGENCY, R_EXPIRED, R_FREQUENCY,
-                       R_MISMATCH, R_OUTBOUND, R_SCORE, R_UNFILED, R_UNTRUSTED, RULE_NAMES, SOURCE_OFFLINE,
-                       SOURCE_UNTRUSTED, EngineSettings, resolve_source)
+from .settings import (
+    FEATURES,
+    R_ALLOW,
+    R_ANONYMOUS,
+    R_BANNED,
+    R_EMERGENCY,
+    R_EXPIRED,
+    R_FREQUENCY,
+    R_MISMATCH,
+    R_OUTBOUND,
+    R_SCORE,
+    R_UNFILED,
+    R_UNTRUSTED,
+    RULE_NAMES,
+    SOURCE_OFFLINE,
+    SOURCE_UNTRUSTED,
+    EngineSettings,
+    resolve_source,
+)
 
 SOURCE_CACHE_MAX = 65536
 P_ABSENT_F = -1.0
@@ -100,7 +117,7 @@ class CorePy:
         self._allow_prefix = {k for k, p in zip(al.keys.tolist(), al.prefix.tolist()) if p}
         self.lists = lists
 
-    def adopt_state(self, other: "CorePy") -> None:
+    def adopt_state(self, other: CorePy) -> None:
         """Take over another core's rate-limit state (config reload)."""
         self._tracks = other._tracks
 

@@ -15,9 +15,10 @@ import os
 import re
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -345,7 +346,7 @@ def _convert(value: Any, tp: Any, file: str, key: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(file, key, f"expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, file, key)
+        return _build(typing.cast(type, tp), value, file, key)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if value is None:
@@ -485,10 +486,11 @@ def iter_options(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[
             continue
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        factory: Any = f.default_factory
+        default = f.default if f.default is not dataclasses.MISSING else factory()
         if dataclasses.is_dataclass(tp):
             yield key, "", f.metadata.get("help", "")
-            yield from iter_options(tp, key + ".")
+            yield from iter_options(typing.cast(type, tp), key + ".")
         elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             yield key, "see shipped config", f.metadata.get("help", "")
             yield from iter_options(typing.get_args(tp)[0], key + "[].")

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from . import config as config_mod
 from . import lists as lists_mod
+from ._corepy import CorePy
 from .config import Config
 from .lists import Lists
 from .log import get_logger
 from .settings import RULE_NAMES, compile_settings
 
 NO_EXTENSIONS = bool(os.environ.get("CALLGUARD_NO_EXTENSIONS"))
-
-from ._corepy import CorePy
 
 if NO_EXTENSIONS:
     from ._corepy import CorePy as Core
@@ -74,7 +74,7 @@ class Guard:
         self.last_fault: BaseException | None = None
 
     @classmethod
-    def from_config(cls, path: str | os.PathLike[str] | None = None) -> "Guard":
+    def from_config(cls, path: str | os.PathLike[str] | None = None) -> Guard:
         """Load a YAML config and the lists it names.
 
         Raises:
@@ -120,7 +120,7 @@ class Guard:
         """Feed a finished call's outcome (answered, duration in seconds) into the caller's score."""
         self.core.observe(caller, answered, duration, source, time.time() if now is None else now)
 
-    def with_config(self, config: Config, lists: Lists | None = None) -> "Guard":
+    def with_config(self, config: Config, lists: Lists | None = None) -> Guard:
         """A new guard for a reloaded config that keeps this one's rate-limit state."""
         new = Guard(config, lists, self.implementation)
         new.core.adopt_state(self.core)
