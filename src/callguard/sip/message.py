@@ -841,7 +841,7 @@ IMPLEMENTATION = "python"
 
 if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
     try:
-        from ._sipcore import SipMessage, frame_stream, parse_message  # type: ignore[assignment,no-redef]
+        from ._sipcore import SipMessage, frame_stream, parse_message  # type: ignore[assignment]
     except ImportError:  # not built: the reference serves, slower but identical
         pass
     else:

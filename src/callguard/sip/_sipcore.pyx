@@ -1,0 +1,855 @@
+"""Cython twin of :mod:`callguard.sip.message`: ``parse_message``, ``frame_stream``, ``SipMessage``.
+
+Same results as the pure-Python reference (the tests compare both on the RFC 4475
+corpus and on random messages); the bytes are scanned with C pointers and every
+structural check works on bytes, which is equivalent to the reference's checks on
+the decoded text because every SIP delimiter is ASCII.  Also hosts ``UdpBatch``,
+batched UDP I/O with recvmmsg/sendmmsg.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from libc.string cimport memchr, memcpy
+
+from callguard.errors import SipError
+
+cdef Py_ssize_t MAX_CSEQ = 2147483647
+
+cdef bint TOKEN[256]
+cdef bint HOSTC[256]
+cdef bint SCHEME_START[256]
+cdef bint SCHEME_C[256]
+cdef bint HEXC[256]
+
+
+cdef void _init_tables():
+    cdef int c
+    for c in range(256):
+        TOKEN[c] = False
+        HOSTC[c] = False
+        SCHEME_START[c] = False
+        SCHEME_C[c] = False
+        HEXC[c] = False
+    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~":
+        TOKEN[c] = True
+    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._":
+        HOSTC[c] = True
+    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        SCHEME_START[c] = True
+        SCHEME_C[c] = True
+    for c in b"0123456789+-.":
+        SCHEME_C[c] = True
+    for c in b"0123456789abcdefABCDEF:.":
+        HEXC[c] = True
+
+
+_init_tables()
+
+COMPACT_FORMS = {
+    "a": "accept-contact", "b": "referred-by", "c": "content-type", "d": "request-disposition",
+    "e": "content-encoding", "f": "from", "i": "call-id", "j": "reject-contact", "k": "supported",
+    "l": "content-length", "m": "contact", "n": "identity-info", "o": "event", "r": "refer-to",
+    "s": "subject", "t": "to", "u": "allow-events", "v": "via", "x": "session-expires", "y": "identity",
+}
+KNOWN_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE",
+                           "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE"})
+
+# interned canonical names, so that header(), header_all() and _fill compare by identity first
+cdef str H_VIA = "via"
+cdef str H_FROM = "from"
+cdef str H_TO = "to"
+cdef str H_CALLID = "call-id"
+cdef str H_CSEQ = "cseq"
+cdef str H_MF = "max-forwards"
+cdef str H_CL = "content-length"
+cdef str H_CONTACT = "contact"
+
+# canonical names of common header spellings, looked up before decoding and lower-casing
+cdef dict NAME_CACHE = {}
+
+
+cdef inline bint is_ws(unsigned char c) noexcept nogil:
+    return c == 32 or c == 9
+
+
+cdef inline str _dec(const unsigned char* s, Py_ssize_t n):
+    return PyUnicode_DecodeUTF8(<const char*>s, n, "surrogateescape")
+
+
+cdef str canonical_name_c(str name):
+    low = name.lower()
+    if len(low) == 1:
+        return COMPACT_FORMS.get(low, low)
+    return low
+
+
+cdef object _bad(str detail):
+    return SipError(400, "Bad Request", detail)
+
+
+cdef inline Py_ssize_t skip_ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (s[i] == 32 or s[i] == 9):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t token_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and TOKEN[s[i]]:
+        i += 1
+    return i
+
+
+cdef Py_ssize_t quoted_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Index after the closing quote of the quoted string at s[i] == '"', or -1."""
+    i += 1
+    while i < n:
+        if s[i] == 92:  # backslash: quoted-pair
+            i += 2
+            continue
+        if s[i] == 34:
+            return i + 1
+        i += 1
+    return -1
+
+
+cdef Py_ssize_t next_comma(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Index of the next comma outside quotes and <>, n at the end, -1 when unbalanced."""
+    cdef const unsigned char* p
+    while i < n:
+        if s[i] == 34:
+            i = quoted_end(s, i, n)
+            if i < 0:
+                return -1
+            continue
+        if s[i] == 60:
+            p = <const unsigned char*>memchr(s + i + 1, 62, n - i - 1) if i + 1 < n else NULL
+            if p == NULL:
+                return -1
+            i = (p - s) + 1
+            continue
+        if s[i] == 44:
+            return i
+        i += 1
+    return n
+
+
+cdef int check_uri(const unsigned char* s, Py_ssize_t n, bint bare) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n == 0 or not SCHEME_START[s[0]]:
+        return -1
+    i = 1
+    while i < n and SCHEME_C[s[i]]:
+        i += 1
+    if i >= n - 1 or s[i] != 58:
+        return -1
+    for i in range(n):
+        c = s[i]
+        if c <= 32 or c == 60 or c == 62 or c == 34 or c == 127:
+            return -1
+        if bare and (c == 63 or c == 44):
+            return -1
+    return 0
+
+
+cdef int parse_params(const unsigned char* s, Py_ssize_t i, Py_ssize_t n,
+                      Py_ssize_t* tag_s, Py_ssize_t* tag_e) noexcept nogil:
+    """*( SEMI generic-param ); records the first 'tag' value (tag_s stays -1 without one)."""
+    cdef Py_ssize_t j, name_s, name_e, vs, ve
+    cdef const unsigned char* p
+    while True:
+        i = skip_ws(s, i, n)
+        if i >= n:
+            return 0
+        if s[i] != 59:
+            return -1
+        i = skip_ws(s, i + 1, n)
+        j = token_end(s, i, n)
+        if j == i:
+            return -1
+        name_s = i
+        name_e = j
+        i = skip_ws(s, j, n)
+        vs = -1
+        ve = -1
+        if i < n and s[i] == 61:
+            i = skip_ws(s, i + 1, n)
+            if i < n and s[i] == 34:
+                j = quoted_end(s, i, n)
+                if j < 0:
+                    return -1
+            elif i < n and s[i] == 91:
+                p = <const unsigned char*>memchr(s + i, 93, n - i)
+                if p == NULL:
+                    return -1
+                j = (p - s) + 1
+            else:
+                j = i
+                while j < n and (TOKEN[s[j]] or s[j] == 58):
+                    j += 1
+                if j == i:
+                    return -1
+            vs = i
+            ve = j
+            i = j
+        if tag_s != NULL and tag_s[0] == -2 and name_e - name_s == 3 and (s[name_s] | 32) == 116 \
+                and (s[name_s + 1] | 32) == 97 and (s[name_s + 2] | 32) == 103:
+            # first 'tag' parameter; a valueless one counts as present without a value
+            tag_s[0] = vs
+            tag_e[0] = ve
+
+
+cdef int parse_addr(const unsigned char* s, Py_ssize_t n, Py_ssize_t* tag_s, Py_ssize_t* tag_e) noexcept nogil:
+    """name-addr / addr-spec *(SEMI param): 0 or -1."""
+    cdef Py_ssize_t i, j, k, angle = -1
+    cdef const unsigned char* p
+    i = skip_ws(s, 0, n)
+    if i >= n:
+        return -1
+    if s[i] == 34:
+        j = quoted_end(s, i, n)
+        if j < 0:
+            return -1
+        i = skip_ws(s, j, n)
+        if i >= n or s[i] != 60:
+            return -1
+        angle = i
+    else:
+        j = i
+        while j < n and (TOKEN[s[j]] or is_ws(s[j])):
+            j += 1
+        if j < n and s[j] == 60:
+            angle = j
+        elif j < n and s[j] == 58 and j > i and not is_ws(s[j - 1]):
+            for k in range(i, j):
+                if is_ws(s[k]):
+                    return -1
+        else:
+            return -1
+    if angle >= 0:
+        p = <const unsigned char*>memchr(s + angle + 1, 62, n - angle - 1) if angle + 1 < n else NULL
+        if p == NULL:
+            return -1
+        k = p - s
+        if check_uri(s + angle + 1, k - angle - 1, False) < 0:
+            return -1
+        i = k + 1
+    else:
+        j = i
+        while j < n and s[j] != 59 and not is_ws(s[j]):
+            j += 1
+        if check_uri(s + i, j - i, True) < 0:
+            return -1
+        i = j
+    return parse_params(s, i, n, tag_s, tag_e)
+
+
+cdef int check_via(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """One Via value (see message.parse_via): 0 or -1."""
+    cdef Py_ssize_t i, j, k
+    cdef Py_ssize_t ps[3]
+    cdef Py_ssize_t pe[3]
+    cdef const unsigned char* p
+    cdef long port
+    i = skip_ws(s, 0, n)
+    for k in range(3):
+        j = token_end(s, i, n)
+        if j == i:
+            return -1
+        ps[k] = i
+        pe[k] = j
+        i = skip_ws(s, j, n)
+        if k < 2:
+            if i >= n or s[i] != 47:
+                return -1
+            i = skip_ws(s, i + 1, n)
+    if pe[0] - ps[0] != 3 or (s[ps[0]] | 32) != 115 or (s[ps[0] + 1] | 32) != 105 or (s[ps[0] + 2] | 32) != 112:
+        return -1
+    if pe[1] - ps[1] != 3 or s[ps[1]] != 50 or s[ps[1] + 1] != 46 or s[ps[1] + 2] != 48:
+        return -1
+    if i == 0 or i >= n or not is_ws(s[i - 1]):
+        return -1
+    if s[i] == 91:
+        p = <const unsigned char*>memchr(s + i, 93, n - i)
+        if p == NULL:
+            return -1
+        j = p - s
+        if j == i + 1:
+            return -1
+        for k in range(i + 1, j):
+            if not HEXC[s[k]]:
+                return -1
+        j += 1
+    else:
+        j = i
+        while j < n and HOSTC[s[j]]:
+            j += 1
+        if j == i:
+            return -1
+    i = skip_ws(s, j, n)
+    if i < n and s[i] == 58:
+        i = skip_ws(s, i + 1, n)
+        j = i
+        port = 0
+        while j < n and 48 <= s[j] <= 57:
+            if j - i < 6:
+                port = port * 10 + (s[j] - 48)
+            j += 1
+        if j == i or j - i > 5 or port > 65535:
+            return -1
+        i = j
+    return parse_params(s, i, n, NULL, NULL)
+
+
+cdef int check_request_uri(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i, at, h
+    if not SCHEME_START[s[0]]:
+        return -1
+    i = 1
+    while i < n and SCHEME_C[s[i]]:
+        i += 1
+    if i >= n - 1 or s[i] != 58:
+        return -1
+    if (i == 3 or i == 4) and (s[0] | 32) == 115 and (s[1] | 32) == 105 and (s[2] | 32) == 112 \
+            and (i == 3 or (s[3] | 32) == 115):
+        at = n - 1
+        while at > i and s[at] != 64:
+            at -= 1
+        h = at + 1  # host part starts after the last '@', or after the ':' when there is none
+        if h >= n or s[h] == 59 or s[h] == 58:
+            return -1
+        for at in range(h, n):
+            if s[at] == 63:
+                return -1
+    return 0
+
+
+cdef long long parse_digits(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """Decimal value of 1*DIGIT; -1 when not digits; 1 << 40 when longer than 10 digits."""
+    cdef long long v = 0
+    cdef Py_ssize_t i
+    if n == 0:
+        return -1
+    for i in range(n):
+        if s[i] < 48 or s[i] > 57:
+            return -1
+    if n > 10:
+        return 1LL << 40
+    for i in range(n):
+        v = v * 10 + (s[i] - 48)
+    return v
+
+
+cdef class SipMessage:
+    """A parsed SIP request or response (same fields as message.SipMessagePy)."""
+
+    cdef public bytes raw
+    cdef public bint is_request
+    cdef public str method
+    cdef public str uri
+    cdef public int status
+    cdef public str reason
+    cdef public list headers
+    cdef public bytes body
+    cdef public str call_id
+    cdef public long long cseq
+    cdef public str cseq_method
+    cdef public str from_value
+    cdef public str to_value
+    cdef public object from_tag
+    cdef public object to_tag
+    cdef public list vias
+    cdef public object max_forwards
+    cdef public object content_length
+
+    def header(self, str name):
+        """The first value of header ``name`` (case-insensitive, compact form accepted), or None."""
+        key = canonical_name_c(name)
+        for hname, value in self.headers:
+            if hname == key:
+                return value
+        return None
+
+    def header_all(self, str name):
+        """Every value of header ``name`` in wire order (one entry per header line)."""
+        key = canonical_name_c(name)
+        return [value for hname, value in self.headers if hname == key]
+
+    def __repr__(self):
+        if self.is_request:
+            return f"<SipMessage {self.method} {self.uri} call-id={self.call_id!r}>"
+        return f"<SipMessage {self.status} {self.reason} call-id={self.call_id!r}>"
+
+
+cdef Py_ssize_t find_head_end(const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
+                              Py_ssize_t* body_start) noexcept nogil:
+    """Position of the '\\n' that ends the last header line (first \\n\\r?\\n), or -1."""
+    cdef const unsigned char* q
+    cdef Py_ssize_t i = start
+    while i < n:
+        q = <const unsigned char*>memchr(p + i, 10, n - i)
+        if q == NULL:
+            return -1
+        i = q - p
+        if i + 1 < n and p[i + 1] == 10:
+            body_start[0] = i + 2
+            return i
+        if i + 2 < n and p[i + 1] == 13 and p[i + 2] == 10:
+            body_start[0] = i + 3
+            return i
+        i += 1
+    return -1
+
+
+cdef class _Lines:
+    """Iterates over the logical (unfolded) lines of a header block, as the reference's
+    ``[ \\t]*\\r?\\n[ \\t]+ -> SP`` then ``\\r?\\n`` split does."""
+
+    cdef const unsigned char* p
+    cdef Py_ssize_t pos, end
+    cdef bytes folded   # keeps a joined line alive
+    cdef const unsigned char* ls
+    cdef Py_ssize_t ln
+
+    cdef int next(self) except -2:
+        """1 with (ls, ln) set, 0 at the end."""
+        cdef Py_ssize_t s, e, ce, nxt
+        cdef const unsigned char* q
+        cdef bytearray acc
+        if self.pos >= self.end:
+            return 0
+        s = self.pos
+        q = <const unsigned char*>memchr(self.p + s, 10, self.end - s)
+        e = (q - self.p) if q != NULL else self.end
+        nxt = e + 1
+        if nxt >= self.end or not is_ws(self.p[nxt]):
+            # the common case: no continuation
+            ce = e
+            if ce > s and q != NULL and self.p[ce - 1] == 13:
+                ce -= 1
+            self.ls = self.p + s
+            self.ln = ce - s
+            self.pos = nxt
+            return 1
+        acc = bytearray()
+        first = True
+        while True:
+            q = <const unsigned char*>memchr(self.p + s, 10, self.end - s)
+            e = (q - self.p) if q != NULL else self.end
+            ce = e
+            if ce > s and q != NULL and self.p[ce - 1] == 13:
+                ce -= 1
+            if not first:
+                s = skip_ws(self.p, s, ce)
+            nxt = e + 1
+            cont = nxt < self.end and is_ws(self.p[nxt])
+            if cont:
+                while ce > s and is_ws(self.p[ce - 1]):
+                    ce -= 1
+            if not first:
+                acc += b" "
+            acc += PyBytes_FromStringAndSize(<const char*>self.p + s, ce - s)
+            first = False
+            s = nxt
+            if not cont:
+                break
+        self.folded = bytes(acc)
+        self.ls = <const unsigned char*>PyBytes_AS_STRING(self.folded)
+        self.ln = PyBytes_GET_SIZE(self.folded)
+        self.pos = s
+        return 1
+
+
+cdef inline _Lines _lines(const unsigned char* p, Py_ssize_t s, Py_ssize_t e):
+    cdef _Lines it = _Lines.__new__(_Lines)
+    it.p = p
+    it.pos = s
+    it.end = e
+    return it
+
+
+def parse_message(data, *, bint datagram=True):
+    """Parses one SIP message; see callguard.sip.message.parse_message."""
+    cdef bytes b = data if type(data) is bytes else bytes(data)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(b)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    cdef Py_ssize_t start = 0
+    cdef bint is_request
+    while start < n and (p[start] == 13 or p[start] == 10):
+        start += 1
+    if start >= n:
+        raise SipError(0, "Empty", "no message")
+    is_request = not (n - start >= 4 and (p[start] | 32) == 115 and (p[start + 1] | 32) == 105
+                      and (p[start + 2] | 32) == 112 and p[start + 3] == 47)
+    try:
+        return _parse(b, p, n, start, is_request, datagram)
+    except SipError as exc:
+        if is_request:
+            raise
+        raise SipError(0, exc.reason, exc.detail) from None
+
+
+cdef SipMessage _parse(bytes b, const unsigned char* p, Py_ssize_t n, Py_ssize_t start, bint is_request,
+                       bint datagram):
+    cdef Py_ssize_t head_nl, head_end, body_start = 0, eol, le, i, sp1, sp2, nsp, k
+    cdef const unsigned char* q
+    cdef SipMessage msg = SipMessage.__new__(SipMessage)
+    head_nl = find_head_end(p, start, n, &body_start)
+    if head_nl >= 0:
+        head_end = head_nl + 1
+    elif datagram and p[n - 1] == 10:
+        head_end = n
+        body_start = n
+    else:
+        raise _bad("no empty line after the headers")
+    q = <const unsigned char*>memchr(p + start, 10, n - start)
+    eol = q - p
+    le = eol
+    if le > start and p[le - 1] == 13:
+        le -= 1
+    for i in range(start, le):
+        if p[i] == 13:
+            raise _bad("CR inside the start line")
+    if is_request:
+        sp1 = -1
+        sp2 = -1
+        nsp = 0
+        for i in range(start, le):
+            if p[i] == 32:
+                nsp += 1
+                if nsp == 1:
+                    sp1 = i
+                elif nsp == 2:
+                    sp2 = i
+        if nsp != 2 or sp1 == start or sp2 == sp1 + 1 or sp2 == le - 1:
+            raise _bad("malformed request line")
+        for i in range(start, sp1):
+            if not TOKEN[p[i]]:
+                raise _bad("malformed method")
+        if not (le - sp2 - 1 == 7 and (p[sp2 + 1] | 32) == 115 and (p[sp2 + 2] | 32) == 105
+                and (p[sp2 + 3] | 32) == 112 and p[sp2 + 4] == 47 and p[sp2 + 5] == 50 and p[sp2 + 6] == 46
+                and p[sp2 + 7] == 48):
+            if _is_version(p + sp2 + 1, le - sp2 - 1):
+                raise SipError(505, "Version Not Supported", _dec(p + sp2 + 1, le - sp2 - 1))
+            raise _bad("malformed SIP version")
+        for i in range(sp1 + 1, sp2):
+            if p[i] <= 32 or p[i] >= 127 or p[i] == 60 or p[i] == 62 or p[i] == 34:
+                raise _bad("invalid character in Request-URI")
+        msg.method = PyUnicode_DecodeASCII(<const char*>p + start, sp1 - start, NULL)
+        msg.uri = PyUnicode_DecodeASCII(<const char*>p + sp1 + 1, sp2 - sp1 - 1, NULL)
+        if check_request_uri(p + sp1 + 1, sp2 - sp1 - 1) < 0:
+            raise _bad("malformed Request-URI")
+        msg.status = 0
+        msg.reason = ""
+    else:
+        q = <const unsigned char*>memchr(p + start, 32, le - start)
+        sp1 = (q - p) if q != NULL else le
+        if not (sp1 - start == 7 and p[start + 4] == 50 and p[start + 5] == 46 and p[start + 6] == 48):
+            raise SipError(0, "Version Not Supported", "response version")
+        if sp1 >= le:
+            raise _bad("malformed status code")
+        q = <const unsigned char*>memchr(p + sp1 + 1, 32, le - sp1 - 1) if sp1 + 1 < le else NULL
+        sp2 = (q - p) if q != NULL else le
+        if sp2 - sp1 - 1 != 3:
+            raise _bad("malformed status code")
+        k = 0
+        for i in range(sp1 + 1, sp2):
+            if p[i] < 48 or p[i] > 57:
+                raise _bad("malformed status code")
+            k = k * 10 + (p[i] - 48)
+        if k < 100 or k > 699:
+            raise _bad("malformed status code")
+        msg.method = ""
+        msg.uri = ""
+        msg.status = <int>k
+        msg.reason = _dec(p + sp2 + 1, le - sp2 - 1) if sp2 < le else ""
+    msg.is_request = is_request
+
+    if eol + 1 < head_end and is_ws(p[eol + 1]):
+        raise _bad("folded start line")
+    _fill(msg, p, eol + 1, head_end)
+
+    cdef Py_ssize_t avail = n - body_start, end
+    cdef object cl = msg.content_length
+    if cl is None:
+        if not datagram:
+            raise _bad("missing Content-Length on a stream")
+        end = n
+    else:
+        if <long long>cl > avail:
+            raise _bad("Content-Length larger than the message")
+        end = body_start + <Py_ssize_t>cl
+    msg.body = b[body_start:end]
+    msg.raw = b[start:end] if (start or end != n) else b
+    return msg
+
+
+cdef bint _is_version(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """SIP/1*DIGIT.1*DIGIT (case-insensitive 'SIP')."""
+    cdef Py_ssize_t i = 4, d
+    if n < 7 or (s[0] | 32) != 115 or (s[1] | 32) != 105 or (s[2] | 32) != 112 or s[3] != 47:
+        return False
+    d = i
+    while i < n and 48 <= s[i] <= 57:
+        i += 1
+    if i == d or i >= n or s[i] != 46:
+        return False
+    i += 1
+    d = i
+    while i < n and 48 <= s[i] <= 57:
+        i += 1
+    return i == n and i > d
+
+
+cdef str _name_of(const unsigned char* s, Py_ssize_t n):
+    key = PyBytes_FromStringAndSize(<const char*>s, n)
+    name = NAME_CACHE.get(key)
+    if name is None:
+        name = canonical_name_c(PyUnicode_DecodeASCII(<const char*>s, n, NULL))
+        if len(NAME_CACHE) < 4096:  # bounded: header names are attacker-chosen
+            NAME_CACHE[key] = name
+    return name
+
+
+cdef void _fill(SipMessage msg, const unsigned char* p, Py_ssize_t bs, Py_ssize_t be) except *:
+    cdef _Lines it = _lines(p, bs, be)
+    cdef const unsigned char* s
+    cdef const unsigned char* v
+    cdef const unsigned char* q
+    cdef Py_ssize_t n, colon, ne, vs, ve, vn, i, c, a, z
+    cdef Py_ssize_t tag_s, tag_e
+    cdef long long num
+    cdef list headers = []
+    cdef list vias = []
+    cdef str name, value
+    cdef bytes fv = None, tv = None, cidv = None, cseqv = None, mfv = None, clv = None
+    while it.next():
+        s = it.ls
+        n = it.ln
+        for i in range(n):
+            if s[i] == 13:
+                raise _bad("CR inside a header line")
+        q = <const unsigned char*>memchr(s, 58, n) if n > 0 else NULL
+        if q == NULL or q == s:
+            raise _bad("header line without a name")
+        colon = q - s
+        ne = colon
+        while ne > 0 and is_ws(s[ne - 1]):
+            ne -= 1
+        if ne == 0:
+            raise _bad("empty header name")
+        for i in range(ne):
+            if not TOKEN[s[i]]:
+                raise _bad("invalid header name")
+        vs = colon + 1
+        ve = n
+        while vs < ve and is_ws(s[vs]):
+            vs += 1
+        while ve > vs and is_ws(s[ve - 1]):
+            ve -= 1
+        v = s + vs
+        vn = ve - vs
+        name = _name_of(s, ne)
+        value = _dec(v, vn)
+        headers.append((name, value))
+        if name == H_VIA:
+            i = 0
+            while True:
+                c = next_comma(v, i, vn)
+                if c < 0:
+                    raise _bad("unterminated quote or <")
+                a = skip_ws(v, i, c)
+                z = c
+                while z > a and is_ws(v[z - 1]):
+                    z -= 1
+                if check_via(v + a, z - a) < 0:
+                    raise _bad("malformed Via")
+                vias.append(_dec(v + a, z - a))
+                if c >= vn:
+                    break
+                i = c + 1
+        elif name == H_CONTACT:
+            if not (vn == 1 and v[0] == 42):
+                i = 0
+                while True:
+                    c = next_comma(v, i, vn)
+                    if c < 0:
+                        raise _bad("unterminated quote or <")
+                    a = skip_ws(v, i, c)
+                    z = c
+                    while z > a and is_ws(v[z - 1]):
+                        z -= 1
+                    if parse_addr(v + a, z - a, NULL, NULL) < 0:
+                        raise _bad("malformed Contact")
+                    if c >= vn:
+                        break
+                    i = c + 1
+        elif name == H_FROM or name == H_TO or name == H_CALLID or name == H_CSEQ or name == H_MF \
+                or name == H_CL:
+            raw = PyBytes_FromStringAndSize(<const char*>v, vn)
+            if name == H_FROM:
+                if fv is not None:
+                    raise _bad("more than one from")
+                fv = raw
+                msg.from_value = value
+            elif name == H_TO:
+                if tv is not None:
+                    raise _bad("more than one to")
+                tv = raw
+                msg.to_value = value
+            elif name == H_CALLID:
+                if cidv is not None:
+                    raise _bad("more than one call-id")
+                cidv = raw
+                msg.call_id = value
+            elif name == H_CSEQ:
+                if cseqv is not None:
+                    raise _bad("more than one cseq")
+                cseqv = raw
+            elif name == H_MF:
+                if mfv is not None:
+                    raise _bad("more than one max-forwards")
+                mfv = raw
+            else:
+                if clv is not None:
+                    raise _bad("more than one content-length")
+                clv = raw
+    if fv is None or tv is None or cidv is None or cseqv is None:
+        raise _bad("missing from, to, call-id or cseq")
+    if not vias:
+        raise _bad("missing via")
+    msg.headers = headers
+    msg.vias = vias
+
+    tag_s = -2
+    tag_e = -2
+    if parse_addr(<const unsigned char*>PyBytes_AS_STRING(fv), PyBytes_GET_SIZE(fv), &tag_s, &tag_e) < 0:
+        raise _bad("malformed From")
+    msg.from_tag = _dec(<const unsigned char*>PyBytes_AS_STRING(fv) + tag_s, tag_e - tag_s) if tag_s >= 0 \
+        else None
+    tag_s = -2
+    tag_e = -2
+    if parse_addr(<const unsigned char*>PyBytes_AS_STRING(tv), PyBytes_GET_SIZE(tv), &tag_s, &tag_e) < 0:
+        raise _bad("malformed To")
+    msg.to_tag = _dec(<const unsigned char*>PyBytes_AS_STRING(tv) + tag_s, tag_e - tag_s) if tag_s >= 0 \
+        else None
+
+    s = <const unsigned char*>PyBytes_AS_STRING(cidv)
+    n = PyBytes_GET_SIZE(cidv)
+    if n == 0:
+        raise _bad("malformed Call-ID")
+    for i in range(n):
+        if is_ws(s[i]):
+            raise _bad("malformed Call-ID")
+
+    s = <const unsigned char*>PyBytes_AS_STRING(cseqv)
+    n = PyBytes_GET_SIZE(cseqv)
+    i = 0
+    while i < n and 48 <= s[i] <= 57:
+        i += 1
+    c = skip_ws(s, i, n)
+    if i == 0 or c == i:
+        raise _bad("malformed CSeq")
+    num = parse_digits(s, i)
+    if num > MAX_CSEQ:
+        raise _bad("CSeq number too large")
+    if c >= n:
+        raise _bad("malformed CSeq method")
+    for a in range(c, n):
+        if not TOKEN[s[a]]:
+            raise _bad("malformed CSeq method")
+    msg.cseq = num
+    msg.cseq_method = PyUnicode_DecodeASCII(<const char*>s + c, n - c, NULL)
+    if msg.is_request and msg.cseq_method != msg.method and msg.method in KNOWN_METHODS:
+        raise _bad("CSeq method does not match the request line")
+
+    if mfv is None:
+        msg.max_forwards = None
+    else:
+        num = parse_digits(<const unsigned char*>PyBytes_AS_STRING(mfv), PyBytes_GET_SIZE(mfv))
+        if num < 0:
+            raise _bad("malformed Max-Forwards")
+        msg.max_forwards = <int>(num if num < 255 else 255)
+    if clv is None:
+        msg.content_length = None
+    else:
+        s = <const unsigned char*>PyBytes_AS_STRING(clv)
+        n = PyBytes_GET_SIZE(clv)
+        if n > 0 and s[0] == 45:
+            raise _bad("negative Content-Length")
+        num = parse_digits(s, n)
+        if num < 0:
+            raise _bad("malformed Content-Length")
+        msg.content_length = num
+
+
+def frame_stream(bytearray buf, Py_ssize_t max_size):
+    """Pops one complete message from the front of a stream buffer; see message.frame_stream."""
+    cdef Py_ssize_t n = len(buf), start = 0, head_nl, body_start = 0, ne, vs, ve, total, colon
+    cdef long long cl = -1, v
+    cdef const unsigned char* p
+    cdef const unsigned char* s
+    cdef const unsigned char* q
+    cdef _Lines it
+    p = <const unsigned char*>(<char*>buf)
+    while start < n and (p[start] == 13 or p[start] == 10):
+        start += 1
+    if start:
+        del buf[:start]
+        n = len(buf)
+    p = <const unsigned char*>(<char*>buf)
+    head_nl = find_head_end(p, 0, n, &body_start)
+    if head_nl < 0:
+        if n > max_size:
+            raise SipError(513, "Message Too Large", "headers larger than the limit")
+        return None
+    it = _lines(p, 0, head_nl + 1)
+    first = True
+    while it.next():
+        if first:
+            first = False
+            continue
+        s = it.ls
+        q = <const unsigned char*>memchr(s, 58, it.ln) if it.ln > 0 else NULL
+        if q == NULL or q == s:
+            continue
+        colon = q - s
+        ne = colon
+        while ne > 0 and is_ws(s[ne - 1]):
+            ne -= 1
+        if not ((ne == 1 and (s[0] | 32) == 108) or (ne == 14 and _ieq(s, b"content-length", 14))):
+            continue
+        if cl >= 0:
+            raise _bad("more than one Content-Length")
+        vs = colon + 1
+        ve = it.ln
+        while vs < ve and is_ws(s[vs]):
+            vs += 1
+        while ve > vs and is_ws(s[ve - 1]):
+            ve -= 1
+        v = parse_digits(s + vs, ve - vs)
+        if v < 0 or ve - vs > 10:
+            raise _bad("malformed Content-Length")
+        cl = v
+    if cl < 0:
+        raise _bad("missing Content-Length on a stream")
+    total = body_start + <Py_ssize_t>cl
+    if total > max_size:
+        raise SipError(513, "Message Too Large", f"{total} octets")
+    if n < total:
+        return None
+    out = bytes(buf[:total])
+    del buf[:total]
+    return out
+
+
+cdef bint _ieq(const unsigned char* s, const char* lower, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(n):
+        c = s[i]
+        if 65 <= c <= 90:
+            c += 32
+        if c != <unsigned char>lower[i]:
+            return False
+    return True
