@@ -1,0 +1,1114 @@
+"""The screening proxy: RFC 3261 §16 transaction-stateful forwarding with one decision per INVITE.
+
+What the proxy keeps per call is deliberately small:
+
+* ``stx``  -- server side, keyed by the caller's (Via branch, sent-by): either the bytes of the
+  final response we generated (a rejection: retransmissions get the same bytes, the ACK is
+  absorbed) or the :class:`Tx` of a forwarded INVITE (retransmissions get the last response,
+  CANCEL finds where the INVITE went).
+* ``ctx``  -- client side, keyed by the branch of *our* Via: responses are only accepted for
+  transactions we created, and are routed back to where the request came from.
+* ``dialogs`` -- Call-ID of answered calls, so a BYE passing through (with ``record_route``)
+  closes the call record and feeds the caller's answer/short-call ratios.
+
+Our branch is derived deterministically from the incoming branch, its sent-by and the trunk
+attempt, followed by a loop hash (Request-URI, Call-ID, CSeq, tags): a CANCEL computes the
+same branch as its INVITE, and a request that comes back with our Via and the same loop hash
+is a loop (482).  Non-2xx final responses from a trunk are ACKed by the proxy (hop by hop,
+like a stateful proxy), and the caller's ACK to them is absorbed.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import ipaddress
+import re
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config import Config, parse_address
+from ..errors import SipError
+from ..settings import resolve_source
+
+# message.py selects the Cython twin of the parser itself (unless CALLGUARD_NO_EXTENSIONS is set).
+from . import message as sipmsg
+from .transport import ListenerInfo, local_address_towards
+
+parse_message = sipmsg.parse_message
+parse_via = sipmsg.parse_via
+parse_uri_user = sipmsg.parse_uri_user
+build_response = sipmsg.build_response
+check_request_semantics = sipmsg.check_request_semantics
+check_response_semantics = sipmsg.check_response_semantics
+response_for_error = sipmsg.response_for_error
+response_for_bad_bytes = sipmsg.response_for_bad_bytes
+frame_stream = sipmsg.frame_stream
+
+BRANCH_MAGIC = "z9hG4bK"
+OUR_MARK = "z9hG4bKcg"          # every branch we create starts with this
+T1 = 0.5                        # RFC 3261 Timer T1
+TX_LINGER = 32.0                # 64*T1: how long a finished transaction absorbs retransmissions
+DIALOG_LINGER = 12 * 3600.0     # answered calls without a BYE seen are forgotten after this
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, MESSAGE, NOTIFY, REFER, SUBSCRIBE"
+
+_CANON = {
+    "call-id": "Call-ID", "cseq": "CSeq", "www-authenticate": "WWW-Authenticate", "mime-version": "MIME-Version",
+    "p-asserted-identity": "P-Asserted-Identity", "p-preferred-identity": "P-Preferred-Identity",
+    "rack": "RAck", "rseq": "RSeq", "sip-etag": "SIP-ETag", "sip-if-match": "SIP-If-Match",
+    "p-charging-vector": "P-Charging-Vector", "p-access-network-info": "P-Access-Network-Info",
+}
+_URI_RE = re.compile(r"^\s*<?\s*(sips?):(?:([^@>]*)@)?(\[[0-9A-Fa-f:.]+\]|[^:;?>\s]+)(?::(\d+))?([^>]*)")
+_TRANSPORT_RE = re.compile(r";\s*transport=(\w+)", re.I)
+_RPORT_RE = re.compile(r";\s*rport(?=\s*(?:;|$))", re.I)
+_RAW_HDR_RE = re.compile(rb"^(via|v|from|f|to|t|call-id|i|cseq)[ \t]*:[ \t]*(.*?)[ \t]*$", re.I | re.M)
+_RAW_COMPACT = {b"v": b"via", b"f": b"from", b"t": b"to", b"i": b"call-id"}
+_TAG_RE = re.compile(r";\s*tag=", re.I)
+
+
+def canon(name: str) -> str:
+    """A lower-case long header name in its usual spelling (``call-id`` -> ``Call-ID``)."""
+    c = _CANON.get(name)
+    if c is None:
+        c = _CANON[name] = "-".join(p.capitalize() for p in name.split("-"))
+    return c
+
+
+def _h(*parts: str) -> str:
+    return hashlib.blake2b("\x00".join(parts).encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
+
+
+def split_commas(value: str) -> list[str]:
+    """Split a header value on commas outside <> and quotes (Route, Record-Route)."""
+    if "," not in value:
+        return [value.strip()]
+    out: list[str] = []
+    depth = 0
+    quoted = False
+    start = 0
+    for i, ch in enumerate(value):
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted:
+            if ch == "<":
+                depth += 1
+            elif ch == ">":
+                depth -= 1
+            elif ch == "," and depth <= 0:
+                out.append(value[start:i].strip())
+                start = i + 1
+    out.append(value[start:].strip())
+    return [x for x in out if x]
+
+
+def parse_uri_target(uri: str) -> tuple[str | None, str, int | None, str] | None:
+    """(user, host, port, transport) of a SIP URI or name-addr; None for anything else (tel:)."""
+    m = _URI_RE.match(uri)
+    if not m:
+        return None
+    t = _TRANSPORT_RE.search(m.group(5) or "")
+    transport = t.group(1).lower() if t else ("tcp" if m.group(1) == "sips" else "udp")
+    return m.group(2), m.group(3).strip("[]"), int(m.group(4)) if m.group(4) else None, transport
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def raw_error_response(data: bytes, code: int, reason: str, server: str) -> bytes | None:
+    """Best-effort response to a request the parser refused (None when it cannot be addressed)."""
+    if code == 0 or data[:4] == b"SIP/":
+        return None
+    head = data.split(b"\r\n\r\n", 1)[0].replace(b"\r\n", b"\n")
+    found: dict[bytes, list[bytes]] = {}
+    for m in _RAW_HDR_RE.finditer(head):
+        name = m.group(1).lower()
+        found.setdefault(_RAW_COMPACT.get(name, name), []).append(m.group(2))
+    if not all(k in found for k in (b"via", b"from", b"to", b"call-id", b"cseq")):
+        return None
+    to = found[b"to"][0]
+    if not re.search(rb";\s*tag=", to, re.I):
+        to += b";tag=cg" + _h(repr(data[:200])).encode()
+    lines = [f"SIP/2.0 {code} {reason}".encode()]
+    lines += [b"Via: " + v for v in found[b"via"]]
+    lines += [b"From: " + found[b"from"][0], b"To: " + to, b"Call-ID: " + found[b"call-id"][0],
+              b"CSeq: " + found[b"cseq"][0], b"Server: " + server.encode(), b"Content-Length: 0"]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+# ---------------------------------------------------------------- helpers that may be missing
+class NullMetrics:
+    """Stand-in when metrics are disabled: same methods, no effect."""
+
+    def decision(self, rule: str, latency_seconds: float) -> None: ...
+    def message_in(self, method: str) -> None: ...
+    def message_out(self, method: str) -> None: ...
+    def parse_error(self) -> None: ...
+    def trunk_state(self, name: str, up: bool) -> None: ...
+    def record_written(self, n: int) -> None: ...
+    def overload(self) -> None: ...
+    def fault(self) -> None: ...
+
+
+class NullRecords:
+    """Stand-in when call records are disabled."""
+
+    def add(self, record: dict[str, Any]) -> None: ...
+    def outcome(self, call_id: str, final_code: int | None = None, answered_at: float | None = None,
+                ended_at: float | None = None) -> None: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- state objects
+class TrunkState:
+    """A trunk and its health."""
+
+    __slots__ = ("name", "transport", "host", "port", "addr", "prefixes", "keepalive", "up", "ka_pending",
+                 "ka_handle", "spec")
+
+    def __init__(self, name: str, spec: str, prefixes: tuple[str, ...], keepalive: float) -> None:
+        transport, host, port = parse_address(spec)
+        self.spec = spec
+        self.name = name
+        self.transport = transport
+        if not _is_ip(host):
+            host = str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
+        self.host = host
+        self.port = port
+        self.addr = (host, port)
+        self.prefixes = prefixes
+        self.keepalive = keepalive
+        self.up = True
+        self.ka_pending: str | None = None
+        self.ka_handle: Any = None
+
+
+class Tx:
+    """A forwarded request: the caller side and the current attempt towards the next hop."""
+
+    __slots__ = ("key", "msg", "is_invite", "up_ep", "up_addr", "branch", "out", "out_head", "dest_ep",
+                 "dest_addr", "trunk", "candidates", "attempt", "provisional", "final", "cancelled", "timer",
+                 "retrans", "interval", "last_resp", "to_tag", "caller", "callee", "source", "started",
+                 "branches", "expired")
+
+    def __init__(self, key: Any, msg: Any, is_invite: bool, up_ep: Any, up_addr: Any) -> None:
+        self.key = key
+        self.msg = msg
+        self.is_invite = is_invite
+        self.up_ep = up_ep
+        self.up_addr = up_addr
+        self.branch = ""
+        self.out = b""
+        self.out_head: list[str] = []
+        self.dest_ep: Any = None
+        self.dest_addr: Any = None
+        self.trunk: TrunkState | None = None
+        self.candidates: list[TrunkState] = []
+        self.attempt = -1
+        self.provisional = False
+        self.final = 0
+        self.cancelled = False
+        self.timer: Any = None
+        self.retrans: Any = None
+        self.interval = T1
+        self.last_resp: bytes | None = None
+        self.to_tag = ""
+        self.caller = ""
+        self.callee = ""
+        self.source = ""
+        self.started = 0.0
+        self.branches: list[str] = []
+        self.expired = False
+
+
+class Dialog:
+    __slots__ = ("caller", "source", "answered_at", "trunk_addr", "up_ep", "up_addr", "dest_ep")
+
+    def __init__(self, caller: str, source: str, answered_at: float, trunk_addr: Any, up_ep: Any, up_addr: Any,
+                 dest_ep: Any) -> None:
+        self.caller = caller
+        self.source = source
+        self.answered_at = answered_at
+        self.trunk_addr = trunk_addr
+        self.up_ep = up_ep
+        self.up_addr = up_addr
+        self.dest_ep = dest_ep
+
+
+# ---------------------------------------------------------------- the proxy
+class Proxy:
+    """Screens INVITEs and forwards SIP traffic between callers and trunks.
+
+    The transports call :meth:`handle` with each message; the proxy never blocks (records and
+    metrics are queued, list reloads run in a worker thread) and never lets an exception out.
+    """
+
+    def __init__(self, loop: Any, cfg: Config, guard: Any, *, records: Any = None, metrics: Any = None,
+                 log: Any = None) -> None:
+        self.loop = loop
+        self.guard = guard
+        self.records = records or NullRecords()
+        self.metrics = metrics or NullMetrics()
+        self.log = log
+        self.udp: list[Any] = []               # UdpListener endpoints
+        self.tcp_infos: list[ListenerInfo] = []
+        self.tcp: Any = None                   # TcpManager
+        self.stx: dict[Any, Any] = {}
+        self.ctx: dict[str, Tx] = {}
+        self.dialogs: dict[str, Dialog] = {}
+        self.expiry: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
+        self.dialog_expiry: collections.deque[tuple[float, str, Dialog]] = collections.deque()
+        self.in_flight = 0
+        self.draining = False
+        self.faults = 0
+        self.our_hosts: set[tuple[str, int]] = set()
+        self.our_ports: set[int] = set()
+        self.wildcard = False
+        self._sweep_handle: Any = None
+        self._trust: dict[str, tuple[bool, bool]] = {}
+        self._local_for: dict[tuple[int, str], str] = {}
+        self.apply_config(cfg)
+
+    # ------------------------------------------------------------ configuration
+    def apply_config(self, cfg: Config, guard: Any = None) -> None:
+        """Take a (re)loaded config; called between two messages, so the swap is atomic."""
+        if guard is not None:
+            self.guard = guard
+        self.cfg = cfg
+        sip = cfg.sip
+        self.ua = sip.user_agent
+        self.hide_reason = sip.hide_reason
+        self.record_route = sip.record_route
+        self.max_in_flight = sip.max_in_flight
+        self.retry_after = sip.retry_after
+        self.trunk_timeout = sip.trunk_timeout
+        self.tx_timeout = sip.transaction_timeout
+        self.max_size = sip.max_message_size
+        self.emergency = frozenset(cfg.emergency_numbers)
+        self._trust = {}
+        old = {t.spec: t for t in getattr(self, "trunks", [])}
+        for t in old.values():
+            if t.ka_handle is not None:
+                t.ka_handle.cancel()
+                t.ka_handle = None
+        trunks = []
+        for t in cfg.trunks:
+            ts = TrunkState(t.name, t.address, t.prefixes, t.keepalive)
+            prev = old.get(t.address)
+            if prev is not None:
+                ts.up = prev.up
+            trunks.append(ts)
+        self.trunks = trunks
+        self.trunk_ips = frozenset(t.host for t in trunks)
+        if self.tcp is not None:
+            self.tcp.configure(sip.max_tcp_connections, sip.max_message_size, sip.tcp_idle_timeout,
+                               sip.tcp_partial_timeout)
+
+    def start(self) -> None:
+        """Start timers (transaction sweep, trunk keepalives); call once listeners are bound."""
+        for ep in self.udp:
+            self._add_ours(ep.listener)
+        for info in self.tcp_infos:
+            self._add_ours(info)
+        if self._sweep_handle is None:
+            self._sweep_handle = self.loop.call_later(1.0, self._sweep)
+        for t in self.trunks:
+            if t.keepalive > 0 and t.ka_handle is None:
+                t.ka_handle = self.loop.call_soon(self._keepalive, t)
+
+    def _add_ours(self, info: ListenerInfo) -> None:
+        self.our_ports.add(info.port)
+        if info.host in ("0.0.0.0", "::"):
+            self.wildcard = True
+        self.our_hosts.add((info.host, info.port))
+
+    def stop_timers(self) -> None:
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+        for t in self.trunks:
+            if t.ka_handle is not None:
+                t.ka_handle.cancel()
+                t.ka_handle = None
+
+    def is_ours(self, host: str, port: int | None) -> bool:
+        """Whether host:port (port None = 5060) is one of our listeners."""
+        p = 5060 if port is None else port
+        if (host, p) in self.our_hosts:
+            return True
+        if p in self.our_ports and (self.wildcard or host in ("localhost",)):
+            return True
+        return False
+
+    def _trust_of(self, ip: str) -> tuple[bool, bool]:
+        """(trusted, trust_identity) of a source address; cached until the next reload."""
+        r = self._trust.get(ip)
+        if r is None:
+            idx = resolve_source(self.guard.settings, ip)
+            if idx >= 0:
+                r = (True, self.cfg.sources[idx].trust_identity)
+            else:
+                r = (False, False)
+            if len(self._trust) > 65536:
+                self._trust.clear()
+            self._trust[ip] = r
+        return r
+
+    # ------------------------------------------------------------ sending
+    def _udp_for(self, family: int) -> Any:
+        for ep in self.udp:
+            if ep.listener.family == family:
+                return ep
+        return self.udp[0] if self.udp else None
+
+    def _endpoint_to(self, transport: str, host: str, port: int) -> Any:
+        """The endpoint that reaches host:port over the given transport (TCP: open or reuse)."""
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if transport == "tcp" and self.tcp is not None:
+            conn = self.tcp.get((host, port))
+            if conn is not None:
+                return conn
+            info = next((i for i in self.tcp_infos if i.family == fam), None)
+            if info is None:
+                udp = self._udp_for(fam)
+                info = udp.listener if udp is not None else ListenerInfo("tcp", host, 0, fam)
+            return self.tcp.connect(host, port, info)
+        return self._udp_for(fam)
+
+    def _via_host(self, info: ListenerInfo, dest_host: str, dest_port: int) -> str:
+        if info.host not in ("0.0.0.0", "::"):
+            return info.sent_by
+        key = (info.family, dest_host)
+        local = self._local_for.get(key)
+        if local is None:
+            local = self._local_for[key] = local_address_towards(dest_host, dest_port, info.family)
+        return f"[{local}]:{info.port}" if ":" in local else f"{local}:{info.port}"
+
+    def _send(self, ep: Any, data: bytes, addr: Any, method: str) -> None:
+        if ep is None:
+            return
+        ep.send(data, addr)
+        self.metrics.message_out(method)
+
+    def _respond(self, msg: Any, ep: Any, addr: Any, code: int, reason: str, *, to_tag: str | None = None,
+                 extra: tuple[Any, ...] = ()) -> bytes:
+        if to_tag is None and code >= 200 and not msg.to_tag:
+            to_tag = "cg" + _h(msg.call_id or "", str(msg.cseq), msg.from_tag or "", msg.vias[0] if msg.vias else "")
+        data: bytes = build_response(msg, code, reason, to_tag=to_tag, extra_headers=extra, server=self.ua)
+        self._send(ep, data, addr, "response")
+        return data
+
+    # ------------------------------------------------------------ entry point
+    def handle(self, data: bytes, addr: Any, ep: Any) -> None:
+        """One message from a transport (a datagram, or a framed TCP message)."""
+        msg = None
+        try:
+            if ep.kind == "udp":
+                if len(data) > self.max_size:
+                    self.metrics.parse_error()
+                    resp = raw_error_response(data, 513, "Message Too Large", self.ua)
+                    if resp is not None:
+                        self._send(ep, resp, addr, "response")
+                    return
+                if not data.strip():
+                    return  # CRLF keepalive
+            try:
+                msg = parse_message(data, datagram=ep.kind == "udp")
+            except SipError as exc:
+                self.metrics.parse_error()
+                resp = response_for_bad_bytes(data, exc, to_tag="cg" + _h(repr(data[:256])), server=self.ua)
+                if resp is not None:
+                    self._send(ep, resp, addr, "response")
+                return
+            if msg.is_request:
+                self.metrics.message_in(msg.method)
+                self._on_request(msg, ep, addr)
+            else:
+                self.metrics.message_in("response")
+                self._on_response(msg, ep, addr)
+        except Exception as exc:  # noqa: BLE001 - one bad message must never stop the proxy
+            self._fault(exc, msg, ep, addr)
+
+    def _fault(self, exc: BaseException, msg: Any, ep: Any, addr: Any) -> None:
+        self.faults += 1
+        self.metrics.fault()
+        if self.log is not None:
+            self.log.error("fault", error=repr(exc), call_id=getattr(msg, "call_id", None),
+                           method=getattr(msg, "method", None), exc_info=exc)
+        # Fail open: an INVITE we have not answered or forwarded yet goes to a trunk unscreened.
+        if msg is not None and getattr(msg, "is_request", False) and msg.method == "INVITE":
+            try:
+                via = parse_via(msg.vias[0])
+                key = (via.branch or msg.call_id, via.host, via.port)
+                if key not in self.stx and not self.draining:
+                    self._forward_invite(msg, key, via, ep, addr, None)
+            except Exception as exc2:  # noqa: BLE001 - nothing more can be done for this message
+                if self.log is not None:
+                    self.log.error("fail_open_failed", error=repr(exc2))
+
+    # ------------------------------------------------------------ requests
+    def _on_request(self, msg: Any, ep: Any, addr: Any) -> None:
+        method = msg.method
+        ip = addr[0]
+        if method == "OPTIONS" and not msg.to_tag and self._addressed_to_us(msg.uri):
+            self._respond(msg, ep, addr, 200, "OK", extra=(("Allow", ALLOW), ("Accept", "application/sdp")))
+            return
+        err = check_request_semantics(msg)
+        if err is not None:
+            resp = response_for_error(msg, err, to_tag="cg" + _h(msg.call_id, str(msg.cseq)), server=self.ua)
+            if resp is not None:
+                self._send(ep, resp, addr, "response")
+            return
+        if msg.max_forwards is not None and msg.max_forwards <= 0:
+            if method != "ACK":
+                self._respond(msg, ep, addr, 483, "Too Many Hops")
+            return
+        via = parse_via(msg.vias[0])
+        if method == "INVITE":
+            key = (via.branch or msg.call_id, via.host, via.port)
+            if msg.to_tag:
+                prev = self.stx.get(key)
+                if prev is not None:
+                    self._retransmission(prev, ep, addr)
+                    return
+                self._in_dialog(msg, via, ep, addr, ip)
+                return
+            self._on_invite(msg, key, via, ep, addr, ip)
+        elif method == "ACK":
+            key = (via.branch or msg.call_id, via.host, via.port)
+            prev = self.stx.get(key)
+            if prev is not None and (type(prev) is bytes or (prev.final >= 300 or not prev.final)):
+                return  # the ACK to a non-2xx final we sent or ACKed ourselves: absorbed
+            if msg.to_tag:
+                self._in_dialog(msg, via, ep, addr, ip)
+        elif method == "CANCEL":
+            self._on_cancel(msg, via, ep, addr)
+        elif msg.to_tag:
+            self._in_dialog(msg, via, ep, addr, ip)
+        elif method == "REGISTER":
+            # callguard screens calls in front of trunks; it is no registrar and relays no registrations.
+            self._respond(msg, ep, addr, 405, "Method Not Allowed", extra=(("Allow", ALLOW),))
+        else:
+            self._out_of_dialog(msg, via, ep, addr, ip)
+
+    def _addressed_to_us(self, uri: str) -> bool:
+        t = parse_uri_target(uri)
+        if t is None:
+            return False
+        user, host, port, _ = t
+        return not user or self.is_ours(host, port)
+
+    def _retransmission(self, prev: Any, ep: Any, addr: Any) -> None:
+        if type(prev) is bytes:
+            self._send(ep, prev, addr, "response")
+        elif prev.last_resp is not None:
+            self._send(ep, prev.last_resp, addr, "response")
+
+    # ------------------------------------------------------------ INVITE
+    def _caller_of(self, msg: Any, trust_identity: bool) -> str:
+        if trust_identity:
+            pai = msg.header("p-asserted-identity")
+            if pai:
+                return str(split_commas(pai)[0])
+        return str(msg.from_value)
+
+    def _callee_of(self, msg: Any) -> str:
+        user = parse_uri_user(msg.uri)
+        return str(user) if user else str(msg.uri)
+
+    def _is_emergency(self, callee: str) -> bool:
+        digits = "".join(ch for ch in callee if ch.isdigit())
+        if digits.startswith("86") and digits[2:] in self.emergency:
+            return True
+        return digits in self.emergency
+
+    def _on_invite(self, msg: Any, key: Any, via: Any, ep: Any, addr: Any, ip: str) -> None:
+        prev = self.stx.get(key)
+        if prev is not None:
+            self._retransmission(prev, ep, addr)  # the same transaction: not a new attempt
+            return
+        if self._is_loop(msg):
+            self.stx[key] = self._respond(msg, ep, addr, 482, "Loop Detected")
+            self._expire(self.stx, key, self.stx[key], TX_LINGER)
+            return
+        now = time.time()
+        callee = self._callee_of(msg)
+        if (self.draining or self.in_flight >= self.max_in_flight) and not self._is_emergency(callee):
+            rule = "shutdown" if self.draining else "overload"
+            if not self.draining:
+                self.metrics.overload()
+            resp = self._respond(msg, ep, addr, 503, "Service Unavailable",
+                                 extra=(("Retry-After", str(self.retry_after)),))
+            self.stx[key] = resp
+            self._expire(self.stx, key, resp, TX_LINGER)
+            self.records.add({"time": now, "call_id": msg.call_id, "source": ip, "caller": msg.from_value,
+                              "callee": callee, "rule": rule, "verdict": "reject", "code": 503, "score": 0.0,
+                              "latency_us": 0})
+            return
+        trusted, trust_identity = self._trust_of(ip)
+        caller = self._caller_of(msg, trust_identity)
+        guard = self.guard
+        faults = guard.faults
+        t0 = time.perf_counter()
+        v = guard.check(caller, callee, source=ip, now=now)
+        latency = time.perf_counter() - t0
+        if guard.faults != faults:
+            self.faults += 1
+            self.metrics.fault()
+            if self.log is not None:
+                self.log.error("fault", error=repr(guard.last_fault), call_id=msg.call_id, where="guard.check")
+        latency_us = int(latency * 1e6)
+        self.metrics.decision(v.rule, latency)
+        if self.log is not None:
+            self.log.info("decision", call_id=msg.call_id, caller=v.caller, callee=v.callee, rule=v.rule,
+                          code=v.code, score=round(v.score, 4), latency_us=latency_us, source=ip,
+                          shadowed=list(v.shadowed) or None)
+        self.records.add({"time": now, "call_id": msg.call_id, "source": ip, "caller": v.caller, "callee": v.callee,
+                          "rule": v.rule, "verdict": v.verdict, "code": v.code, "score": v.score,
+                          "latency_us": latency_us})
+        if v.verdict == "reject":
+            extra: tuple[Any, ...] = ()
+            if not self.hide_reason:
+                text = f"{v.rule}: {v.reason}".replace("\\", "\\\\").replace('"', '\\"')
+                extra = (("Reason", f'SIP;cause={v.code};text="{text}"'),)
+            resp = self._respond(msg, ep, addr, v.code, v.reason or "Rejected", extra=extra)
+            self.stx[key] = resp
+            self._expire(self.stx, key, resp, TX_LINGER)
+            return
+        if not trusted:
+            # Never an open relay, whatever the rule modes say (untrusted_source in shadow mode).
+            resp = self._respond(msg, ep, addr, 403, "Forbidden - untrusted source")
+            self.stx[key] = resp
+            self._expire(self.stx, key, resp, TX_LINGER)
+            return
+        self._forward_invite(msg, key, via, ep, addr, v)
+
+    def _is_loop(self, msg: Any) -> bool:
+        for v in msg.vias:
+            if OUR_MARK in v:
+                pv = parse_via(v)
+                if pv.branch and pv.branch.startswith(OUR_MARK) and self.is_ours(pv.host, pv.port):
+                    if pv.branch.rsplit(".", 1)[-1] == self._loop_hash(msg):
+                        return True
+        return False
+
+    def _loop_hash(self, msg: Any) -> str:
+        return _h(msg.uri, msg.call_id or "", str(msg.cseq), msg.from_tag or "", msg.to_tag or "")
+
+    def _branch(self, key: Any, attempt: int, msg: Any) -> str:
+        return f"{OUR_MARK}{_h(str(key[0]), str(key[1]), str(key[2]), str(attempt))}.{self._loop_hash(msg)}"
+
+    def _candidates(self, callee_digits: str) -> list[TrunkState]:
+        best = -1
+        out: list[TrunkState] = []
+        for t in self.trunks:
+            if t.prefixes:
+                n = max((len(p) for p in t.prefixes if callee_digits.startswith(p)), default=-1)
+            else:
+                n = 0
+            if n < 0:
+                continue
+            if n > best:
+                best, out = n, [t]
+            elif n == best:
+                out.append(t)
+        return out
+
+    def _forward_invite(self, msg: Any, key: Any, via: Any, ep: Any, addr: Any, v: Any) -> None:
+        tx = Tx(key, msg, True, ep, addr)
+        tx.source = addr[0]
+        tx.started = time.time()
+        if v is not None:
+            tx.caller, tx.callee = v.caller, v.callee
+            digits = v.callee
+        else:
+            tx.caller = str(msg.from_value)
+            tx.callee = self._callee_of(msg)
+            digits = "".join(ch for ch in tx.callee if ch.isdigit())
+        tx.to_tag = "cg" + _h(msg.call_id or "", str(msg.cseq), str(key))
+        tx.candidates = self._candidates(digits)
+        self.stx[key] = tx
+        self.in_flight += 1
+        if not tx.candidates:
+            self._final_local(tx, 404, "Not Found - no route")
+            return
+        tx.last_resp = build_response(msg, 100, "Trying", server=self.ua)
+        self._send(ep, tx.last_resp, addr, "response")
+        tx.out_head = self._forward_head(msg, via, addr)
+        self._try_next(tx)
+
+    def _forward_head(self, msg: Any, via: Any, addr: Any) -> list[str]:
+        """The forwarded request minus our Via: request line, the other headers, Max-Forwards - 1."""
+        vias = list(msg.vias)
+        vias[0] = self._stamp_via(vias[0], via, addr)
+        lines = [f"{msg.method} {msg.uri} SIP/2.0"]
+        lines.extend("Via: " + v for v in vias)
+        mf_seen = False
+        for name, value in msg.headers:
+            if name == "via" or name == "content-length":
+                continue
+            if name == "max-forwards":
+                mf_seen = True
+                try:
+                    value = str(int(value) - 1)
+                except ValueError:
+                    value = "69"
+            lines.append(f"{canon(name)}: {value}")
+        if not mf_seen:
+            lines.append("Max-Forwards: 70")
+        return lines
+
+    @staticmethod
+    def _stamp_via(v: str, via: Any, addr: Any) -> str:
+        """RFC 3261 §18.2.1 received and RFC 3581 rport on the caller's top Via."""
+        ip, port = addr[0], addr[1]
+        if "rport" in via.params:
+            if not via.rport:
+                v = _RPORT_RE.sub(f";rport={port}", v, count=1)
+            if via.received is None:
+                v += f";received={ip}"
+        elif via.host != ip and via.received is None:
+            v += f";received={ip}"
+        return v
+
+    def _assemble(self, head: list[str], our_via: str, body: bytes, rr: str | None) -> bytes:
+        lines = [head[0], "Via: " + our_via]
+        if rr:
+            lines.append("Record-Route: " + rr)
+        lines.extend(head[1:])
+        lines.append(f"Content-Length: {len(body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+
+    def _our_via(self, dest_ep: Any, transport: str, host: str, port: int, branch: str) -> tuple[str, str]:
+        info = dest_ep.listener
+        sent_by = self._via_host(info, host, port)
+        proto = "TCP" if transport == "tcp" else "UDP"
+        via = f"SIP/2.0/{proto} {sent_by};branch={branch}"
+        if proto == "UDP":
+            via += ";rport"
+        return via, sent_by
+
+    def _try_next(self, tx: Tx) -> None:
+        """Send the INVITE to the next trunk that is up; 503 to the caller when none is left."""
+        self._cancel_timers(tx)
+        while True:
+            tx.attempt += 1
+            if tx.attempt >= len(tx.candidates):
+                self._final_local(tx, 503, "Service Unavailable - no trunk available")
+                return
+            trunk = tx.candidates[tx.attempt]
+            if trunk.up:
+                break  # a trunk marked down by its keepalive is skipped
+        tx.provisional = False
+        tx.trunk = trunk
+        ep = self._endpoint_to(trunk.transport, trunk.host, trunk.port)
+        if ep is None:
+            self._final_local(tx, 503, "Service Unavailable - no transport")
+            return
+        branch = self._branch(tx.key, tx.attempt, tx.msg)
+        tx.branch = branch
+        tx.branches.append(branch)
+        via, sent_by = self._our_via(ep, trunk.transport, trunk.host, trunk.port, branch)
+        rr = None
+        if self.record_route:
+            rr = f"<sip:{sent_by};lr" + (";transport=tcp>" if trunk.transport == "tcp" else ">")
+        tx.out = self._assemble(tx.out_head, via, tx.msg.body, rr)
+        tx.dest_ep = ep
+        tx.dest_addr = trunk.addr
+        self.ctx[branch] = tx
+        self._send(ep, tx.out, trunk.addr, "INVITE")
+        tx.timer = self.loop.call_later(self.trunk_timeout, self._on_trunk_timeout, tx, tx.attempt)
+        if ep.kind == "udp":
+            tx.interval = T1
+            tx.retrans = self.loop.call_later(T1, self._retransmit, tx, tx.attempt)
+
+    def _retransmit(self, tx: Tx, attempt: int) -> None:
+        """Timer A: retransmit the INVITE over UDP until a provisional or final response arrives."""
+        tx.retrans = None
+        if tx.attempt != attempt or tx.provisional or tx.final:
+            return
+        self._send(tx.dest_ep, tx.out, tx.dest_addr, "INVITE")
+        tx.interval *= 2
+        tx.retrans = self.loop.call_later(tx.interval, self._retransmit, tx, attempt)
+
+    def _cancel_timers(self, tx: Tx) -> None:
+        if tx.timer is not None:
+            tx.timer.cancel()
+            tx.timer = None
+        if tx.retrans is not None:
+            tx.retrans.cancel()
+            tx.retrans = None
+
+    def _on_trunk_timeout(self, tx: Tx, attempt: int) -> None:
+        tx.timer = None
+        if tx.final or tx.attempt != attempt:
+            return
+        try:
+            if tx.provisional:
+                # Timer C: the call rang too long without a final answer.
+                self._send_cancel(tx)
+                self._final_local(tx, 408, "Request Timeout")
+            elif tx.cancelled:
+                self._final_local(tx, 487, "Request Terminated")
+            else:
+                if self.log is not None:
+                    self.log.warning("trunk_timeout", trunk=tx.trunk.name if tx.trunk else None,
+                                     call_id=tx.msg.call_id)
+                self._try_next(tx)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die silently
+            self._fault(exc, None, None, None)
+
+    def on_connect_failed(self, addr: tuple[str, int]) -> None:
+        """A TCP connection towards a next hop failed: fail over what was waiting on it."""
+        for tx in list(self.ctx.values()):
+            if tx.is_invite and not tx.final and not tx.provisional and tx.dest_addr == addr:
+                self._try_next(tx)
+
+    def _final_local(self, tx: Tx, code: int, reason: str) -> None:
+        """A final response we generate for a forwarded INVITE (no trunk, timeout, cancelled)."""
+        extra: tuple[Any, ...] = ()
+        if code == 503:
+            extra = (("Retry-After", str(self.retry_after)),)
+        tx.last_resp = build_response(tx.msg, code, reason, to_tag=tx.to_tag, extra_headers=extra, server=self.ua)
+        self._send(tx.up_ep, tx.last_resp, tx.up_addr, "response")
+        self._finish(tx, code)
+
+    def _finish(self, tx: Tx, code: int) -> None:
+        tx.final = code
+        self._cancel_timers(tx)
+        self.in_flight -= 1
+        now = time.time()
+        if 200 <= code < 300:
+            self.records.outcome(tx.msg.call_id, final_code=code, answered_at=now)
+            d = Dialog(tx.caller, tx.source, now, tx.dest_addr, tx.up_ep, tx.up_addr, tx.dest_ep)
+            self.dialogs[tx.msg.call_id] = d
+            self.dialog_expiry.append((self.loop.time() + DIALOG_LINGER, tx.msg.call_id, d))
+        else:
+            self.records.outcome(tx.msg.call_id, final_code=code)
+            try:
+                self.guard.observe(tx.caller, False, 0.0, tx.source, now)
+            except Exception as exc:  # noqa: BLE001 - scoring input only; never fail a call for it
+                self._fault(exc, None, None, None)
+        self._expire(self.stx, tx.key, tx, TX_LINGER)
+        for b in tx.branches:
+            self._expire(self.ctx, b, tx, TX_LINGER)
+
+    # ------------------------------------------------------------ CANCEL
+    def _on_cancel(self, msg: Any, via: Any, ep: Any, addr: Any) -> None:
+        key = (via.branch or msg.call_id, via.host, via.port)
+        prev = self.stx.get(key)
+        if prev is None:
+            self._respond(msg, ep, addr, 481, "Call/Transaction Does Not Exist")
+            return
+        to_tag = None if type(prev) is bytes else prev.to_tag
+        self._respond(msg, ep, addr, 200, "OK", to_tag=to_tag)
+        if type(prev) is bytes or prev.final or prev.cancelled:
+            return
+        prev.cancelled = True
+        if prev.provisional:
+            self._send_cancel(prev)
+        # else: sent when the first provisional arrives (RFC 3261 §9.1); 487 on trunk timeout.
+
+    def _send_cancel(self, tx: Tx) -> None:
+        m = tx.msg
+        via = tx.out.split(b"\r\n", 2)[1].decode("utf-8", "surrogateescape")  # our Via line, as sent
+        lines = [f"CANCEL {m.uri} SIP/2.0", via]
+        for r in m.header_all("route"):
+            lines.append("Route: " + r)
+        lines += [f"From: {m.from_value}", f"To: {m.to_value}", f"Call-ID: {m.call_id}", f"CSeq: {m.cseq} CANCEL",
+                  "Max-Forwards: 70", f"User-Agent: {self.ua}", "Content-Length: 0"]
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        self._send(tx.dest_ep, data, tx.dest_addr, "CANCEL")
+
+    def _send_ack(self, tx: Tx, resp: Any, ep: Any, addr: Any) -> None:
+        """ACK a non-2xx final response hop by hop (RFC 3261 §17.1.1.3)."""
+        m = tx.msg
+        branch = parse_via(resp.vias[0]).branch
+        via = tx.out.split(b"\r\n", 2)[1].decode("utf-8", "surrogateescape")
+        if branch != tx.branch:
+            via = re.sub(r"branch=[^;\s]+", f"branch={branch}", via)
+        lines = [f"ACK {m.uri} SIP/2.0", via]
+        for r in m.header_all("route"):
+            lines.append("Route: " + r)
+        lines += [f"From: {m.from_value}", f"To: {resp.to_value}", f"Call-ID: {m.call_id}", f"CSeq: {m.cseq} ACK",
+                  "Max-Forwards: 70", f"User-Agent: {self.ua}", "Content-Length: 0"]
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        self._send(ep, data, addr, "ACK")
+
+    # ------------------------------------------------------------ other requests
+    def _may_relay(self, ip: str, call_id: str | None) -> bool:
+        return self._trust_of(ip)[0] or ip in self.trunk_ips or (call_id is not None and call_id in self.dialogs)
+
+    def _in_dialog(self, msg: Any, via: Any, ep: Any, addr: Any, ip: str) -> None:
+        """A request inside a dialog (To tag): routed by Route / Request-URI, never screened."""
+        if not self._may_relay(ip, msg.call_id):
+            if msg.method != "ACK":
+                self._respond(msg, ep, addr, 403, "Forbidden - untrusted source")
+            return
+        routes: list[str] = []
+        for r in msg.header_all("route"):
+            routes.extend(split_commas(r))
+        if routes:
+            t = parse_uri_target(routes[0])
+            if t is not None and self.is_ours(t[1], t[2]):
+                routes.pop(0)
+        target = None
+        if routes:
+            target = parse_uri_target(routes[0])
+        else:
+            t = parse_uri_target(msg.uri)
+            if t is not None and not self.is_ours(t[1], t[2]):
+                target = t
+        dest: tuple[str, str, int] | None = None
+        if target is not None:
+            dest = (target[3], target[1], target[2] or 5060)
+        d = self.dialogs.get(msg.call_id) if msg.call_id else None
+        if dest is None and d is not None:
+            # The Request-URI names us and no Route is left: send it to the other side of the call.
+            if ip == d.trunk_addr[0]:
+                dest = (d.up_ep.kind, d.up_addr[0], d.up_addr[1])
+            else:
+                dest = (d.dest_ep.kind if d.dest_ep is not None else "udp", d.trunk_addr[0], d.trunk_addr[1])
+        if dest is None:
+            if msg.method != "ACK":
+                self._respond(msg, ep, addr, 404, "Not Found")
+            return
+        if msg.method == "BYE" and d is not None:
+            now = time.time()
+            self.dialogs.pop(msg.call_id, None)
+            self.records.outcome(msg.call_id, ended_at=now)
+            try:
+                self.guard.observe(d.caller, True, max(0.0, now - d.answered_at), d.source, now)
+            except Exception as exc:  # noqa: BLE001 - scoring input only
+                self._fault(exc, None, None, None)
+        self._relay_request(msg, via, ep, addr, dest, routes_left=routes)
+
+    def _out_of_dialog(self, msg: Any, via: Any, ep: Any, addr: Any, ip: str) -> None:
+        """OPTIONS not for us, MESSAGE, ...: relayed for trusted sources only, to a trunk (or by Route)."""
+        if not self._trust_of(ip)[0]:
+            if msg.method != "ACK":
+                self._respond(msg, ep, addr, 403, "Forbidden - untrusted source")
+            return
+        routes: list[str] = []
+        for r in msg.header_all("route"):
+            routes.extend(split_commas(r))
+        if routes:
+            t = parse_uri_target(routes[0])
+            if t is not None and self.is_ours(t[1], t[2]):
+                routes.pop(0)
+        dest: tuple[str, str, int] | None = None
+        if routes:
+            t = parse_uri_target(routes[0])
+            if t is not None:
+                dest = (t[3], t[1], t[2] or 5060)
+        if dest is None:
+            digits = "".join(ch for ch in self._callee_of(msg) if ch.isdigit())
+            for trunk in self._candidates(digits):
+                if trunk.up:
+                    dest = (trunk.transport, trunk.host, trunk.port)
+                    break
+        if dest is None:
+            self._respond(msg, ep, addr, 503, "Service Unavailable - no trunk available",
+                          extra=(("Retry-After", str(self.retry_after)),))
+            return
+        self._relay_request(msg, via, ep, addr, dest, routes_left=routes)
+
+    def _relay_request(self, msg: Any, via: Any, ep: Any, addr: Any, dest: tuple[str, str, int],
+                       routes_left: list[str]) -> None:
+        transport, host, port = dest
+        if not _is_ip(host):
+            self.loop.create_task(self._resolve_and_relay(msg, via, ep, addr, dest, routes_left))
+            return
+        if self._is_loop(msg):
+            if msg.method != "ACK":
+                self._respond(msg, ep, addr, 482, "Loop Detected")
+            return
+        out_ep = self._endpoint_to(transport, host, port)
+        if out_ep is None:
+            return
+        key = (via.branch or msg.call_id, via.host, via.port)
+        branch = self._branch(key, 0, msg)
+        our_via, sent_by = self._our_via(out_ep, transport, host, port, branch)
+        head = self._forward_head(msg, via, addr)
+        # Route set: drop the entries that named us, keep the rest in order.
+        head = [h for h in head if not h.startswith("Route: ")]
+        head[1:1] = ["Route: " + r for r in routes_left]
+        rr = None
+        if self.record_route and msg.method in ("INVITE", "SUBSCRIBE", "REFER") and not msg.to_tag:
+            rr = f"<sip:{sent_by};lr" + (";transport=tcp>" if transport == "tcp" else ">")
+        data = self._assemble(head, our_via, msg.body, rr)
+        if msg.method != "ACK":
+            tx = Tx(key, msg, False, ep, addr)
+            tx.branch = branch
+            tx.dest_ep, tx.dest_addr = out_ep, (host, port)
+            self.ctx[branch] = tx
+            self._expire(self.ctx, branch, tx, TX_LINGER)
+        self._send(out_ep, data, (host, port), msg.method)
+
+    async def _resolve_and_relay(self, msg: Any, via: Any, ep: Any, addr: Any, dest: tuple[str, str, int],
+                                 routes_left: list[str]) -> None:
+        transport, host, port = dest
+        try:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            ip = infos[0][4][0]
+        except OSError:
+            if msg.method != "ACK":
+                self._respond(msg, ep, addr, 404, "Not Found - cannot resolve next hop")
+            return
+        try:
+            self._relay_request(msg, via, ep, addr, (transport, ip, port), routes_left)
+        except Exception as exc:  # noqa: BLE001
+            self._fault(exc, msg, ep, addr)
+
+    # ------------------------------------------------------------ responses
+    def _on_response(self, msg: Any, ep: Any, addr: Any) -> None:
+        if not msg.vias:
+            return
+        top = msg.vias[0]
+        if OUR_MARK not in top:
+            return  # not a transaction we created: dropped (no open relay of responses)
+        branch = parse_via(top).branch or ""
+        if branch.startswith(OUR_MARK + "ka"):
+            self._keepalive_answer(branch)
+            return
+        tx = self.ctx.get(branch)
+        if tx is None:
+            return
+        if msg.cseq_method == "CANCEL":
+            return  # our CANCEL was answered hop by hop; the caller got our own 200
+        if not tx.is_invite:
+            self._relay_response(msg, tx)
+            return
+        code = msg.status
+        if branch != tx.branch:
+            # A late answer from a trunk we already failed over from.
+            if code >= 300:
+                self._send_ack(tx, msg, ep, addr)
+            elif 200 <= code < 300 and not tx.final:
+                # It answered after all: take the call there, forget the newer attempt.
+                self._relay_response(msg, tx)
+                self._finish(tx, code)
+            return
+        if code < 200:
+            if not tx.provisional:
+                tx.provisional = True
+                if tx.retrans is not None:
+                    tx.retrans.cancel()
+                    tx.retrans = None
+                if tx.timer is not None:
+                    tx.timer.cancel()
+                tx.timer = self.loop.call_later(self.tx_timeout, self._on_trunk_timeout, tx, tx.attempt)
+                if tx.cancelled:
+                    self._send_cancel(tx)
+            if code > 100 and not tx.final:
+                tx.last_resp = self._relay_response(msg, tx)
+            return
+        if code >= 300:
+            self._send_ack(tx, msg, ep, addr)
+            if tx.final:
+                return  # a retransmission of a final we already passed on
+            if code == 503 and not tx.cancelled:
+                if self.log is not None:
+                    self.log.warning("trunk_failover", trunk=tx.trunk.name if tx.trunk else None, code=code,
+                                     call_id=tx.msg.call_id)
+                if tx.attempt + 1 < len(tx.candidates):
+                    self._try_next(tx)
+                    return
+                self._final_local(tx, 503, "Service Unavailable - no trunk available")
+                return
+            tx.last_resp = self._relay_response(msg, tx)
+            self._finish(tx, code)
+            return
+        # 2xx: always relayed (retransmissions too: the ACK is end to end).
+        resp = self._relay_response(msg, tx)
+        if not tx.final:
+            tx.last_resp = resp
+            self._finish(tx, code)
+
+    def _relay_response(self, msg: Any, tx: Tx) -> bytes:
+        """Pass a response upstream with our Via popped."""
+        lines = [f"SIP/2.0 {msg.status} {msg.reason}"]
+        lines.extend("Via: " + v for v in msg.vias[1:])
+        for name, value in msg.headers:
+            if name == "via" or name == "content-length":
+                continue
+            lines.append(f"{canon(name)}: {value}")
+        lines.append(f"Content-Length: {len(msg.body)}")
+        data: bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + bytes(msg.body)
+        self._send(tx.up_ep, data, tx.up_addr, "response")
+        return data
+
+    # ------------------------------------------------------------ trunk keepalive
+    def _keepalive(self, trunk: TrunkState) -> None:
+        trunk.ka_handle = None
+        if trunk.keepalive <= 0:
+            return
+        try:
+            if trunk.ka_pending is not None:
+                self._set_trunk(trunk, False)
+            ep = self._endpoint_to(trunk.transport, trunk.host, trunk.port)
+            if ep is not None:
+                branch = f"{OUR_MARK}ka{_h(trunk.name, str(time.time()))}"
+                trunk.ka_pending = branch
+                via, _ = self._our_via(ep, trunk.transport, trunk.host, trunk.port, branch)
+                host = f"[{trunk.host}]" if ":" in trunk.host else trunk.host
+                lines = [f"OPTIONS sip:{host}:{trunk.port} SIP/2.0", "Via: " + via, "Max-Forwards: 70",
+                         f"From: <sip:callguard@{via.split(' ', 1)[1].split(';')[0]}>;tag={branch[-8:]}",
+                         f"To: <sip:{host}:{trunk.port}>", f"Call-ID: {branch}", "CSeq: 1 OPTIONS",
+                         f"User-Agent: {self.ua}", "Content-Length: 0"]
+                self._send(ep, ("\r\n".join(lines) + "\r\n\r\n").encode(), trunk.addr, "OPTIONS")
+                wait = min(self.trunk_timeout, trunk.keepalive)
+                self.loop.call_later(wait, self._keepalive_check, trunk, branch)
+        finally:
+            trunk.ka_handle = self.loop.call_later(trunk.keepalive, self._keepalive, trunk)
+
+    def _keepalive_check(self, trunk: TrunkState, branch: str) -> None:
+        if trunk.ka_pending == branch:
+            self._set_trunk(trunk, False)
+
+    def _keepalive_answer(self, branch: str) -> None:
+        for t in self.trunks:
+            if t.ka_pending == branch:
+                t.ka_pending = None
+                self._set_trunk(t, True)
+
+    def _set_trunk(self, trunk: TrunkState, up: bool) -> None:
+        if trunk.up != up:
+            trunk.up = up
+            self.metrics.trunk_state(trunk.name, up)
+            if self.log is not None:
+                self.log.warning("trunk_up" if up else "trunk_down", trunk=trunk.name, address=trunk.spec)
+
+    # ------------------------------------------------------------ expiry
+    def _expire(self, table: dict[Any, Any], key: Any, value: Any, after: float) -> None:
+        self.expiry.append((self.loop.time() + after, table, key, value))
+
+    def _sweep(self) -> None:
+        """Forget finished transactions and stale dialogs (once a second)."""
+        self._sweep_handle = self.loop.call_later(1.0, self._sweep)
+        now = self.loop.time()
+        exp = self.expiry
+        while exp and exp[0][0] <= now:
+            _, table, key, value = exp.popleft()
+            if table.get(key) is value:
+                if type(value) is Tx and value.is_invite and not value.final:
+                    continue  # still running (its own timers end it)
+                del table[key]
+        dexp = self.dialog_expiry
+        while dexp and dexp[0][0] <= now:
+            _, cid, d = dexp.popleft()
+            if self.dialogs.get(cid) is d:
+                del self.dialogs[cid]
+
+    def busy(self) -> int:
+        """Transactions still waiting for a final response."""
+        return self.in_flight
+
+
+Sender = Callable[[bytes, Any], None]

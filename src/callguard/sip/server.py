@@ -1,0 +1,330 @@
+"""``callguard serve``: run the screening proxy in the foreground.
+
+Start-up: load the config (``--listen`` / ``--trunk`` override it), the lists and the
+rate-limit snapshot; bind every listener; start the metrics endpoint and the call-record
+writer; log ``listening``.  Signals: SIGHUP reloads config and lists (kept on error),
+SIGTERM/SIGINT drain (new INVITEs get 503, in-flight transactions get ``sip.shutdown_grace``
+seconds), flush records, write the snapshot and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import sys
+import tempfile
+from typing import Any
+
+from .. import config as config_mod
+from ..config import Config, Trunk, parse_address
+from ..errors import CallguardError, ConfigError, SipError
+from .proxy import NullMetrics, NullRecords, Proxy, frame_stream
+from .transport import TcpManager, open_tcp, open_udp
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+def _logger() -> Any:
+    try:
+        from ..log import get_logger
+
+        return get_logger("callguard.serve")
+    except ImportError:  # pragma: no cover - log.py is part of the package
+        import structlog
+
+        return structlog.get_logger("callguard.serve")
+
+
+def _configure_logging(cfg: Config) -> None:
+    try:
+        from ..log import configure
+
+        configure(cfg.logging.level, cfg.logging.format)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def apply_overrides(cfg: Config, listen: list[str] | None, trunk: str | None) -> Config:
+    """``--listen`` replaces ``sip.listen``; ``--trunk`` replaces ``trunks`` with one default trunk.
+
+    Raises:
+        ConfigError: an override is not ``udp:HOST:PORT`` / ``tcp:HOST:PORT``.
+    """
+    if listen:
+        for item in listen:
+            try:
+                parse_address(item)
+            except ValueError as exc:
+                raise ConfigError("--listen", "", str(exc)) from None
+        cfg = dataclasses.replace(cfg, sip=dataclasses.replace(cfg.sip, listen=tuple(listen)))
+    if trunk:
+        try:
+            parse_address(trunk)
+        except ValueError as exc:
+            raise ConfigError("--trunk", "", str(exc)) from None
+        cfg = dataclasses.replace(cfg, trunks=(Trunk(name="trunk", address=trunk),))
+    return cfg
+
+
+def write_snapshot(path: str, data: dict[str, Any]) -> None:
+    """Write the rate-limit snapshot atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".callguard-state.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _open_records(cfg: Config, log: Any) -> Any:
+    if not cfg.records.enabled:
+        return NullRecords()
+    try:
+        from ..records import RecordStore
+    except ImportError as exc:
+        log.warning("records_unavailable", error=str(exc))
+        return NullRecords()
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.records.path)), exist_ok=True)
+        return RecordStore(cfg.records.path, cfg.records.retention_days)
+    except Exception as exc:  # noqa: BLE001 - calls keep flowing without records; said loudly
+        log.error("records_failed", path=cfg.records.path, error=str(exc))
+        return NullRecords()
+
+
+def _open_metrics(cfg: Config, log: Any) -> Any:
+    if not cfg.metrics.enabled:
+        return NullMetrics()
+    try:
+        from ..metrics import Metrics
+    except ImportError as exc:
+        log.warning("metrics_unavailable", error=str(exc))
+        return NullMetrics()
+    m = Metrics()
+    host, _, port = cfg.metrics.listen.rpartition(":")
+    try:
+        m.start_server(host.strip("[]") or "127.0.0.1", int(port))
+    except (OSError, ValueError) as exc:
+        log.error("metrics_listen_failed", listen=cfg.metrics.listen, error=str(exc))
+    return m
+
+
+class Server:
+    """The proxy with its listeners, signals, reload and shutdown."""
+
+    def __init__(self, cfg: Config, guard: Any, config_path: str, listen_override: list[str],
+                 trunk_override: str | None) -> None:
+        self.cfg = cfg
+        self.guard = guard
+        self.config_path = config_path
+        self.listen_override = listen_override
+        self.trunk_override = trunk_override
+        self.log = _logger()
+        self.stop_event: asyncio.Event | None = None
+        self.reloading = False
+        self.udp: list[Any] = []
+        self.tcp_servers: list[Any] = []
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        self.records = _open_records(self.cfg, self.log)
+        self.metrics = _open_metrics(self.cfg, self.log)
+        proxy = self.proxy = Proxy(loop, self.cfg, self.guard, records=self.records, metrics=self.metrics,
+                                   log=self.log)
+
+        def on_frame_error(conn: Any, exc: SipError) -> None:
+            self.metrics.parse_error()
+            # The stream cannot be resynchronised: the connection is closed.
+
+        tcp = TcpManager(loop, proxy.handle, frame_stream, on_frame_error, proxy.on_connect_failed)
+        sip = self.cfg.sip
+        tcp.configure(sip.max_tcp_connections, sip.max_message_size, sip.tcp_idle_timeout, sip.tcp_partial_timeout)
+        proxy.tcp = tcp
+        try:
+            for spec in sip.listen:
+                transport, host, port = parse_address(spec)
+                if transport == "udp":
+                    ep = await open_udp(loop, proxy.handle, host, port)
+                    self.udp.append(ep)
+                    proxy.udp.append(ep)
+                else:
+                    server, info = await open_tcp(loop, tcp, host, port)
+                    self.tcp_servers.append(server)
+                    proxy.tcp_infos.append(info)
+        except OSError as exc:
+            print(f"error: cannot listen on {spec}: {exc.strerror or exc}", file=sys.stderr)
+            self._close_listeners()
+            self.records.close()
+            return EXIT_RUNTIME
+        proxy.start()
+        listeners = [ep.listener.spec() for ep in self.udp] + [i.spec() for i in proxy.tcp_infos]
+        self.log.info("listening", listeners=listeners, trunks=[t.address for t in self.cfg.trunks],
+                      implementation=getattr(self.guard, "implementation", None) or _implementation())
+        for t in proxy.trunks:
+            self.metrics.trunk_state(t.name, t.up)
+        for sig, fn in ((signal.SIGHUP, self._on_hup), (signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term)):
+            try:
+                loop.add_signal_handler(sig, fn)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+                pass
+        await self.stop_event.wait()
+        await self._drain()
+        return EXIT_OK
+
+    # ------------------------------------------------------------ signals
+    def _on_hup(self) -> None:
+        if self.reloading:
+            self.log.warning("reload_busy")
+            return
+        self.reloading = True
+        asyncio.get_running_loop().create_task(self.reload())
+
+    def _on_term(self) -> None:
+        if self.stop_event is not None and not self.stop_event.is_set():
+            self.log.info("stopping", in_flight=self.proxy.in_flight)
+            self.proxy.draining = True
+            self.stop_event.set()
+
+    async def reload(self) -> bool:
+        """Re-read config and lists in a worker thread, then swap them in between two messages."""
+        loop = asyncio.get_running_loop()
+        try:
+            from ..guard import Guard, load_lists
+
+            def build() -> tuple[Config, Any]:
+                cfg = config_mod.load(self.config_path)
+                cfg = apply_overrides(cfg, self.listen_override, self.trunk_override)
+                lists = load_lists(cfg)
+                return cfg, Guard(cfg, lists, implementation=getattr(self.guard, "implementation", None))
+
+            cfg, new_guard = await loop.run_in_executor(None, build)
+            # Adopting the rate-limit state happens here, on the loop thread, so no attempt is lost.
+            new_guard.core.adopt_state(self.guard.core)
+            old = self.cfg
+            self.proxy.apply_config(cfg, new_guard)
+            self.proxy.start()
+            self.guard = new_guard
+            self.cfg = cfg
+            if cfg.sip.listen != old.sip.listen:
+                self.log.warning("reload_listeners_changed", old=list(old.sip.listen), new=list(cfg.sip.listen),
+                                 note="listeners are not rebound; restart to apply")
+            if cfg.records != old.records or cfg.metrics != old.metrics or cfg.logging != old.logging:
+                self.log.warning("reload_restart_needed", note="records, metrics and logging settings apply "
+                                 "after a restart")
+            self.log.info("reloaded", config=self.config_path, trunks=[t.address for t in cfg.trunks])
+            return True
+        except (CallguardError, OSError, ValueError) as exc:
+            self.log.error("reload_failed", config=self.config_path, error=str(exc))
+            return False
+        except Exception as exc:  # noqa: BLE001 - a reload must never take the proxy down
+            self.log.error("reload_failed", config=self.config_path, error=repr(exc))
+            return False
+        finally:
+            self.reloading = False
+
+    # ------------------------------------------------------------ shutdown
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.sip.shutdown_grace
+        while self.proxy.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.proxy.stop_timers()
+        self._close_listeners()
+        if self.proxy.tcp is not None:
+            self.proxy.tcp.close_all()
+        try:
+            await loop.run_in_executor(None, self.records.close)
+        except Exception as exc:  # noqa: BLE001 - keep going: the snapshot still matters
+            self.log.error("records_close_failed", error=repr(exc))
+        state = self.cfg.records.state_path
+        if state:
+            try:
+                write_snapshot(state, self.guard.snapshot())
+                self.log.info("snapshot_written", path=state)
+            except Exception as exc:  # noqa: BLE001
+                self.log.error("snapshot_failed", path=state, error=repr(exc))
+        self.log.info("stopped", unfinished=self.proxy.in_flight)
+
+    def _close_listeners(self) -> None:
+        for ep in self.udp:
+            ep.close()
+        for s in self.tcp_servers:
+            s.close()
+
+
+def _implementation() -> str:
+    try:
+        from ..guard import IMPLEMENTATION
+
+        return str(IMPLEMENTATION)
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def restore_snapshot(guard: Any, path: str, log: Any) -> None:
+    """Load the rate-limit snapshot if there is one; a corrupt file is logged and ignored."""
+    if not path or not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        guard.restore(data)
+        log.info("snapshot_restored", path=path)
+    except Exception as exc:  # noqa: BLE001 - a bad snapshot must not stop the proxy from starting
+        log.warning("snapshot_ignored", path=path, error=repr(exc))
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    if not os.environ.get("CALLGUARD_NO_UVLOOP"):
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            pass
+    return asyncio.new_event_loop()
+
+
+def serve_main(args: Any) -> int:
+    """Entry point of ``callguard serve`` (args: ``config``, ``listen``, ``trunk``); returns the exit code."""
+    from ..guard import Guard
+
+    listen = list(getattr(args, "listen", None) or [])
+    trunk = getattr(args, "trunk", None)
+    path = args.config or config_mod.default_config_path()
+    try:
+        cfg = apply_overrides(config_mod.load(path), listen, trunk)
+        _configure_logging(cfg)
+        guard = Guard(cfg)
+    except CallguardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    log = _logger()
+    for p in guard.problems[:20]:
+        log.warning("list_row_skipped", problem=str(p))
+    restore_snapshot(guard, cfg.records.state_path, log)
+    server = Server(cfg, guard, path, listen, trunk)
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(server.run())
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()

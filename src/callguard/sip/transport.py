@@ -1,0 +1,318 @@
+"""SIP transports for ``callguard serve``: UDP and TCP listeners on asyncio (uvloop when installed).
+
+The proxy sees every transport through one small interface, an *endpoint*: an object with
+``kind`` (``"udp"`` or ``"tcp"``), ``listener`` (the :class:`ListenerInfo` whose address goes
+into our Via) and ``send(data, addr)``.  A UDP listener is one endpoint for all its peers;
+a TCP connection is an endpoint of its own (``addr`` is ignored: it has one peer).
+
+Inbound messages reach the proxy as ``handler(data, addr, endpoint)``: UDP datagrams as they
+arrive, TCP byte streams cut into messages by Content-Length (``frame_stream`` of the parser).
+
+The UDP listener is written so a batching receiver (recvmmsg/sendmmsg, e.g. a
+``_sipcore.UdpBatch``) can replace it: the proxy only relies on the endpoint interface and on
+``handler`` being called once per datagram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SipError
+
+Handler = Callable[[bytes, Any, Any], None]
+
+# Large socket buffers: at tens of thousands of messages per second the kernel's default
+# 200 KB drops bursts (see BENCH-NOTES: 4 MB is this machine's limit).
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class ListenerInfo:
+    """One configured listener and the address it is actually bound to."""
+
+    transport: str          # "udp" or "tcp"
+    host: str               # bound host (IPv6 without brackets)
+    port: int
+    family: int
+
+    @property
+    def sent_by(self) -> str:
+        """host:port as it appears in a Via or a Record-Route (IPv6 in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def spec(self) -> str:
+        return f"{self.transport}:{self.sent_by}"
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _tune(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:  # pragma: no cover - a kernel limit; the default still works
+            pass
+
+
+# ---------------------------------------------------------------- UDP
+class UdpListener(asyncio.DatagramProtocol):
+    """A UDP listener: one endpoint shared by all peers."""
+
+    kind = "udp"
+
+    def __init__(self, handler: Handler, listener: ListenerInfo) -> None:
+        self.handler = handler
+        self.listener = listener
+        self.transport: asyncio.DatagramTransport | None = None
+        self.errors = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        _tune(transport.get_extra_info("socket"))
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            self.listener.port = sockname[1]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.handler(data, addr, self)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors on an unconnected socket carry no peer address; trunk timeouts cover them.
+        self.errors += 1
+
+    def send(self, data: bytes, addr: Any) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, addr)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+# ---------------------------------------------------------------- TCP
+class TcpConnection(asyncio.Protocol):
+    """One TCP connection (accepted or opened towards a trunk): an endpoint with one peer."""
+
+    kind = "tcp"
+
+    def __init__(self, manager: TcpManager, listener: ListenerInfo, outgoing: tuple[str, int] | None = None
+                 ) -> None:
+        self.manager = manager
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = outgoing
+        self.outgoing = outgoing is not None
+        self.buf = bytearray()
+        self.pending: list[bytes] = []     # written before an outgoing connection is up
+        self.last = manager.loop.time()
+        self.partial_since = 0.0           # 0: no partial message buffered
+        self.closed = False
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if not self.outgoing:
+            self.peer = (peer[0], peer[1]) if peer else None
+            if not self.manager.admit(self):
+                transport.close()
+                return
+        for data in self.pending:
+            transport.write(data)  # type: ignore[attr-defined]
+        self.pending.clear()
+        self.last = self.manager.loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.manager.loop.time()
+        buf = self.buf
+        buf += data
+        while buf:
+            try:
+                msg = self.manager.frame(buf, self.manager.max_size)
+            except SipError as exc:
+                self.manager.on_frame_error(self, exc)
+                self.close()
+                return
+            if msg is None:
+                break
+            self.manager.handler(msg, self.peer, self)
+            if self.closed:
+                return
+        self.partial_since = (self.partial_since or self.last) if buf else 0.0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.manager.forget(self, exc)
+
+    # endpoint interface
+    def send(self, data: bytes, addr: Any = None) -> None:
+        if self.closed:
+            return
+        if self.transport is None:
+            self.pending.append(data)
+        else:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            self.manager.forget(self, None)
+
+
+class TcpManager:
+    """Accepted and outgoing TCP connections: limits, timeouts and connection reuse."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler: Handler, frame: Callable[..., bytes | None],
+                 on_frame_error: Callable[[TcpConnection, SipError], None],
+                 on_connect_failed: Callable[[tuple[str, int]], None]) -> None:
+        self.loop = loop
+        self.handler = handler
+        self.frame = frame
+        self.on_frame_error = on_frame_error
+        self.on_connect_failed = on_connect_failed
+        self.by_peer: dict[Any, TcpConnection] = {}
+        self.accepted = 0
+        self.max_connections = 1024
+        self.max_size = 16384
+        self.idle_timeout = 300.0
+        self.partial_timeout = 10.0
+        self.rejected = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def configure(self, max_connections: int, max_size: int, idle_timeout: float, partial_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.max_size = max_size
+        self.idle_timeout = idle_timeout
+        self.partial_timeout = partial_timeout
+
+    def admit(self, conn: TcpConnection) -> bool:
+        if self.accepted >= self.max_connections:
+            self.rejected += 1
+            conn.closed = True
+            return False
+        self.accepted += 1
+        self.by_peer[conn.peer] = conn
+        self._arm()
+        return True
+
+    def forget(self, conn: TcpConnection, exc: Exception | None) -> None:
+        if self.by_peer.get(conn.peer) is conn:
+            del self.by_peer[conn.peer]
+            if not conn.outgoing:
+                self.accepted -= 1
+
+    def get(self, peer: Any) -> TcpConnection | None:
+        conn = self.by_peer.get(peer)
+        return None if conn is None or conn.closed else conn
+
+    def connect(self, host: str, port: int, listener: ListenerInfo) -> TcpConnection:
+        """The open (or opening) connection to host:port; messages sent meanwhile are queued."""
+        key = (host, port)
+        conn = self.get(key)
+        if conn is not None:
+            return conn
+        conn = TcpConnection(self, listener, outgoing=key)
+        self.by_peer[key] = conn
+        self._arm()
+
+        async def opener() -> None:
+            try:
+                await self.loop.create_connection(lambda: conn, host, port)
+            except OSError:
+                conn.closed = True
+                self.forget(conn, None)
+                self.on_connect_failed(key)
+
+        self.loop.create_task(opener())
+        return conn
+
+    def _arm(self) -> None:
+        if self._sweeper is None:
+            interval = max(0.05, min(1.0, self.partial_timeout / 4, self.idle_timeout / 4))
+            self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close idle connections and those sitting on a partial message too long."""
+        self._sweeper = None
+        now = self.loop.time()
+        for conn in list(self.by_peer.values()):
+            if conn.transport is None:
+                continue
+            if now - conn.last > self.idle_timeout:
+                conn.close()
+            elif conn.partial_since and now - conn.partial_since > self.partial_timeout:
+                conn.close()
+        if self.by_peer:
+            self._arm()
+
+    def close_all(self) -> None:
+        for conn in list(self.by_peer.values()):
+            conn.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+# ---------------------------------------------------------------- opening listeners
+async def open_udp(loop: asyncio.AbstractEventLoop, handler: Handler, host: str, port: int) -> UdpListener:
+    """Bind a UDP listener (IPv4 or IPv6)."""
+    info = ListenerInfo("udp", host, port, _family(host))
+    sock = socket.socket(info.family, socket.SOCK_DGRAM)
+    try:
+        if info.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    proto = UdpListener(handler, info)
+    await loop.create_datagram_endpoint(lambda: proto, sock=sock)
+    return proto
+
+
+async def open_tcp(loop: asyncio.AbstractEventLoop, manager: TcpManager, host: str, port: int
+                   ) -> tuple[asyncio.AbstractServer, ListenerInfo]:
+    """Bind a TCP listener (IPv4 or IPv6)."""
+    info = ListenerInfo("tcp", host, port, _family(host))
+    sock = socket.socket(info.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if info.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    info.port = sock.getsockname()[1]
+    server = await loop.create_server(lambda: TcpConnection(manager, info), sock=sock)
+    return server, info
+
+
+def local_address_towards(host: str, port: int, family: int) -> str:
+    """The local IP the kernel would use to reach host:port (for Vias of wildcard listeners)."""
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        s.connect((host, port))
+        return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1" if family == socket.AF_INET else "::1"
+    finally:
+        s.close()
+
+
+def is_refused(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)

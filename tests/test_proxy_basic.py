@@ -1,0 +1,682 @@
+"""``callguard serve`` as a SIP proxy, driven by plain UDP/TCP sockets acting as caller and trunks.
+
+Most tests run the proxy in-process on its own event loop thread (fast); reload and shutdown
+run ``python -m callguard serve`` as a subprocess so real signals are delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from callguard import config as config_mod
+
+from .conftest import ALLOWLIST, BLOCKLIST, FILINGS, ROOT, write
+
+CALLER = "13912345678"
+CALLEE = "02150001234"
+BANNED = "13800138000"
+
+
+# ---------------------------------------------------------------- waiting and sockets
+def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Peer:
+    """A UDP socket on 127.0.0.1 playing caller or trunk; keeps what it received."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.got: list[tuple[str, Any]] = []
+        self.last_addr: Any = None
+
+    def send(self, text: str | bytes, port: int) -> None:
+        data = text.encode() if isinstance(text, str) else text
+        self.sock.sendto(data, ("127.0.0.1", port))
+
+    def recv(self, timeout: float = 3.0, match: Callable[[str], bool] | None = None) -> str:
+        """The next message (matching ``match``) received within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"port {self.port}: nothing (matching) received within {timeout}s; "
+                                     f"got {[g[0].splitlines()[0] for g in self.got]}")
+            self.sock.settimeout(left)
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            text = data.decode("utf-8", "replace")
+            self.got.append((text, addr))
+            self.last_addr = addr
+            if match is None or match(text):
+                return text
+
+    def silent(self, seconds: float, match: Callable[[str], bool] | None = None) -> bool:
+        """True when nothing (matching) arrives within ``seconds`` -- used only for "must not be sent"."""
+        try:
+            self.recv(seconds, match)
+        except AssertionError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def first_line(msg: str) -> str:
+    return msg.split("\r\n", 1)[0]
+
+
+def status(msg: str) -> int:
+    m = re.match(r"SIP/2\.0 (\d{3}) ", msg)
+    return int(m.group(1)) if m else 0
+
+
+def headers(msg: str, name: str) -> list[str]:
+    head = msg.split("\r\n\r\n", 1)[0]
+    out = []
+    for line in head.split("\r\n")[1:]:
+        n, _, v = line.partition(":")
+        if n.strip().lower() == name.lower():
+            out.append(v.strip())
+    return out
+
+
+def is_status(code: int) -> Callable[[str], bool]:
+    return lambda m: status(m) == code
+
+
+def is_method(method: str) -> Callable[[str], bool]:
+    return lambda m: m.startswith(method + " ")
+
+
+def request(method: str, port_from: int, proxy_port: int, *, caller: str = CALLER, callee: str = CALLEE,
+            branch: str | None = None, call_id: str | None = None, cseq: int = 1, to_tag: str = "",
+            max_forwards: int | None = 70, body: str = "", extra: str = "", uri: str | None = None,
+            transport: str = "UDP") -> str:
+    branch = branch or "z9hG4bK" + uuid.uuid4().hex[:12]
+    call_id = call_id or uuid.uuid4().hex
+    uri = uri or f"sip:{callee}@127.0.0.1:{proxy_port}"
+    lines = [f"{method} {uri} SIP/2.0",
+             f"Via: SIP/2.0/{transport} 127.0.0.1:{port_from};branch={branch};rport",
+             f"From: <sip:{caller}@127.0.0.1>;tag=ft{call_id[:6]}",
+             f"To: <sip:{callee}@127.0.0.1>" + (f";tag={to_tag}" if to_tag else ""),
+             f"Call-ID: {call_id}", f"CSeq: {cseq} {method}",
+             f"Contact: <sip:{caller}@127.0.0.1:{port_from}>"]
+    if max_forwards is not None:
+        lines.append(f"Max-Forwards: {max_forwards}")
+    if extra:
+        lines.append(extra)
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body.encode())}")
+    return "\r\n".join(lines) + "\r\n\r\n" + body
+
+
+def answer(req: str, code: int, reason: str, to_tag: str | None = "trunk1") -> str:
+    """A response built by a trunk from the request it received (all Vias copied)."""
+    lines = [f"SIP/2.0 {code} {reason}"]
+    lines += [f"Via: {v}" for v in headers(req, "Via")]
+    to = headers(req, "To")[0]
+    if to_tag and ";tag=" not in to:
+        to += f";tag={to_tag}"
+    lines += [f"From: {headers(req, 'From')[0]}", f"To: {to}", f"Call-ID: {headers(req, 'Call-ID')[0]}",
+              f"CSeq: {headers(req, 'CSeq')[0]}", "Content-Length: 0"]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+def ack_for(invite: str, resp: str, port_from: int, proxy_port: int) -> str:
+    """The caller's ACK to a non-2xx final: same branch as the INVITE, To from the response."""
+    branch = re.search(r"branch=([^;\s]+)", headers(invite, "Via")[0]).group(1)  # type: ignore[union-attr]
+    lines = [f"ACK {invite.split(' ')[1]} SIP/2.0",
+             f"Via: SIP/2.0/UDP 127.0.0.1:{port_from};branch={branch};rport",
+             f"From: {headers(invite, 'From')[0]}", f"To: {headers(resp, 'To')[0]}",
+             f"Call-ID: {headers(invite, 'Call-ID')[0]}", f"CSeq: {headers(invite, 'CSeq')[0].split()[0]} ACK",
+             "Max-Forwards: 70", "Content-Length: 0"]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+def cancel_for(invite: str, port_from: int) -> str:
+    branch = re.search(r"branch=([^;\s]+)", headers(invite, "Via")[0]).group(1)  # type: ignore[union-attr]
+    lines = [f"CANCEL {invite.split(' ')[1]} SIP/2.0",
+             f"Via: SIP/2.0/UDP 127.0.0.1:{port_from};branch={branch};rport",
+             f"From: {headers(invite, 'From')[0]}", f"To: {headers(invite, 'To')[0]}",
+             f"Call-ID: {headers(invite, 'Call-ID')[0]}", f"CSeq: {headers(invite, 'CSeq')[0].split()[0]} CANCEL",
+             "Max-Forwards: 70", "Content-Length: 0"]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+# ---------------------------------------------------------------- configs
+def make_config(folder: Path, listen: list[str], trunks: list[dict[str, Any]], **over: Any) -> Path:
+    lists = folder / "lists"
+    write(lists / "blocklist.csv", BLOCKLIST)
+    write(lists / "service_numbers.csv", FILINGS)
+    write(lists / "allowlist.csv", ALLOWLIST)
+    data: dict[str, Any] = {
+        "sources": [{"name": "local", "networks": ["127.0.0.1/32", "::1/128"], "trust_identity": True}],
+        "trunks": trunks,
+        "lists": {"blocklist": "lists/blocklist.csv", "service_numbers": "lists/service_numbers.csv",
+                  "allowlist": "lists/allowlist.csv"},
+        "sip": {"listen": listen, "trunk_timeout": 5.0, "shutdown_grace": 0.5},
+        "records": {"enabled": False, "path": str(folder / "records.sqlite3"),
+                    "state_path": str(folder / "state.json")},
+        "metrics": {"enabled": False},
+        "logging": {"level": "warning"},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = folder / "callguard.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+class InProcess:
+    """The proxy on its own event loop in a thread of the test process."""
+
+    def __init__(self, config_path: Path) -> None:
+        from callguard.guard import Guard
+        from callguard.sip.server import Server
+
+        cfg = config_mod.load(config_path)
+        self.cfg = cfg
+        self.server = Server(cfg, Guard(cfg), str(config_path), [], None)
+        self.loop = asyncio.new_event_loop()
+        self.result: list[int] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: getattr(self.server, "proxy", None) is not None and self.server.proxy.our_ports,
+                   10, "the proxy to listen")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.result.append(self.loop.run_until_complete(self.server.run()))
+
+    @property
+    def proxy(self) -> Any:
+        return self.server.proxy
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the proxy's loop and return its result."""
+        fut: Any = asyncio.run_coroutine_threadsafe(self._wrap(fn), self.loop)
+        return fut.result(10)
+
+    @staticmethod
+    async def _wrap(fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.server._on_term)
+            self.thread.join(15)
+        if not self.loop.is_closed() and not self.thread.is_alive():
+            self.loop.close()
+
+
+@pytest.fixture
+def peers() -> Iterator[Callable[[], Peer]]:
+    made: list[Peer] = []
+
+    def make() -> Peer:
+        p = Peer()
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., tuple[InProcess, int]]]:
+    """start(trunks=[port,...], **config overrides) -> (running proxy, its UDP port)."""
+    running: list[InProcess] = []
+
+    def run(trunk_ports: list[int], listen: list[str] | None = None, trunks: list[dict[str, Any]] | None = None,
+            **over: Any) -> tuple[InProcess, int]:
+        port = free_port()
+        listen = listen or [f"udp:127.0.0.1:{port}"]
+        trunks = trunks or [{"name": f"t{i}", "address": f"udp:127.0.0.1:{p}"} for i, p in enumerate(trunk_ports)]
+        folder = tmp_path / f"p{len(running)}"
+        folder.mkdir()
+        ip = InProcess(make_config(folder, listen, trunks, **over))
+        running.append(ip)
+        return ip, port
+
+    yield run
+    for ip in running:
+        ip.stop()
+
+
+# ---------------------------------------------------------------- INVITE forwarding
+def test_allowed_invite_is_forwarded_and_responses_routed_back(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    inv = request("INVITE", caller.port, port, body="v=0\r\n")
+    caller.send(inv, port)
+    assert status(caller.recv(match=is_status(100))) == 100
+    fwd = trunk.recv(match=is_method("INVITE"))
+    vias = headers(fwd, "Via")
+    assert len(vias) == 2
+    assert vias[0].startswith(f"SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK")
+    assert vias[1].endswith(f";rport={caller.port};received=127.0.0.1")  # RFC 3581
+    assert headers(fwd, "Max-Forwards") == ["69"]
+    assert fwd.endswith("\r\n\r\nv=0\r\n")
+    trunk.send(answer(fwd, 180, "Ringing"), port)
+    ringing = caller.recv(match=is_status(180))
+    assert len(headers(ringing, "Via")) == 1 and headers(ringing, "Via")[0] == vias[1]
+    trunk.send(answer(fwd, 200, "OK"), port)
+    ok = caller.recv(match=is_status(200))
+    assert headers(ok, "Call-ID") == headers(inv, "Call-ID")
+    assert "tag=trunk1" in headers(ok, "To")[0]
+
+
+def test_missing_max_forwards_inserted(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    caller.send(request("INVITE", caller.port, port, max_forwards=None), port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    assert headers(fwd, "Max-Forwards") == ["70"]
+
+
+def test_p_asserted_identity_is_the_caller_for_trusted_sources(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    caller.send(request("INVITE", caller.port, port, extra=f"P-Asserted-Identity: <sip:{BANNED}@127.0.0.1>"), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 403
+
+
+# ---------------------------------------------------------------- rejections
+def test_banned_caller_gets_403_with_to_tag_and_reason(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+    resp = caller.recv(match=lambda m: status(m) >= 200)
+    assert status(resp) == 403
+    assert ";tag=" in headers(resp, "To")[0]
+    reason = headers(resp, "Reason")[0]
+    assert reason.startswith("SIP;cause=403;text=\"banned: ")
+    assert headers(resp, "Server") == ["callguard"]
+    assert trunk.silent(0.3, is_method("INVITE"))
+
+
+def test_hide_reason_omits_the_reason_header(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], sip={"hide_reason": True, "user_agent": "edge-1"})
+    caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+    resp = caller.recv(match=lambda m: status(m) >= 200)
+    assert status(resp) == 403 and headers(resp, "Reason") == [] and headers(resp, "Server") == ["edge-1"]
+
+
+def test_retransmitted_invite_gets_same_response_and_is_not_a_new_attempt(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], rate_limits=[{"name": "one", "window": 60, "max_calls": 1}])
+    # First attempt: allowed and forwarded; the trunk rejects it.
+    inv1 = request("INVITE", caller.port, port, callee="02150001111")
+    caller.send(inv1, port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    trunk.send(answer(fwd, 486, "Busy Here"), port)
+    busy = caller.recv(match=is_status(486))
+    assert trunk.recv(match=is_method("ACK"))  # the proxy ACKs the trunk's 486 itself
+    caller.send(ack_for(inv1, busy, caller.port, port), port)
+    # Second attempt (a new transaction) exceeds max_calls: 1.
+    inv2 = request("INVITE", caller.port, port, callee="02150002222")
+    caller.send(inv2, port)
+    first = caller.recv(match=lambda m: status(m) >= 200)
+    assert status(first) == 603
+    # Its retransmission: the same bytes, and no third attempt counted.
+    caller.send(inv2, port)
+    again = caller.recv(match=lambda m: status(m) >= 200)
+    assert again == first
+    # ACK to our rejection: absorbed, never forwarded.
+    caller.send(ack_for(inv2, first, caller.port, port), port)
+    caller.send(ack_for(inv1, busy, caller.port, port), port)
+    assert trunk.silent(0.3, lambda m: m.startswith("ACK ") or m.startswith("INVITE "))
+
+
+def test_retransmission_does_not_count(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    ip, port = start([trunk.port], rate_limits=[{"name": "one", "window": 60, "max_calls": 1}])
+    inv = request("INVITE", caller.port, port, caller=BANNED)
+    for _ in range(3):
+        caller.send(inv, port)
+    replies = [caller.recv(match=lambda m: status(m) >= 200) for _ in range(3)]
+    assert replies[0] == replies[1] == replies[2] and status(replies[0]) == 403
+    # One attempt counted: the next new call is the second attempt and hits max_calls: 1.
+    tracked = ip.call(lambda: ip.proxy.guard.snapshot())
+    rows = tracked["tracks"][0]
+    assert len(rows) == 1 and len(rows[0][2]) == 1
+
+
+def test_untrusted_source_gets_403_and_nothing_forwarded(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], sources=[{"name": "elsewhere", "networks": ["10.9.0.0/16"]}])
+    caller.send(request("INVITE", caller.port, port), port)
+    resp = caller.recv(match=lambda m: status(m) >= 200)
+    assert status(resp) == 403 and "untrusted_source" in headers(resp, "Reason")[0]
+    caller.send(request("MESSAGE", caller.port, port), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 403
+    assert trunk.silent(0.3)
+    # A response for a transaction we did not create is dropped, not relayed.
+    trunk.send(answer(request("INVITE", caller.port, port), 200, "OK"), port)
+    assert caller.silent(0.3, is_status(200))
+
+
+def test_options_to_the_proxy_answered_even_from_untrusted(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], sources=[{"name": "elsewhere", "networks": ["10.9.0.0/16"]}])
+    caller.send(request("OPTIONS", caller.port, port, uri=f"sip:127.0.0.1:{port}"), port)
+    assert status(caller.recv()) == 200
+    caller.send(request("OPTIONS", caller.port, port, uri=f"sip:ping@127.0.0.1:{port}"), port)
+    assert status(caller.recv()) == 200
+    assert trunk.silent(0.2)
+
+
+def test_register_is_refused_405(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    caller.send(request("REGISTER", caller.port, port, uri="sip:127.0.0.1"), port)
+    resp = caller.recv()
+    assert status(resp) == 405 and headers(resp, "Allow")
+
+
+def test_max_forwards_zero_gets_483(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    caller.send(request("INVITE", caller.port, port, max_forwards=0), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 483
+    assert trunk.silent(0.2)
+
+
+def test_loop_is_detected_482(start: Any, peers: Any) -> None:
+    caller = peers()
+    port = free_port()
+    # The trunk is the proxy itself: the forwarded INVITE comes back with our Via on top.
+    start([], listen=[f"udp:127.0.0.1:{port}"], trunks=[{"name": "self", "address": f"udp:127.0.0.1:{port}"}])
+    caller.send(request("INVITE", caller.port, port), port)
+    final = caller.recv(match=lambda m: status(m) >= 200, timeout=5)
+    assert status(final) == 482
+
+
+def test_malformed_datagram_gets_400_and_is_not_forwarded(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    bad = request("INVITE", caller.port, port).replace("CSeq: 1 INVITE", "CSeq: x INVITE")
+    caller.send(bad, port)
+    assert status(caller.recv()) == 400
+    caller.send(b"\x00\x01garbage\r\n\r\n", port)
+    assert trunk.silent(0.3)
+
+
+def test_cancel_is_answered_and_forwarded(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    inv = request("INVITE", caller.port, port)
+    caller.send(inv, port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    trunk.send(answer(fwd, 180, "Ringing"), port)
+    caller.recv(match=is_status(180))
+    caller.send(cancel_for(inv, caller.port), port)
+    ok = caller.recv(match=lambda m: status(m) == 200 and "CANCEL" in headers(m, "CSeq")[0])
+    assert ok
+    cancel = trunk.recv(match=is_method("CANCEL"))
+    assert headers(cancel, "Via")[0] == headers(fwd, "Via")[0]  # same branch as the INVITE it cancels
+    trunk.send(answer(cancel, 200, "OK"), port)
+    trunk.send(answer(fwd, 487, "Request Terminated"), port)
+    assert status(caller.recv(match=is_status(487))) == 487
+    assert trunk.recv(match=is_method("ACK"))
+
+
+def test_in_dialog_requests_are_forwarded_without_screening(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], sip={"record_route": True})
+    inv = request("INVITE", caller.port, port, caller=CALLER)
+    caller.send(inv, port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    rr = headers(fwd, "Record-Route")
+    assert rr == [f"<sip:127.0.0.1:{port};lr>"]
+    trunk.send(answer(fwd, 200, "OK"), port)
+    caller.recv(match=is_status(200))
+    call_id = headers(inv, "Call-ID")[0]
+    bye = request("BYE", caller.port, port, call_id=call_id, cseq=2, to_tag="trunk1",
+                  uri=f"sip:{CALLEE}@127.0.0.1:{trunk.port}", extra=f"Route: {rr[0]}")
+    caller.send(bye, port)
+    got = trunk.recv(match=is_method("BYE"))
+    assert headers(got, "Route") == [] and first_line(got) == f"BYE sip:{CALLEE}@127.0.0.1:{trunk.port} SIP/2.0"
+    trunk.send(answer(got, 200, "OK", to_tag=None), port)
+    assert "BYE" in headers(caller.recv(match=is_status(200)), "CSeq")[0]
+
+
+# ---------------------------------------------------------------- trunks
+def test_failover_on_503(start: Any, peers: Any) -> None:
+    caller, t1, t2 = peers(), peers(), peers()
+    _, port = start([t1.port, t2.port])
+    caller.send(request("INVITE", caller.port, port), port)
+    f1 = t1.recv(match=is_method("INVITE"))
+    t1.send(answer(f1, 503, "Service Unavailable"), port)
+    assert t1.recv(match=is_method("ACK"))
+    f2 = t2.recv(match=is_method("INVITE"))
+    assert headers(f2, "Via")[0] != headers(f1, "Via")[0]
+    t2.send(answer(f2, 200, "OK", to_tag="t2"), port)
+    assert "tag=t2" in headers(caller.recv(match=is_status(200)), "To")[0]
+    assert caller.silent(0.2, is_status(503))
+
+
+def test_failover_on_timeout_then_503_when_all_fail(start: Any, peers: Any) -> None:
+    caller, t1, t2 = peers(), peers(), peers()
+    _, port = start([t1.port, t2.port], sip={"trunk_timeout": 0.3})
+    caller.send(request("INVITE", caller.port, port), port)
+    t1.recv(match=is_method("INVITE"))
+    t2.recv(match=is_method("INVITE"), timeout=3)
+    final = caller.recv(match=lambda m: status(m) >= 200, timeout=3)
+    assert status(final) == 503
+
+
+def test_longest_prefix_picks_the_trunk(start: Any, peers: Any) -> None:
+    caller, default, mobile = peers(), peers(), peers()
+    _, port = start([], trunks=[{"name": "default", "address": f"udp:127.0.0.1:{default.port}"},
+                                {"name": "mobile", "address": f"udp:127.0.0.1:{mobile.port}", "prefixes": ["139"]}])
+    caller.send(request("INVITE", caller.port, port, callee="13912340000"), port)
+    assert mobile.recv(match=is_method("INVITE"))
+    caller.send(request("INVITE", caller.port, port, callee=CALLEE), port)
+    assert default.recv(match=is_method("INVITE"))
+
+
+def test_keepalive_marks_trunk_down_and_calls_skip_it(start: Any, peers: Any) -> None:
+    caller, dead, alive = peers(), peers(), peers()
+    ip, port = start([], trunks=[{"name": "dead", "address": f"udp:127.0.0.1:{dead.port}", "keepalive": 0.2},
+                                 {"name": "alive", "address": f"udp:127.0.0.1:{alive.port}"}],
+                     sip={"trunk_timeout": 0.2})
+    assert dead.recv(match=is_method("OPTIONS"))
+    wait_until(lambda: not ip.proxy.trunks[0].up, 3, "the silent trunk to be marked down")
+    caller.send(request("INVITE", caller.port, port), port)
+    assert alive.recv(match=is_method("INVITE"))
+    assert dead.silent(0.2, is_method("INVITE"))
+
+
+def test_overload_gets_503_with_retry_after(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], sip={"max_in_flight": 1, "retry_after": 7, "trunk_timeout": 30})
+    caller.send(request("INVITE", caller.port, port), port)
+    trunk.recv(match=is_method("INVITE"))
+    caller.send(request("INVITE", caller.port, port, callee="02150009999"), port)
+    resp = caller.recv(match=lambda m: status(m) >= 200)
+    assert status(resp) == 503 and headers(resp, "Retry-After") == ["7"]
+
+
+def test_emergency_passes_under_overload(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], sip={"max_in_flight": 1, "trunk_timeout": 30})
+    caller.send(request("INVITE", caller.port, port), port)
+    trunk.recv(match=is_method("INVITE"))
+    caller.send(request("INVITE", caller.port, port, callee="110", caller="anonymous"), port)
+    assert "sip:110@" in first_line(trunk.recv(match=is_method("INVITE")))
+
+
+# ---------------------------------------------------------------- TCP
+def _tcp(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=3)
+    return s
+
+
+def _tcp_read(s: socket.socket, n: int, timeout: float = 3.0) -> list[str]:
+    """Read until n complete messages arrived (Content-Length 0 responses)."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while buf.count(b"\r\n\r\n") < n:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = s.recv(65535)
+        if not chunk:
+            break
+        buf += chunk
+    return [m + "\r\n\r\n" for m in buf.decode().split("\r\n\r\n") if m]
+
+
+def test_tcp_framing(start: Any, peers: Any) -> None:
+    trunk = peers()
+    tport = free_port(socket.SOCK_STREAM)
+    _, _ = start([trunk.port], listen=[f"tcp:127.0.0.1:{tport}"])
+    s = _tcp(tport)
+    try:
+        o1 = request("OPTIONS", 5999, tport, uri=f"sip:127.0.0.1:{tport}", transport="TCP")
+        o2 = request("OPTIONS", 5999, tport, uri=f"sip:127.0.0.1:{tport}", transport="TCP")
+        s.sendall((o1 + o2).encode())                     # two messages in one segment
+        got = _tcp_read(s, 2)
+        assert [status(m) for m in got] == [200, 200]
+        o3 = request("OPTIONS", 5999, tport, uri=f"sip:127.0.0.1:{tport}", transport="TCP").encode()
+        s.sendall(o3[:40])                                # one message split across segments
+        time.sleep(0.05)  # force a separate segment; the assertion below waits for the reply itself
+        s.sendall(o3[40:])
+        assert [status(m) for m in _tcp_read(s, 1)] == [200]
+    finally:
+        s.close()
+
+
+def test_tcp_partial_message_times_out(start: Any, peers: Any) -> None:
+    trunk = peers()
+    tport = free_port(socket.SOCK_STREAM)
+    start([trunk.port], listen=[f"tcp:127.0.0.1:{tport}"], sip={"tcp_partial_timeout": 0.3})
+    s = _tcp(tport)
+    try:
+        s.sendall(b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKx\r\n")
+        s.settimeout(5)
+        assert s.recv(100) == b""   # closed by the proxy
+    finally:
+        s.close()
+
+
+def test_tcp_invite_forwarded_to_udp_trunk_and_back(start: Any, peers: Any) -> None:
+    trunk = peers()
+    tport = free_port(socket.SOCK_STREAM)
+    uport = free_port()
+    start([trunk.port], listen=[f"tcp:127.0.0.1:{tport}", f"udp:127.0.0.1:{uport}"])
+    s = _tcp(tport)
+    try:
+        inv = request("INVITE", 5999, tport, transport="TCP")
+        s.sendall(inv.encode())
+        fwd = trunk.recv(match=is_method("INVITE"))
+        assert headers(fwd, "Via")[0].startswith(f"SIP/2.0/UDP 127.0.0.1:{uport};")
+        trunk.send(answer(fwd, 486, "Busy Here"), uport)
+        got = _tcp_read(s, 2)
+        assert [status(m) for m in got] == [100, 486]
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------- reload and stop (subprocess)
+def _serve(config: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "callguard", "serve", "--config", str(config)],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+def _wait_options(peer: Peer, port: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        peer.send(request("OPTIONS", peer.port, port, uri=f"sip:127.0.0.1:{port}"), port)
+        try:
+            if status(peer.recv(0.2)) == 200:
+                return
+        except AssertionError:
+            continue
+    raise AssertionError("proxy did not answer OPTIONS")
+
+
+def test_sighup_with_bad_file_keeps_old_config_and_sigterm_writes_snapshot(tmp_path: Path, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    port = free_port()
+    cfg = make_config(tmp_path, [f"udp:127.0.0.1:{port}"], [{"name": "t", "address": f"udp:127.0.0.1:{trunk.port}"}],
+                      logging={"level": "info"})
+    proc = _serve(cfg)
+    try:
+        _wait_options(caller, port, proc)
+        good = cfg.read_text()
+        cfg.write_text(good.replace("trunk_timeout", "no_such_key"))
+        proc.send_signal(signal.SIGHUP)
+        lines: list[str] = []
+        assert proc.stderr is not None
+
+        def saw(event: str) -> bool:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            lines.append(line)
+            return f'"event": "{event}"' in line
+
+        wait_until(lambda: saw("reload_failed"), 15, "reload_failed")
+        assert "no_such_key" in lines[-1]
+        # Still serving with the old config: a call is screened and forwarded.
+        caller.send(request("INVITE", caller.port, port), port)
+        assert trunk.recv(match=is_method("INVITE"))
+        caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+        assert status(caller.recv(match=lambda m: status(m) >= 200)) == 403
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        state = json.loads((tmp_path / "state.json").read_text())
+        assert state["tracks"][0]  # the two callers' attempts survive the restart
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_config_error_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sip: {listen: [nonsense]}\n")
+    proc = _serve(bad)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and err.startswith("error: ") and "sip.listen" in err
