@@ -1,0 +1,1454 @@
+# cython: freethreading_compatible = False
+"""Compiled decision core: the fast twin of ``_corepy.CorePy``.
+
+``_corepy.py`` and ``numbers.py`` are the specification; this module gives the
+same verdicts bit for bit.  Numbers are normalised in C straight from the str
+buffer, list lookups go through open-addressing hash indexes over the sorted
+list arrays, and rate-limit state lives in C memory.  API docs: ``_core.pyi``.
+"""
+
+from cpython.dict cimport PyDict_GetItem
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.unicode cimport Py_UNICODE_ISSPACE, PyUnicode_Check
+from libc.math cimport isfinite
+from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset
+
+cimport numpy as cnp
+
+import numpy as np
+
+from .lists import NEVER, P_ABSENT, P_SCALE, SOURCE_BIG_DATA, SOURCES
+from .numbers import KIND_NAMES
+from .settings import FEATURES, RULE_NAMES, resolve_source
+
+cnp.import_array()
+
+cdef extern from *:
+    bint __builtin_mul_overflow(uint64_t a, uint64_t b, uint64_t* res) nogil
+    bint __builtin_add_overflow(uint64_t a, uint64_t b, uint64_t* res) nogil
+
+
+cdef extern from "Python.h":
+    int PyUnicode_KIND(object)
+    void* PyUnicode_DATA(object)
+    Py_ssize_t PyUnicode_GET_LENGTH(object)
+    Py_UCS4 PyUnicode_READ(int kind, void* data, Py_ssize_t index)
+    object PyUnicode_FromKindAndData(int kind, const void* buffer, Py_ssize_t size)
+    int PyUnicode_1BYTE_KIND
+
+
+cdef enum:
+    HIDDEN = 0
+    MOBILE = 1
+    FIXED = 2
+    SERVICE95 = 3
+    SERVICE96 = 4
+    SHORT = 5
+    FREEPHONE = 6
+    OTHER = 7
+    INTERNATIONAL = 8
+
+cdef enum:
+    R_EMERGENCY = 0
+    R_UNTRUSTED = 1
+    R_ANONYMOUS = 2
+    R_BANNED = 3
+    R_UNFILED = 4
+    R_EXPIRED = 5
+    R_OUTBOUND = 6
+    R_MISMATCH = 7
+    R_FREQUENCY = 8
+    R_SCORE = 9
+    R_ALLOW = 10
+
+cdef enum:
+    SOURCE_OFFLINE = -2
+    SOURCE_UNTRUSTED = -1
+    MAX_DIGITS = 18
+    SOURCE_CACHE_MAX = 65536
+
+cdef uint64_t C_NEVER = NEVER
+cdef uint16_t C_P_ABSENT = P_ABSENT
+cdef double C_P_SCALE = P_SCALE
+cdef int C_BIG_DATA = SOURCE_BIG_DATA
+
+# Interned strings so a verdict costs no formatting.
+cdef tuple _KIND_NAMES = tuple(KIND_NAMES)
+cdef tuple _RULE_NAMES = tuple(RULE_NAMES)
+cdef tuple _FEATURES = tuple(FEATURES)
+cdef tuple _SOURCES = tuple(SOURCES)
+cdef tuple _EMPTY = ()
+cdef str _ALLOW = "allow"
+cdef str _REJECT = "reject"
+cdef str _NOTHING = ""
+cdef dict _RULE_INDEX = {name: i for i, name in enumerate(RULE_NAMES)}
+cdef tuple _SLOTS = ("verdict", "code", "rule", "reason", "detail", "score", "caller", "callee",
+                     "caller_kind", "source", "shadowed", "features")
+
+
+# ====================================================================== Verdict
+cdef class Verdict:
+    """The decision on one call."""
+
+    def __init__(self, str verdict, int code, str rule, str reason, str detail, double score, str caller,
+                 str callee, str caller_kind, str source, tuple shadowed, tuple features):
+        self.verdict = verdict
+        self.code = code
+        self.rule = rule
+        self.reason = reason
+        self.detail = detail
+        self.score = score
+        self.caller = caller
+        self.callee = callee
+        self.caller_kind = caller_kind
+        self.source = source
+        self.shadowed = shadowed
+        self.features = features
+
+    def as_dict(self):
+        return {"verdict": self.verdict, "code": self.code, "rule": self.rule, "reason": self.reason,
+                "detail": self.detail, "score": self.score, "caller": self.caller, "callee": self.callee,
+                "caller_kind": self.caller_kind, "source": self.source, "shadowed": self.shadowed,
+                "features": self.features}
+
+    def __repr__(self):
+        return (f"Verdict({self.verdict} {self.code} {self.rule} score={self.score:.3f} "
+                f"caller={self.caller!r} callee={self.callee!r})")
+
+    def __reduce__(self):
+        return (Verdict, (self.verdict, self.code, self.rule, self.reason, self.detail, self.score, self.caller,
+                          self.callee, self.caller_kind, self.source, self.shadowed, self.features))
+
+
+# ====================================================================== hashing
+cdef inline uint64_t _mix64(uint64_t k) nogil:
+    k ^= k >> 33
+    k *= <uint64_t>0xff51afd7ed558ccdULL
+    k ^= k >> 33
+    k *= <uint64_t>0xc4ceb9fe1a85ec53ULL
+    k ^= k >> 33
+    return k
+
+
+cdef inline uint64_t _mix128(u128 k) nogil:
+    return _mix64(<uint64_t>k ^ _mix64(<uint64_t>(k >> 64) + <uint64_t>0x9e3779b97f4a7c15ULL))
+
+
+cdef inline int _key_digits(uint64_t key) nogil:
+    """Digits behind a key int("1" + digits)."""
+    cdef int n = 0
+    while key >= 10:
+        key //= 10
+        n += 1
+    return n
+
+
+cdef class KeyIndex:
+    """Open-addressing hash index over a sorted uint64 key array: key -> first index of its run."""
+
+    def __cinit__(self):
+        self.table = NULL
+        self.n = 0
+
+    def __dealloc__(self):
+        if self.table != NULL:
+            free(self.table)
+
+    cdef int build(self, object keys, object prefix) except -1:
+        cdef cnp.ndarray arr = np.ascontiguousarray(keys, dtype=np.uint64)
+        cdef cnp.ndarray parr
+        cdef const uint8_t* pf = NULL
+        cdef Py_ssize_t n = arr.shape[0]
+        cdef Py_ssize_t i, distinct = 0
+        cdef uint64_t cap = 8, h, pos, k
+        cdef int idx_bits = 1, L
+        self.array = arr
+        self.keys = <const uint64_t*>cnp.PyArray_DATA(arr)
+        self.n = n
+        if prefix is not None:
+            parr = np.ascontiguousarray(prefix, dtype=np.bool_)
+            if parr.shape[0] != n:
+                raise ValueError("prefix and keys differ in length")
+            pf = <const uint8_t*>cnp.PyArray_DATA(parr)
+        if n >= 0xFFFFFFFF:
+            raise ValueError("too many list entries for one index")
+        with nogil:
+            for i in range(n):
+                if i == 0 or self.keys[i] != self.keys[i - 1]:
+                    distinct += 1
+        while cap * 7 < <uint64_t>distinct * 10 + 7:
+            cap <<= 1
+        while (<uint64_t>1 << idx_bits) <= <uint64_t>n + 1:
+            idx_bits += 1
+        self.tag_bits = 32 - idx_bits if idx_bits < 32 else 0
+        self.tag_mask = (<uint32_t>1 << self.tag_bits) - 1 if self.tag_bits else 0
+        if self.table != NULL:
+            free(self.table)
+        self.table = <uint32_t*>calloc(cap, sizeof(uint32_t))
+        if self.table == NULL:
+            raise MemoryError()
+        self.mask = cap - 1
+        self.len_any = 0
+        self.len_prefix = 0
+        with nogil:
+            for i in range(n):
+                k = self.keys[i]
+                L = _key_digits(k)
+                if L > 31:
+                    L = 31
+                self.len_any |= <uint32_t>1 << L
+                if pf != NULL and pf[i]:
+                    self.len_prefix |= <uint32_t>1 << L
+                if i and k == self.keys[i - 1]:
+                    continue
+                h = _mix64(k)
+                pos = h & self.mask
+                while self.table[pos] != 0:
+                    pos = (pos + 1) & self.mask
+                self.table[pos] = ((<uint32_t>(i + 1)) << self.tag_bits) | (<uint32_t>(h >> 40) & self.tag_mask)
+        return 0
+
+    cdef Py_ssize_t find(self, uint64_t key) noexcept nogil:
+        cdef uint64_t h, pos
+        cdef uint32_t s, tag
+        cdef Py_ssize_t i
+        if self.n == 0:
+            return -1
+        h = _mix64(key)
+        pos = h & self.mask
+        tag = <uint32_t>(h >> 40) & self.tag_mask
+        while True:
+            s = self.table[pos]
+            if s == 0:
+                return -1
+            if (s & self.tag_mask) == tag:
+                i = <Py_ssize_t>(s >> self.tag_bits) - 1
+                if self.keys[i] == key:
+                    return i
+            pos = (pos + 1) & self.mask
+
+
+# ====================================================================== rate-limit tables
+cdef void _track_free(Track* tr) noexcept nogil:
+    if tr.times != NULL:
+        free(tr.times)
+        tr.times = NULL
+    if tr.callees != NULL:
+        free(tr.callees)
+        tr.callees = NULL
+
+
+cdef void _table_clear(Table* tb) noexcept nogil:
+    cdef Py_ssize_t i
+    if tb.entries != NULL:
+        for i in range(tb.n):
+            _track_free(&tb.entries[i])
+        free(tb.entries)
+    if tb.index != NULL:
+        free(tb.index)
+    tb.entries = NULL
+    tb.index = NULL
+    tb.n = 0
+    tb.cap = 0
+    tb.icap = 0
+
+
+cdef int _table_reindex(Table* tb, Py_ssize_t want) except -1 nogil:
+    """(Re)build the hash index for at least ``want`` entries."""
+    cdef Py_ssize_t cap = 16, i
+    cdef uint64_t pos
+    while cap < want * 2:
+        cap <<= 1
+    if cap != tb.icap:
+        if tb.index != NULL:
+            free(tb.index)
+        tb.index = <int32_t*>malloc(cap * sizeof(int32_t))
+        if tb.index == NULL:
+            tb.icap = 0
+            with gil:
+                raise MemoryError()
+        tb.icap = cap
+    memset(tb.index, 0, cap * sizeof(int32_t))
+    for i in range(tb.n):
+        pos = _mix128(tb.entries[i].key) & <uint64_t>(cap - 1)
+        while tb.index[pos] != 0:
+            pos = (pos + 1) & <uint64_t>(cap - 1)
+        tb.index[pos] = <int32_t>(i + 1)
+    return 0
+
+
+cdef inline Py_ssize_t _table_find(Table* tb, u128 key) noexcept nogil:
+    cdef uint64_t pos, m
+    cdef int32_t s
+    if tb.n == 0:
+        return -1
+    m = <uint64_t>(tb.icap - 1)
+    pos = _mix128(key) & m
+    while True:
+        s = tb.index[pos]
+        if s == 0:
+            return -1
+        if tb.entries[s - 1].key == key:
+            return s - 1
+        pos = (pos + 1) & m
+
+
+cdef Py_ssize_t _table_add(Table* tb, u128 key, int64_t t) except -1 nogil:
+    """Append a new (absent) key; returns its entry index."""
+    cdef Py_ssize_t ncap
+    cdef Track* grown
+    cdef uint64_t pos, m
+    cdef Track* tr
+    if tb.n >= tb.cap:
+        ncap = tb.cap * 2 if tb.cap else 64
+        grown = <Track*>realloc(tb.entries, ncap * sizeof(Track))
+        if grown == NULL:
+            with gil:
+                raise MemoryError()
+        tb.entries = grown
+        tb.cap = ncap
+    tr = &tb.entries[tb.n]
+    memset(tr, 0, sizeof(Track))
+    tr.key = key
+    tr.last = t
+    tb.n += 1
+    if tb.icap < tb.n * 2:
+        _table_reindex(tb, tb.n)
+    else:
+        m = <uint64_t>(tb.icap - 1)
+        pos = _mix128(key) & m
+        while tb.index[pos] != 0:
+            pos = (pos + 1) & m
+        tb.index[pos] = <int32_t>tb.n
+    return tb.n - 1
+
+
+cdef int _table_compact(Table* tb, uint8_t* drop) except -1 nogil:
+    """Remove the entries flagged in ``drop``, keeping insertion order."""
+    cdef Py_ssize_t i, j = 0
+    for i in range(tb.n):
+        if drop[i]:
+            _track_free(&tb.entries[i])
+        else:
+            if j != i:
+                tb.entries[j] = tb.entries[i]
+            j += 1
+    tb.n = j
+    _table_reindex(tb, tb.n)
+    return 0
+
+
+cdef struct _Order:
+    int64_t last
+    u128 key
+    Py_ssize_t i
+
+
+cdef int _order_cmp(const void* a, const void* b) noexcept nogil:
+    cdef const _Order* x = <const _Order*>a
+    cdef const _Order* y = <const _Order*>b
+    if x.last != y.last:
+        return -1 if x.last < y.last else 1
+    if x.key != y.key:
+        return -1 if x.key < y.key else 1
+    return 0
+
+
+cdef extern from "stdlib.h":
+    void qsort(void* base, size_t nmemb, size_t size, int (*compar)(const void*, const void*) noexcept nogil) nogil
+
+
+cdef int _table_evict(Table* tb, int64_t t, int64_t max_window_ms, Py_ssize_t max_tracked) except -1 nogil:
+    """Make room like the twin: idle keys first, then least recently seen (ties: smaller key), down to 90%."""
+    cdef int64_t horizon = t - max_window_ms
+    cdef Py_ssize_t i, remaining = 0, keep, j
+    cdef uint8_t* drop = <uint8_t*>calloc(tb.n + 1, 1)
+    cdef _Order* order
+    if drop == NULL:
+        with gil:
+            raise MemoryError()
+    for i in range(tb.n):
+        if tb.entries[i].last <= horizon:
+            drop[i] = 1
+        else:
+            remaining += 1
+    if remaining >= max_tracked:
+        keep = max_tracked * 9 // 10
+        order = <_Order*>malloc((remaining + 1) * sizeof(_Order))
+        if order == NULL:
+            free(drop)
+            with gil:
+                raise MemoryError()
+        j = 0
+        for i in range(tb.n):
+            if not drop[i]:
+                order[j].last = tb.entries[i].last
+                order[j].key = tb.entries[i].key
+                order[j].i = i
+                j += 1
+        qsort(order, remaining, sizeof(_Order), _order_cmp)
+        for j in range(remaining - keep):
+            drop[order[j].i] = 1
+        free(order)
+    _table_compact(tb, drop)
+    free(drop)
+    return 0
+
+
+cdef int _times_push(Track* tr, int64_t t, int ring) except -1 nogil:
+    """Append an attempt time; drop the oldest first when the ring is full (twin: del times[0])."""
+    cdef int32_t ncap, k
+    cdef int64_t* grown
+    if tr.tcount >= ring and tr.tcount > 0:
+        tr.thead = (tr.thead + 1) % tr.tcap
+        tr.tcount -= 1
+    if tr.tcount >= tr.tcap:
+        # grow (and unroll) the ring on demand so most callers cost little
+        ncap = tr.tcap * 2 if tr.tcap else 4
+        if ncap < tr.tcount + 1:
+            ncap = tr.tcount + 1
+        grown = <int64_t*>malloc(ncap * sizeof(int64_t))
+        if grown == NULL:
+            with gil:
+                raise MemoryError()
+        for k in range(tr.tcount):
+            grown[k] = tr.times[(tr.thead + k) % tr.tcap]
+        if tr.times != NULL:
+            free(tr.times)
+        tr.times = grown
+        tr.tcap = ncap
+        tr.thead = 0
+    tr.times[(tr.thead + tr.tcount) % tr.tcap] = t
+    tr.tcount += 1
+    return 0
+
+
+cdef int _callee_seen(Track* tr, u128 callee, int64_t t, int cap) except -1 nogil:
+    cdef int32_t j, oldest, ncap
+    cdef Callee* grown
+    for j in range(tr.ccount):
+        if tr.callees[j].key == callee:
+            if t > tr.callees[j].t:
+                tr.callees[j].t = t
+            return 0
+    if tr.ccount >= cap and tr.ccount > 0:
+        oldest = 0
+        for j in range(1, tr.ccount):
+            if tr.callees[j].t < tr.callees[oldest].t:
+                oldest = j
+        memmove(&tr.callees[oldest], &tr.callees[oldest + 1], (tr.ccount - oldest - 1) * sizeof(Callee))
+        tr.ccount -= 1
+    if tr.ccount >= tr.ccap:
+        ncap = tr.ccap * 2 if tr.ccap else 4
+        if ncap < tr.ccount + 1:
+            ncap = tr.ccount + 1
+        grown = <Callee*>realloc(tr.callees, ncap * sizeof(Callee))
+        if grown == NULL:
+            with gil:
+                raise MemoryError()
+        tr.callees = grown
+        tr.ccap = ncap
+    tr.callees[tr.ccount].key = callee
+    tr.callees[tr.ccount].t = t
+    tr.ccount += 1
+    return 0
+
+
+cdef object _u128_to_py(u128 k):
+    cdef uint64_t hi = <uint64_t>(k >> 64)
+    cdef uint64_t lo = <uint64_t>k
+    if hi == 0:
+        return lo
+    return (int(hi) << 64) | int(lo)
+
+
+cdef u128 _py_to_u128(object value) except? 0:
+    cdef object k = int(value)
+    if k < 0 or k >= (1 << 128):
+        raise ValueError(f"key out of range: {k!r}")
+    cdef uint64_t lo = k & 0xFFFFFFFFFFFFFFFF
+    cdef uint64_t hi = k >> 64
+    return ((<u128>hi) << 64) | <u128>lo
+
+
+cdef class State:
+    """Rate-limit state: three tables (caller, source, customer) of tracks."""
+
+    def __dealloc__(self):
+        cdef int k
+        for k in range(3):
+            _table_clear(&self.tables[k])
+
+
+# ====================================================================== normalisation
+cdef inline bint _is_sep(Py_UCS4 c) noexcept nogil:
+    return c == 32 or c == 45 or c == 46 or c == 40 or c == 41 or c == 9 or c == 47
+
+
+cdef inline uint32_t _lower_ascii(Py_UCS4 c) noexcept nogil:
+    cdef uint32_t x = c
+    if 65 <= x <= 90:
+        return x + 32
+    return x
+
+
+cdef void _set(Num* out, int kind, const char* d, int n, int area_len) noexcept nogil:
+    out.kind = kind
+    memmove(out.d, d, n)
+    out.n = n
+    out.area_len = area_len
+    out.default_area = False
+
+
+cdef void _classify(Num* out, const char* d, int n, const char* area, int alen_default,
+                    bint from_cc) noexcept nogil:
+    cdef char tmp[BUF]
+    cdef char c0
+    cdef int alen, r
+    if from_cc and n > 0 and d[0] != 48:
+        if n == 11 and d[0] == 49 and 51 <= d[1] <= 57:
+            _set(out, MOBILE, d, n, 0)
+            return
+        if ((n == 10 and d[0] == 49 and d[1] == 48) or (d[0] == 50 and n == 10)
+                or (51 <= d[0] <= 57 and 10 <= n <= 11)):
+            tmp[0] = 48
+            memcpy(tmp + 1, d, n)
+            _classify(out, tmp, n + 1, area, alen_default, False)
+            return
+    if n < 3 or n > MAX_DIGITS:
+        out.kind = HIDDEN
+        out.n = 0
+        out.area_len = 0
+        out.default_area = False
+        return
+    c0 = d[0]
+    if c0 == 49:
+        if n == 11 and 51 <= d[1] <= 57:
+            _set(out, MOBILE, d, n, 0)
+        elif n <= 8:
+            _set(out, SHORT, d, n, 0)
+        else:
+            _set(out, OTHER, d, n, 0)
+        return
+    if c0 == 57:
+        if n >= 5 and d[1] == 53:
+            _set(out, SERVICE95, d, n, 0)
+        elif n >= 5 and d[1] == 54:
+            if alen_default:
+                memmove(out.d + alen_default, d, n)
+                memcpy(out.d, area, alen_default)
+                out.kind = SERVICE96
+                out.n = n + alen_default
+                out.area_len = alen_default
+                out.default_area = True
+            else:
+                _set(out, SERVICE96, d, n, 0)
+        else:
+            _set(out, OTHER, d, n, 0)
+        return
+    if (c0 == 52 or c0 == 56) and n == 10 and d[1] == 48 and d[2] == 48:
+        _set(out, FREEPHONE, d, n, 0)
+        return
+    if c0 == 48:
+        if n < 4:
+            _set(out, OTHER, d, n, 0)
+            return
+        alen = 3 if (d[1] == 49 or d[1] == 50) else 4
+        r = n - alen
+        if r >= 5 and d[alen] == 57 and d[alen + 1] == 54:
+            _set(out, SERVICE96, d, n, alen)
+        elif r >= 5 and d[alen] == 57 and d[alen + 1] == 53:
+            _set(out, SERVICE95, d + alen, r, 0)
+        elif 3 <= r <= 8 and d[alen] == 49 and r != 7 and r != 8:
+            _set(out, SHORT, d + alen, r, alen)
+        elif 7 <= r <= 8:
+            _set(out, FIXED, d, n, alen)
+        else:
+            _set(out, OTHER, d, n, 0)
+        return
+    _set(out, OTHER, d, n, 0)
+
+
+cdef void _international(Num* out, const char* s, int n) noexcept nogil:
+    if n < 3 or n + 2 > MAX_DIGITS:
+        out.kind = HIDDEN
+        out.n = 0
+        out.area_len = 0
+        out.default_area = False
+        return
+    memmove(out.d + 2, s, n)
+    out.d[0] = 48
+    out.d[1] = 48
+    out.kind = INTERNATIONAL
+    out.n = n + 2
+    out.area_len = 0
+    out.default_area = False
+
+
+cdef int _normalize(object raw, const char* area, int alen, Num* out) except -1:
+    """numbers.normalize over the str's characters, without building Python objects."""
+    cdef int kind
+    cdef void* data
+    cdef Py_ssize_t a, b, i, lt = -1
+    cdef Py_UCS4 c
+    cdef char d[BUF]
+    cdef int n = 0
+    cdef bint plus = False, first = True, scheme = False, tel = False
+    cdef int sl = 0
+    out.kind = HIDDEN
+    out.n = 0
+    out.area_len = 0
+    out.default_area = False
+    if not PyUnicode_Check(raw):
+        raise TypeError(f"expected a str, got {type(raw).__name__}")
+    kind = PyUnicode_KIND(raw)
+    data = PyUnicode_DATA(raw)
+    a = 0
+    b = PyUnicode_GET_LENGTH(raw)
+    while a < b and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, a)):
+        a += 1
+    while b > a and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, b - 1)):
+        b -= 1
+    for i in range(a, b):
+        if PyUnicode_READ(kind, data, i) == 60:      # '<'
+            lt = i
+            break
+    if lt >= 0:
+        a = lt + 1
+        for i in range(a, b):
+            if PyUnicode_READ(kind, data, i) == 62:  # '>'
+                b = i
+                break
+    # scheme, case-insensitive (only ASCII letters can lower-case into "sip:", "sips:", "tel:")
+    if b - a >= 4:
+        c = _lower_ascii(PyUnicode_READ(kind, data, a))
+        if c == 115 and _lower_ascii(PyUnicode_READ(kind, data, a + 1)) == 105 \
+                and _lower_ascii(PyUnicode_READ(kind, data, a + 2)) == 112:
+            c = PyUnicode_READ(kind, data, a + 3)
+            if c == 58:
+                scheme = True
+                sl = 4
+            elif b - a >= 5 and _lower_ascii(c) == 115 and PyUnicode_READ(kind, data, a + 4) == 58:
+                scheme = True
+                sl = 5
+        elif c == 116 and _lower_ascii(PyUnicode_READ(kind, data, a + 1)) == 101 \
+                and _lower_ascii(PyUnicode_READ(kind, data, a + 2)) == 108 \
+                and PyUnicode_READ(kind, data, a + 3) == 58:
+            scheme = True
+            tel = True
+            sl = 4
+    if scheme:
+        a += sl
+        if not tel:
+            lt = -1
+            for i in range(a, b):
+                if PyUnicode_READ(kind, data, i) == 64:  # '@'
+                    lt = i
+                    break
+            if lt < 0:
+                return 0
+            b = lt
+        for i in range(a, b):
+            c = PyUnicode_READ(kind, data, i)
+            if c == 59 or c == 63:   # ';' '?'
+                b = i
+                break
+    for i in range(a, b):
+        c = PyUnicode_READ(kind, data, i)
+        if _is_sep(c):
+            continue
+        if first:
+            first = False
+            if c == 43:
+                plus = True
+                continue
+        if 48 <= c <= 57:
+            if n >= 23:
+                return 0            # longer than any number form: not a number
+            d[n] = <char>c
+            n += 1
+        else:
+            return 0
+    if n == 0:
+        return 0
+    if plus:
+        if n >= 2 and d[0] == 56 and d[1] == 54:
+            _classify(out, d + 2, n - 2, area, alen, True)
+        else:
+            _international(out, d, n)
+    elif n >= 4 and d[0] == 48 and d[1] == 48 and d[2] == 56 and d[3] == 54:
+        _classify(out, d + 4, n - 4, area, alen, True)
+    elif n >= 2 and d[0] == 48 and d[1] == 48:
+        _international(out, d + 2, n - 2)
+    elif n == 13 and d[0] == 56 and d[1] == 54 and d[2] == 49 and 51 <= d[3] <= 57:
+        _set(out, MOBILE, d + 2, 11, 0)
+    else:
+        _classify(out, d, n, area, alen, False)
+    return 0
+
+
+cdef inline u128 _full_key(const Num* num) noexcept nogil:
+    cdef u128 k = 1
+    cdef int i
+    for i in range(num.n):
+        k = k * 10 + <u128>(num.d[i] - 48)
+    return k
+
+
+cdef inline int _prefix_keys(const Num* num, uint64_t* pk) noexcept nogil:
+    """pk[L] = key_of(digits[:L]) while it fits in 64 bits; returns the longest L that fits."""
+    cdef uint64_t k = 1, nk
+    cdef int i
+    for i in range(num.n):
+        if __builtin_mul_overflow(k, <uint64_t>10, &nk) or __builtin_add_overflow(nk, <uint64_t>(num.d[i] - 48), &nk):
+            return i
+        k = nk
+        pk[i + 1] = k
+    return num.n
+
+
+
+def normalize(str raw, str default_area=""):
+    """numbers.normalize computed by the C code: (kind, digits, area) for equivalence tests."""
+    cdef Num num
+    cdef bytes ab = _area_bytes(default_area)
+    _normalize(raw, ab, len(ab), &num)
+    if num.kind == HIDDEN:
+        return (0, "", "")
+    digits = _digits_str(&num, default_area)
+    if num.default_area:
+        return (num.kind, digits, default_area)
+    return (num.kind, digits, digits[:num.area_len])
+
+
+cdef bytes _area_bytes(str area):
+    """An area's digits as ASCII (its decimal values, so keys match int())."""
+    cdef list out = []
+    for ch in area:
+        out.append(chr(48 + int(ch)))
+    return "".join(out).encode("ascii")
+
+
+cdef inline str _digits_str(const Num* num, str area):
+    if num.n == 0:
+        return _NOTHING
+    if num.default_area and not area.isascii():
+        return area + <str>PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, num.d + num.area_len,
+                                                     num.n - num.area_len)
+    return <str>PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, num.d, num.n)
+
+
+# ====================================================================== the core
+cdef class Core:
+    """Decision core (compiled); see ``_core.pyi``."""
+
+    def __cinit__(self):
+        self.l_kind = NULL
+        self.l_window = NULL
+        self.l_calls = NULL
+        self.l_distinct = NULL
+        self.src_customer = NULL
+        self.emergency_keys = NULL
+
+    def __dealloc__(self):
+        PyMem_Free(self.l_kind)
+        PyMem_Free(self.l_window)
+        PyMem_Free(self.l_calls)
+        PyMem_Free(self.l_distinct)
+        PyMem_Free(self.src_customer)
+        PyMem_Free(self.emergency_keys)
+
+    def __init__(self, settings, lists):
+        cdef int i, k
+        cdef Num num
+        self.settings = settings
+        self.state = State()
+        self._source_cache = {}
+        self._resolve = resolve_source
+        s = settings
+        for i in range(11):
+            self.enforce[i] = bool(s.enforce[i])
+            self.codes[i] = int(s.codes[i])
+        self._reasons = list(s.reasons)
+        self._rule_names = list(RULE_NAMES)
+        self.n_limits = len(s.limits)
+        n = max(self.n_limits, 1)
+        self.l_kind = <int*>PyMem_Malloc(n * sizeof(int))
+        self.l_window = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.l_calls = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        self.l_distinct = <int64_t*>PyMem_Malloc(n * sizeof(int64_t))
+        if self.l_kind == NULL or self.l_window == NULL or self.l_calls == NULL or self.l_distinct == NULL:
+            raise MemoryError()
+        self._limit_detail = []
+        for i, lm in enumerate(s.limits):
+            self.l_kind[i] = lm.kind
+            self.l_window[i] = lm.window_ms
+            self.l_calls[i] = lm.max_calls
+            self.l_distinct[i] = lm.max_distinct
+            self._limit_detail.append(f"limit {lm.name}")
+        for k in range(3):
+            self.ring_size[k] = s.ring_size[k]
+            self.callee_cap[k] = s.callee_cap[k]
+            self.kind_used[k] = bool(s.kind_used[k])
+        self.max_window_ms = s.max_window_ms
+        self.max_tracked = s.max_tracked
+        self.threshold = s.threshold
+        for i in range(9):
+            self.weights[i] = s.weights[i]
+        self.complaint_saturation = s.complaint_saturation
+        self.min_attempts = s.min_attempts
+        self.min_outcomes = s.min_outcomes
+        self.short_call_ms = s.short_call_ms
+        self.n_sources = len(s.sources)
+        self.src_customer = <int*>PyMem_Malloc(max(self.n_sources, 1) * sizeof(int))
+        if self.src_customer == NULL:
+            raise MemoryError()
+        self._src_area = []
+        self._src_exotic = []
+        self._src_name = []
+        self._src_detail = []
+        self._src_ranges = []
+        self._src_ranges_ascii = []
+        for i, src in enumerate(s.sources):
+            self.src_customer[i] = src.customer
+            self._src_area.append((_area_bytes(src.area), src.area))
+            self._src_exotic.append(not src.area.isascii())
+            self._src_name.append(src.name)
+            self._src_detail.append(f"source {src.name}")
+            ranges = tuple(src.ranges)
+            self._src_ranges.append(ranges)
+            self._src_ranges_ascii.append(
+                tuple(r.encode("ascii") for r in ranges) if all(r.isascii() for r in ranges) else None)
+        self._emergency = frozenset(s.emergency)
+        # emergency numbers as keys; a callee equals one of them iff its key does (ASCII digits only)
+        ascii_em = [e for e in self._emergency if e.isascii() and e.isdigit() and len(e) <= 38]
+        self.n_emergency = len(ascii_em)
+        self.emergency_keys = <u128*>PyMem_Malloc(max(self.n_emergency, 1) * sizeof(u128))
+        if self.emergency_keys == NULL:
+            raise MemoryError()
+        for i, e in enumerate(ascii_em):
+            self.emergency_keys[i] = _py_to_u128(int("1" + e))
+        self.set_lists(lists)
+
+    # ------------------------------------------------------------ lists
+    def set_lists(self, lists):
+        """Swap the lists (a reload); rate-limit state is kept."""
+        bl = lists.blocklist
+        arrays = []
+
+        def col(a, dtype):
+            arr = np.ascontiguousarray(a, dtype=dtype)
+            if arr.shape[0] != bl.keys.shape[0]:
+                raise ValueError("blocklist columns differ in length")
+            arrays.append(arr)
+            return arr
+
+        cdef KeyIndex bli = KeyIndex()
+        bli.build(bl.keys, bl.prefix)
+        cdef cnp.ndarray a_prefix = col(bl.prefix, np.bool_)
+        cdef cnp.ndarray a_source = col(bl.source, np.uint8)
+        cdef cnp.ndarray a_expires = col(bl.expires, np.uint32)
+        cdef cnp.ndarray a_p = col(bl.p, np.uint16)
+        cdef cnp.ndarray a_compl = col(bl.complaints, np.uint16)
+        cdef cnp.ndarray a_reason = col(bl.reason, np.uint32)
+        fl = lists.filings
+        cdef KeyIndex fli = KeyIndex()
+        fli.build(fl.keys, None)
+        cdef cnp.ndarray f_out = np.ascontiguousarray(fl.outbound, dtype=np.bool_)
+        cdef cnp.ndarray f_from = np.ascontiguousarray(fl.valid_from, dtype=np.float64)
+        cdef cnp.ndarray f_until = np.ascontiguousarray(fl.valid_until, dtype=np.float64)
+        al = lists.allowlist
+        cdef KeyIndex ali = KeyIndex()
+        ali.build(al.keys, al.prefix)
+        cdef cnp.ndarray a_alp = np.ascontiguousarray(al.prefix, dtype=np.bool_)
+        # commit only once everything is built
+        self._bl = bli
+        self._bl_arrays = (arrays, f_out, f_from, f_until, a_alp)
+        self._bl_prefix = <const uint8_t*>cnp.PyArray_DATA(a_prefix)
+        self._bl_source = <const uint8_t*>cnp.PyArray_DATA(a_source)
+        self._bl_expires = <const uint32_t*>cnp.PyArray_DATA(a_expires)
+        self._bl_p = <const uint16_t*>cnp.PyArray_DATA(a_p)
+        self._bl_complaints = <const uint16_t*>cnp.PyArray_DATA(a_compl)
+        self._bl_reason = <const uint32_t*>cnp.PyArray_DATA(a_reason)
+        self._bl_reasons = list(bl.reasons)
+        self._fl = fli
+        self._fl_outbound = <const uint8_t*>cnp.PyArray_DATA(f_out)
+        self._fl_from = <const double*>cnp.PyArray_DATA(f_from)
+        self._fl_until = <const double*>cnp.PyArray_DATA(f_until)
+        self._al = ali
+        self._al_prefix = <const uint8_t*>cnp.PyArray_DATA(a_alp)
+        self._al_has_prefix = bool(a_alp.any()) if a_alp.shape[0] else False
+        self.lists = lists
+
+    def adopt_state(self, Core other):
+        """Take over another core's rate-limit state (config reload)."""
+        self.state = other.state
+
+    # ------------------------------------------------------------ helpers
+    def source_index(self, address):
+        return self._source(address)
+
+    cdef int _source(self, object address) except -3:
+        cdef PyObject* hit
+        if address is None:
+            return SOURCE_OFFLINE
+        hit = PyDict_GetItem(self._source_cache, address)
+        if hit != NULL:
+            return <int><object>hit
+        idx = self._resolve(self.settings, address)
+        if len(self._source_cache) >= SOURCE_CACHE_MAX:
+            self._source_cache.clear()
+        self._source_cache[address] = idx
+        return idx
+
+    cdef Track* _track(self, int kind, u128 key, int64_t t) except NULL:
+        cdef Table* tb = &self.state.tables[kind]
+        cdef Py_ssize_t i = _table_find(tb, key)
+        if i < 0:
+            if tb.n >= self.max_tracked:
+                _table_evict(tb, t, self.max_window_ms, self.max_tracked)
+            i = _table_add(tb, key, t)
+        return &tb.entries[i]
+
+    cdef int _record(self, u128* keys, bint* has, u128 callee_key, int64_t t) except -1:
+        cdef int kind
+        cdef Track* tr
+        for kind in range(3):
+            if not has[kind] or not self.kind_used[kind]:
+                continue
+            tr = self._track(kind, keys[kind], t)
+            tr.last = t
+            _times_push(tr, t, self.ring_size[kind])
+            if self.callee_cap[kind]:
+                _callee_seen(tr, callee_key, t, self.callee_cap[kind])
+        return 0
+
+    cdef int _blocklist(self, Num* cr, double now, int* ban, bint* listed, double* p_max, int* complaints,
+                        bint* expired) noexcept:
+        cdef uint64_t pk[BUF]
+        cdef int n = cr.n, fit, L
+        cdef Py_ssize_t i, j
+        cdef KeyIndex idx = self._bl
+        cdef uint64_t key
+        cdef uint32_t exp
+        cdef double p
+        ban[0] = -1
+        listed[0] = False
+        p_max[0] = -1.0
+        complaints[0] = 0
+        expired[0] = False
+        if idx.n == 0:
+            return 0
+        fit = _prefix_keys(cr, pk)
+        L = n
+        while L >= 1:
+            if L > fit or L > 31:
+                L -= 1
+                continue
+            if L == n:
+                if not (idx.len_any >> L) & 1:
+                    L -= 1
+                    continue
+            elif not (idx.len_prefix >> L) & 1:
+                L -= 1
+                continue
+            key = pk[L]
+            i = idx.find(key)
+            if i >= 0:
+                j = i
+                while j < idx.n and idx.keys[j] == key:
+                    if L < n and not self._bl_prefix[j]:
+                        j += 1
+                        continue
+                    if self._bl_complaints[j] > complaints[0]:
+                        complaints[0] = self._bl_complaints[j]
+                    exp = self._bl_expires[j]
+                    if exp != C_NEVER and now >= <double>exp:
+                        expired[0] = True
+                        j += 1
+                        continue
+                    if self._bl_source[j] == C_BIG_DATA:
+                        p = -1.0 if self._bl_p[j] == C_P_ABSENT else self._bl_p[j] / C_P_SCALE
+                        if p > p_max[0]:
+                            p_max[0] = p
+                        if p < self.threshold:
+                            j += 1
+                            continue
+                    else:
+                        listed[0] = True
+                    if ban[0] < 0:
+                        ban[0] = <int>j
+                    j += 1
+            L -= 1
+        return 0
+
+    cdef int _filing_rule(self, Num* cr, double now) noexcept:
+        cdef uint64_t pk[BUF]
+        cdef int n = cr.n, fit, L, stop = cr.area_len + 2
+        cdef Py_ssize_t i
+        fit = _prefix_keys(cr, pk)
+        L = n
+        while L >= stop:
+            if L <= fit and self._fl.n:
+                i = self._fl.find(pk[L])
+                if i >= 0:
+                    if not (self._fl_from[i] <= now < self._fl_until[i]):
+                        return R_EXPIRED
+                    if not self._fl_outbound[i]:
+                        return R_OUTBOUND
+                    return -1
+            L -= 1
+        return R_UNFILED
+
+    cdef bint _allowlisted(self, Num* cr) noexcept:
+        cdef uint64_t pk[BUF]
+        cdef int n = cr.n, fit, L
+        cdef Py_ssize_t i, j
+        cdef KeyIndex idx = self._al
+        if idx.n == 0:
+            return False
+        fit = _prefix_keys(cr, pk)
+        if fit == n and (idx.len_any >> n) & 1:
+            i = idx.find(pk[n])
+            if i >= 0:
+                j = i
+                while j < idx.n and idx.keys[j] == pk[n]:
+                    if not self._al_prefix[j]:
+                        return True
+                    j += 1
+        if self._al_has_prefix:
+            L = n
+            while L >= 1:
+                if L <= fit and L <= 31 and (idx.len_prefix >> L) & 1:
+                    i = idx.find(pk[L])
+                    if i >= 0:
+                        j = i
+                        while j < idx.n and idx.keys[j] == pk[L]:
+                            if self._al_prefix[j]:
+                                return True
+                            j += 1
+                L -= 1
+        return False
+
+    cdef int _rates(self, u128* keys, bint* has, int64_t t, double* rate_ratio, double* distinct_ratio) noexcept:
+        cdef int i, kind, fired = -1
+        cdef Py_ssize_t e
+        cdef Track* tr
+        cdef Table* tb
+        cdef int64_t lo, attempts, distinct, x
+        cdef int32_t k
+        cdef double r
+        rate_ratio[0] = 0.0
+        distinct_ratio[0] = 0.0
+        for i in range(self.n_limits):
+            kind = self.l_kind[i]
+            if not has[kind]:
+                continue
+            tb = &self.state.tables[kind]
+            e = _table_find(tb, keys[kind])
+            if e < 0:
+                continue
+            tr = &tb.entries[e]
+            lo = t - self.l_window[i]
+            attempts = 0
+            for k in range(tr.tcount):
+                x = tr.times[(tr.thead + k) % tr.tcap]
+                if lo < x <= t:
+                    attempts += 1
+            if self.l_calls[i]:
+                if attempts >= self.l_calls[i] and fired < 0:
+                    fired = i
+                if attempts >= self.min_attempts:
+                    r = <double>attempts / <double>self.l_calls[i]
+                    if r > rate_ratio[0]:
+                        rate_ratio[0] = r
+            if self.l_distinct[i]:
+                distinct = 0
+                for k in range(tr.ccount):
+                    x = tr.callees[k].t
+                    if lo < x <= t:
+                        distinct += 1
+                if distinct >= self.l_distinct[i] and fired < 0:
+                    fired = i
+                if attempts >= self.min_attempts:
+                    r = <double>distinct / <double>(attempts if attempts > distinct else distinct)
+                    if r > distinct_ratio[0]:
+                        distinct_ratio[0] = r
+        return fired
+
+    cdef double _score(self, int kind, bint listed, double p_max, int complaints, bint expired, double rate_ratio,
+                       double distinct_ratio, bint has_outcome, int64_t total, int64_t answered, int64_t short_,
+                       Decision* dec) noexcept nogil:
+        cdef double* w = self.weights
+        cdef double* parts = dec.parts
+        cdef double x, tot = 0.0
+        cdef int i
+        for i in range(9):
+            parts[i] = 0.0
+        if listed:
+            parts[0] = w[0]
+        if p_max >= 0.0:
+            parts[1] = w[1] * p_max
+        if complaints:
+            x = <double>complaints / self.complaint_saturation
+            parts[2] = w[2] * (x if x < 1.0 else 1.0)
+        if expired:
+            parts[3] = w[3]
+        parts[4] = w[4] * (rate_ratio if rate_ratio < 1.0 else 1.0)
+        parts[5] = w[5] * distinct_ratio
+        if has_outcome:
+            if total >= self.min_outcomes:
+                parts[6] = w[6] * (<double>(total - answered) / <double>total)
+            if answered >= self.min_outcomes:
+                parts[7] = w[7] * (<double>short_ / <double>answered)
+        if kind == FREEPHONE:
+            parts[8] = w[8]
+        dec.nfeat = 0
+        for i in range(9):
+            tot += parts[i]
+            if parts[i] > 0.0:
+                dec.feat[dec.nfeat] = i
+                dec.nfeat += 1
+        return tot if tot < 1.0 else 1.0
+
+    cdef bint _in_ranges(self, int src, str cr_digits, Num* cr) except -1:
+        cdef object ranges_ascii = self._src_ranges_ascii[src]
+        cdef bytes r
+        if ranges_ascii is not None and not (cr.default_area and self._src_exotic[src]):
+            for r in ranges_ascii:
+                if len(r) <= cr.n and memcmp(<const char*>r, cr.d, len(r)) == 0:
+                    return True
+            return False
+        for rs in self._src_ranges[src]:
+            if cr_digits.startswith(rs):
+                return True
+        return False
+
+    cdef bint _is_emergency(self, Num* ce, bint exotic) except -1:
+        cdef u128 k
+        cdef int i
+        if ce.kind == HIDDEN:
+            return False
+        if ce.default_area and exotic:
+            return self._ce_s in self._emergency
+        k = _full_key(ce)
+        for i in range(self.n_emergency):
+            if self.emergency_keys[i] == k:
+                return True
+        return False
+
+    cdef int _decide(self, object caller, object callee, object source, double now, Decision* dec,
+                     Num* cr, Num* ce, int* src_out, bint make_strings) except -1:
+        """The twin's check() without the Verdict: fills ``dec``; returns 0."""
+        cdef int64_t t
+        cdef double tf = now * 1000.0
+        cdef int src, fired, rule, i
+        cdef bytes area_b
+        cdef str area_s = _NOTHING
+        cdef const char* area = b""
+        cdef int alen = 0
+        cdef bint exotic = False
+        cdef u128 keys[3]
+        cdef bint has[3]
+        cdef u128 caller_key, callee_key
+        cdef int ban = -1, complaints = 0
+        cdef bint listed = False, expired = False, has_outcome = False
+        cdef double p_max = -1.0, rate_ratio = 0.0, distinct_ratio = 0.0, score
+        cdef int64_t o_total = 0, o_answered = 0, o_short = 0
+        cdef Table* t0
+        cdef Py_ssize_t e
+        if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:
+            raise OverflowError(f"time out of range: {now!r}")
+        t = <int64_t>tf
+        src = self._source(source)
+        src_out[0] = src
+        if src >= 0:
+            area_b, area_s = self._src_area[src]
+            area = area_b
+            alen = len(area_b)
+            exotic = self._src_exotic[src]
+        _normalize(callee, area, alen, ce)
+        _normalize(caller, area, alen, cr)
+        self._cr_s = None
+        self._ce_s = None
+        if make_strings or (exotic and (ce.default_area or cr.default_area)):
+            self._ce_s = _digits_str(ce, area_s)
+            self._cr_s = _digits_str(cr, area_s)
+        dec.nshadow = 0
+        dec.nfeat = 0
+        dec.score = 0.0
+        dec.ban = -1
+        dec.fired = -1
+        has[0] = has[1] = has[2] = False
+        # 1. emergency: always through; the attempt still counts.
+        if self._is_emergency(ce, exotic):
+            if src != SOURCE_UNTRUSTED and cr.kind != HIDDEN:
+                self._keys(_full_key(cr), src, keys, has)
+                self._record(keys, has, _full_key(ce), t)
+            dec.rule = R_EMERGENCY
+            return 0
+        # 2. untrusted source: never an open relay.
+        if src == SOURCE_UNTRUSTED:
+            if self.enforce[R_UNTRUSTED]:
+                dec.rule = R_UNTRUSTED
+                return 0
+            dec.shadow[dec.nshadow] = R_UNTRUSTED
+            dec.nshadow += 1
+        # 3. hidden caller ID
+        if cr.kind == HIDDEN:
+            if self.enforce[R_ANONYMOUS]:
+                dec.rule = R_ANONYMOUS
+                return 0
+            dec.shadow[dec.nshadow] = R_ANONYMOUS
+            dec.nshadow += 1
+            dec.rule = R_ALLOW
+            return 0
+        caller_key = _full_key(cr)
+        callee_key = _full_key(ce) if ce.kind != HIDDEN else 0
+        self._keys(caller_key, src, keys, has)
+        self._blocklist(cr, now, &ban, &listed, &p_max, &complaints, &expired)
+        fired = self._rates(keys, has, t, &rate_ratio, &distinct_ratio)
+        t0 = &self.state.tables[0]
+        e = _table_find(t0, caller_key)
+        if e >= 0:
+            has_outcome = True
+            o_total = t0.entries[e].total
+            o_answered = t0.entries[e].answered
+            o_short = t0.entries[e].short_
+        if src != SOURCE_UNTRUSTED:
+            self._record(keys, has, callee_key, t)
+        score = self._score(cr.kind, listed, p_max, complaints, expired, rate_ratio, distinct_ratio, has_outcome,
+                            o_total, o_answered, o_short, dec)
+        dec.score = score
+        dec.ban = ban
+        dec.fired = fired
+        # 4. banned
+        if ban >= 0:
+            if self.enforce[R_BANNED]:
+                dec.rule = R_BANNED
+                return 0
+            dec.shadow[dec.nshadow] = R_BANNED
+            dec.nshadow += 1
+        # 5-7. 95/96 call-centre numbers
+        if cr.kind == SERVICE95 or cr.kind == SERVICE96:
+            rule = self._filing_rule(cr, now)
+            if rule >= 0:
+                if self.enforce[rule]:
+                    dec.rule = rule
+                    return 0
+                dec.shadow[dec.nshadow] = rule
+                dec.nshadow += 1
+        # 8. caller ID outside the numbers allocated to the source
+        if src >= 0 and self._src_ranges[src]:
+            if self._cr_s is None:
+                self._cr_s = _digits_str(cr, area_s)
+            if not self._in_ranges(src, self._cr_s, cr):
+                if self.enforce[R_MISMATCH]:
+                    dec.rule = R_MISMATCH
+                    return 0
+                dec.shadow[dec.nshadow] = R_MISMATCH
+                dec.nshadow += 1
+        if not self._allowlisted(cr):
+            # 9. high frequency
+            if fired >= 0:
+                if self.enforce[R_FREQUENCY]:
+                    dec.rule = R_FREQUENCY
+                    return 0
+                dec.shadow[dec.nshadow] = R_FREQUENCY
+                dec.nshadow += 1
+            # 10. risk score
+            if score >= self.threshold:
+                if self.enforce[R_SCORE]:
+                    dec.rule = R_SCORE
+                    return 0
+                dec.shadow[dec.nshadow] = R_SCORE
+                dec.nshadow += 1
+        dec.rule = R_ALLOW
+        return 0
+
+    cdef void _keys(self, u128 caller_key, int src, u128* keys, bint* has) noexcept:
+        keys[0] = caller_key
+        has[0] = True
+        if src >= 0:
+            keys[1] = <u128>src
+            keys[2] = <u128>self.src_customer[src]
+            has[1] = True
+            has[2] = True
+        else:
+            has[1] = False
+            has[2] = False
+
+    # ------------------------------------------------------------ the decision
+    def check(self, caller, callee, source, double now):
+        """Decide on one call and count it as an attempt (SPEC §3)."""
+        cdef Decision dec
+        cdef Num cr, ce
+        cdef int src, rule, i
+        cdef Verdict v
+        cdef bint allow
+        cdef tuple shadowed, features
+        self._decide(caller, callee, source, now, &dec, &cr, &ce, &src, True)
+        rule = dec.rule
+        allow = rule == R_EMERGENCY or rule == R_ALLOW
+        v = Verdict.__new__(Verdict)
+        v.verdict = _ALLOW if allow else _REJECT
+        v.code = 0 if allow else self.codes[rule]
+        v.rule = <str>_RULE_NAMES[rule]
+        v.reason = <str>self._reasons[rule]
+        v.score = dec.score
+        v.caller = self._cr_s
+        v.callee = self._ce_s
+        v.caller_kind = <str>_KIND_NAMES[cr.kind]
+        v.source = <str>self._src_name[src] if src >= 0 else _NOTHING
+        if dec.nshadow:
+            shadowed = PyTuple_New(dec.nshadow)
+            for i in range(dec.nshadow):
+                name = _RULE_NAMES[dec.shadow[i]]
+                Py_INCREF(name)
+                PyTuple_SET_ITEM(shadowed, i, name)
+            v.shadowed = shadowed
+        else:
+            v.shadowed = _EMPTY
+        if dec.nfeat and rule != R_EMERGENCY and rule != R_UNTRUSTED and rule != R_ANONYMOUS:
+            features = PyTuple_New(dec.nfeat)
+            for i in range(dec.nfeat):
+                pair = (_FEATURES[dec.feat[i]], dec.parts[dec.feat[i]])
+                Py_INCREF(pair)
+                PyTuple_SET_ITEM(features, i, pair)
+            v.features = features
+        else:
+            v.features = _EMPTY
+        if rule == R_BANNED:
+            v.detail = f"{_SOURCES[self._bl_source[dec.ban]]}: {self._bl_reasons[self._bl_reason[dec.ban]]}"
+        elif rule == R_MISMATCH:
+            v.detail = <str>self._src_detail[src]
+        elif rule == R_FREQUENCY:
+            v.detail = <str>self._limit_detail[dec.fired]
+        else:
+            v.detail = _NOTHING
+        return v
+
+    def check_batch(self, callers, callees, sources, times):
+        """Decide a batch in order; returns (codes int16, rule indexes uint8, scores float64)."""
+        cdef Py_ssize_t n = len(callers), i
+        cdef cnp.ndarray[cnp.int16_t, ndim=1] codes = np.zeros(n, dtype=np.int16)
+        cdef cnp.ndarray[cnp.uint8_t, ndim=1] rules = np.zeros(n, dtype=np.uint8)
+        cdef cnp.ndarray[cnp.float64_t, ndim=1] scores = np.zeros(n, dtype=np.float64)
+        cdef cnp.ndarray[cnp.float64_t, ndim=1] tarr = np.ascontiguousarray(times, dtype=np.float64)
+        cdef Decision dec
+        cdef Num cr, ce
+        cdef int src, rule
+        if len(callees) != n or len(sources) != n or tarr.shape[0] != n:
+            raise ValueError("check_batch: callers, callees, sources and times differ in length")
+        for i in range(n):
+            self._decide(callers[i], callees[i], sources[i], tarr[i], &dec, &cr, &ce, &src, False)
+            rule = dec.rule
+            codes[i] = 0 if (rule == R_EMERGENCY or rule == R_ALLOW) else self.codes[rule]
+            rules[i] = rule
+            scores[i] = dec.score
+        return codes, rules, scores
+
+    # ------------------------------------------------------------ outcomes
+    def observe(self, caller, answered, double duration, source, double now):
+        """Feed the outcome of a finished call (answered? how long?) into the caller's score."""
+        cdef int src = self._source(source)
+        cdef bytes area_b = b""
+        cdef Num cr
+        cdef Track* tr
+        cdef double tf = now * 1000.0
+        if src >= 0:
+            area_b = self._src_area[src][0]
+        _normalize(caller, area_b, len(area_b), &cr)
+        if cr.kind == HIDDEN:
+            return
+        if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:
+            raise OverflowError(f"time out of range: {now!r}")
+        tr = self._track(0, _full_key(&cr), <int64_t>tf)
+        tr.total += 1
+        if answered:
+            tr.answered += 1
+            if duration * 1000.0 < self.short_call_ms:
+                tr.short_ += 1
+
+    def tracked(self):
+        return (self.state.tables[0].n, self.state.tables[1].n, self.state.tables[2].n)
+
+    # ------------------------------------------------------------ snapshot
+    def snapshot(self):
+        """Rate-limit state as plain data (written on stop, read on start)."""
+        cdef int kind
+        cdef Py_ssize_t i
+        cdef int32_t k
+        cdef Track* tr
+        cdef Table* tb
+        tables = []
+        for kind in range(3):
+            tb = &self.state.tables[kind]
+            rows = []
+            for i in range(tb.n):
+                tr = &tb.entries[i]
+                times = [tr.times[(tr.thead + k) % tr.tcap] for k in range(tr.tcount)]
+                callees = [[_u128_to_py(tr.callees[k].key), tr.callees[k].t] for k in range(tr.ccount)]
+                rows.append([_u128_to_py(tr.key), tr.last, times, callees, tr.total, tr.answered, tr.short_])
+            tables.append(rows)
+        return {"version": 1, "tracks": tables}
+
+    def restore(self, data):
+        cdef State st
+        cdef int kind, ring, cap
+        cdef Table* tb
+        cdef Track* tr
+        cdef Py_ssize_t i
+        cdef u128 key
+        if data.get("version") != 1:
+            raise ValueError("unknown snapshot version")
+        st = State()
+        for kind, rows in enumerate(data["tracks"][:3]):
+            tb = &st.tables[kind]
+            ring = self.ring_size[kind]
+            cap = self.callee_cap[kind]
+            for k, last, times, callees, total, answered, short in rows:
+                key = _py_to_u128(k)
+                last_i = int(last)
+                times_l = [int(x) for x in times][-ring:]
+                callees_l = [(_py_to_u128(a), int(b)) for a, b in callees][-cap:] if cap else []
+                counts = (int(total), int(answered), int(short))
+                i = _table_find(tb, key)
+                if i < 0:
+                    i = _table_add(tb, key, last_i)
+                else:
+                    _track_free(&tb.entries[i])
+                    memset(&tb.entries[i], 0, sizeof(Track))
+                    tb.entries[i].key = key
+                tr = &tb.entries[i]
+                tr.last = last_i
+                tr.total = counts[0]
+                tr.answered = counts[1]
+                tr.short_ = counts[2]
+                for x in times_l:
+                    _times_push(tr, x, len(times_l) + 1)
+                for a, b in callees_l:
+                    _callee_append(tr, a, b)
+        self.state = st
+
+
+cdef int _callee_append(Track* tr, u128 key, int64_t t) except -1:
+    cdef int32_t ncap
+    cdef Callee* grown
+    if tr.ccount >= tr.ccap:
+        ncap = tr.ccap * 2 if tr.ccap else 4
+        grown = <Callee*>realloc(tr.callees, ncap * sizeof(Callee))
+        if grown == NULL:
+            raise MemoryError()
+        tr.callees = grown
+        tr.ccap = ncap
+    tr.callees[tr.ccount].key = key
+    tr.callees[tr.ccount].t = t
+    tr.ccount += 1
+    return 0
+
