@@ -1,0 +1,188 @@
+"""Processes: free ports, per-process CPU from /proc, starting and stopping what the bench owns.
+
+BENCH-NOTES: /proc/stat is unreliable on these virtual machines, so CPU is always read per
+process from /proc/PID/stat (utime + stime, plus cutime + cstime of children already reaped).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that is free now (bind 0, read back, release)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_ports(n: int) -> list[int]:
+    """``n`` distinct free UDP ports (all held until all are chosen, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def cpu_seconds(pid: int, with_reaped_children: bool = True) -> float:
+    """utime + stime (+ cutime + cstime) of one process in seconds; 0.0 when it is gone."""
+    f = _stat_fields(pid)
+    if f is None:
+        return 0.0
+    ticks = int(f[11]) + int(f[12])          # utime, stime (fields 14, 15)
+    if with_reaped_children:
+        ticks += int(f[13]) + int(f[14])     # cutime, cstime (fields 16, 17)
+    return ticks / CLK_TCK
+
+
+def children_map() -> dict[int, list[int]]:
+    """ppid -> child pids for every process on the machine."""
+    out: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        f = _stat_fields(int(name))
+        if f is not None:
+            out.setdefault(int(f[1]), []).append(int(name))
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    kids = children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+def tree_cpu(pids: Sequence[int]) -> dict[int, float]:
+    """CPU seconds per process of the trees rooted at ``pids`` (children counted once, via their own stat)."""
+    out: dict[int, float] = {}
+    for root in pids:
+        for p in tree(root):
+            out[p] = cpu_seconds(p, with_reaped_children=False)
+        # Children that already exited are in the root's cutime/cstime.
+        f = _stat_fields(root)
+        if f is not None:
+            out[-root] = (int(f[13]) + int(f[14])) / CLK_TCK
+    return out
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two :func:`tree_cpu` samples (processes born in between count whole)."""
+    return sum(v - before.get(p, 0.0) for p, v in after.items())
+
+
+@dataclass
+class Proc:
+    """A process the bench started, with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    extra_pids: list[int] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start(name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None,
+          cwd: str | os.PathLike[str] | None = None) -> Proc:
+    """Start a process in its own session, stdout+stderr to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = log.open("wb")
+    popen = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=env, cwd=cwd, start_new_session=True)
+    fh.close()
+    return Proc(name, popen, log)
+
+
+def stop(proc: Proc | None, grace: float = 5.0, sig: int = signal.SIGTERM) -> int | None:
+    """Stop one started process (and its process group, which only it and its children are in)."""
+    if proc is None:
+        return None
+    if proc.popen.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)          # its own session: the group is exactly what it started
+        except ProcessLookupError:
+            pass
+        try:
+            proc.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.popen.wait(5)
+    return proc.popen.returncode
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll ``pred`` until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def options_ping(port: int, timeout: float = 0.5) -> int | None:
+    """Send OPTIONS to 127.0.0.1:port; return the response code, or None without an answer."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(timeout)
+        lport = s.getsockname()[1]
+        tag = f"{time.monotonic_ns():x}"
+        msg = (f"OPTIONS sip:ping@127.0.0.1:{port} SIP/2.0\r\n"
+               f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch=z9hG4bK-ping{tag};rport\r\n"
+               f"From: <sip:bench@127.0.0.1>;tag={tag}\r\nTo: <sip:ping@127.0.0.1:{port}>\r\n"
+               f"Call-ID: ping-{tag}@127.0.0.1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+               "Content-Length: 0\r\n\r\n").encode()
+        s.sendto(msg, ("127.0.0.1", port))
+        try:
+            while True:
+                data, _ = s.recvfrom(65535)
+                if data.startswith(b"SIP/2.0 "):
+                    code = int(data[8:11])
+                    if code >= 200:
+                        return code
+        except (socket.timeout, ValueError):
+            return None

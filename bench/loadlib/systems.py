@@ -1,0 +1,266 @@
+"""The systems under test: how each is started, checked and measured.
+
+Every system is started by the bench for each load point (fresh rate-limit state, no leftover
+transactions), listens on a free UDP port of 127.0.0.1 and forwards allowed calls to the bench
+UAS.  Its CPU is the sum over its process tree (Kamailio: main process and every child; the
+plug-in: Kamailio plus the decider process).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import site
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import procs
+
+ROOT = Path(__file__).resolve().parents[2]      # the source checkout
+KAMAILIO_DIR = ROOT / "config" / "kamailio"
+
+
+@dataclass
+class Context:
+    """What a system needs to start for one load point."""
+
+    workdir: Path
+    port: int                 # where the system listens
+    trunk_port: int           # the bench UAS
+    lists: dict[str, Path]    # blocklist, service_numbers, allowlist (callguard CSV formats)
+    config: Path              # the bench's callguard YAML (same lists, ports above)
+    kamailio_children: int = 1
+
+
+@dataclass
+class Running:
+    """A started system: the roots of its process trees."""
+
+    procs: list[procs.Proc] = field(default_factory=list)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def alive(self) -> bool:
+        return all(p.alive() for p in self.procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            procs.stop(p)
+
+
+@dataclass
+class System:
+    """One system: a name, a one-line description, and how to start it."""
+
+    name: str
+    description: str
+    available: Callable[[], str | None]      # None when it can run, else why not
+    start: Callable[[Context], Running]
+    info: Callable[[], dict[str, str]] = lambda: {}
+
+
+def _python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if not glob.glob(str(ROOT / "src" / "callguard" / "_core*.so")):
+        env["CALLGUARD_NO_EXTENSIONS"] = "1"     # no compiled core built: the pure-Python twin
+    return env
+
+
+def core_in_use() -> str:
+    """Which decision core the Python systems will use."""
+    return "python" if _python_env().get("CALLGUARD_NO_EXTENSIONS") else "cython"
+
+
+def _wait_healthy(run: Running, port: int, timeout: float) -> None:
+    """OPTIONS answered 200 (or any final response) by the system, or raise with its log."""
+    ok = procs.wait_until(lambda: not run.alive() or procs.options_ping(port, 0.3) is not None, timeout, 0.1)
+    if not ok or not run.alive():
+        tails = "\n".join(f"--- {p.name} ({p.log}):\n{p.log_tail()}" for p in run.procs)
+        run.stop()
+        raise RuntimeError(f"system did not answer OPTIONS on 127.0.0.1:{port} within {timeout:.0f} s\n{tails}")
+
+
+# ------------------------------------------------------------------ uvloop responder
+def _responder_start(ctx: Context) -> Running:
+    p = procs.start("responder", [sys.executable, str(Path(__file__).with_name("responder.py")),
+                                  "--listen", f"127.0.0.1:{ctx.port}", "--trunk", f"127.0.0.1:{ctx.trunk_port}",
+                                  "--blocklist", str(ctx.lists["blocklist"])],
+                    ctx.workdir / "responder.log")
+    run = Running([p])
+    _wait_healthy(run, ctx.port, 15)
+    return run
+
+
+# ------------------------------------------------------------------ callguard serve
+def _serve_available() -> str | None:
+    if not (ROOT / "src" / "callguard" / "sip" / "server.py").exists():
+        return "src/callguard/sip/server.py is missing"
+    return None
+
+
+def _serve_start(ctx: Context) -> Running:
+    p = procs.start("callguard-serve", [sys.executable, "-m", "callguard", "serve", "--config", str(ctx.config)],
+                    ctx.workdir / "serve.log", env=_python_env(), cwd=ROOT)
+    run = Running([p])
+    _wait_healthy(run, ctx.port, 30)
+    return run
+
+
+# ------------------------------------------------------------------ Kamailio
+def kamailio_binary() -> str | None:
+    return shutil.which("kamailio") or ("/usr/sbin/kamailio" if os.path.exists("/usr/sbin/kamailio") else None)
+
+
+def cfg_defines(cfg: Path) -> dict[str, str]:
+    """``#!define NAME default`` pairs of a Kamailio config (the knobs it documents at its top)."""
+    out: dict[str, str] = {}
+    try:
+        text = cfg.read_text()
+    except OSError:
+        return out
+    for m in re.finditer(r"^#!(?:define|substdef)\s+(\w+)(?:\s+(.*))?$", text, re.M):
+        out.setdefault(m.group(1), (m.group(2) or "").strip())
+    return out
+
+
+def _kamailio_argv(cfg: Path, ctx: Context, defines: dict[str, str]) -> list[str]:
+    """Kamailio in the foreground with the TLSF allocator (BENCH-NOTES: the strong anchor)."""
+    argv = [kamailio_binary() or "kamailio", "-f", str(cfg), "-DD", "-E", "-x", "tlsf", "-m", "256", "-M", "32",
+            "-b", "4194304", "-P", str(ctx.workdir / "kamailio.pid"), "-Y", str(ctx.workdir), "-w",
+            str(ctx.workdir)]
+    for k, v in defines.items():
+        argv += ["-A", f"{k}={v}"]
+    return argv
+
+
+def _q(s: str | Path) -> str:
+    return f'"{s}"'
+
+
+def _site_packages() -> str:
+    """The running interpreter's package folders, for Kamailio's embedded Python."""
+    paths = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    return ":".join(paths)
+
+
+def _kamailio_common(prefix: str, known: dict[str, str], ctx: Context) -> dict[str, str]:
+    """Defines every bench Kamailio config understands: listen socket, workers, buffer, ctl socket."""
+    want = {f"{prefix}LISTEN": f"udp:127.0.0.1:{ctx.port}", f"{prefix}CHILDREN": str(ctx.kamailio_children),
+            f"{prefix}MAXBUFFER": "4194304", f"{prefix}CTL": _q(f"unix:{ctx.workdir}/kamailio_ctl"),
+            f"{prefix}DEBUG": "1"}
+    return {k: v for k, v in want.items() if k in known}
+
+
+def _plugin_available() -> str | None:
+    cfg = KAMAILIO_DIR / "kamailio.cfg"
+    if not kamailio_binary():
+        return "kamailio is not installed"
+    if not cfg.exists():
+        return f"{cfg.relative_to(ROOT)} is missing"
+    if not (KAMAILIO_DIR / "callguard_kemi.py").exists():
+        return "config/kamailio/callguard_kemi.py is missing"
+    return None
+
+
+def _plugin_start(ctx: Context) -> Running:
+    cfg = KAMAILIO_DIR / "kamailio.cfg"
+    known = cfg_defines(cfg)
+    defines = _kamailio_common("CG_", known, ctx)
+    sock = ctx.workdir / "decider.sock"
+    run = Running()
+    if "CG_SOCKET" in known:
+        env = _python_env()
+        decider = procs.start("decider", [sys.executable, "-m", "callguard.kamailio.daemon", "--config",
+                                          str(ctx.config), "--socket", str(sock)],
+                              ctx.workdir / "decider.log", env=env, cwd=ROOT)
+        run.procs.append(decider)
+        if not procs.wait_until(lambda: sock.exists() or not decider.alive(), 30):
+            run.stop()
+            raise RuntimeError(f"decider did not create {sock}: {decider.log_tail()}")
+        if not decider.alive():
+            run.stop()
+            raise RuntimeError(f"decider exited: {decider.log_tail()}")
+        defines["CG_SOCKET"] = _q(sock)
+    for k, v in (("CG_CONFIG", _q(ctx.config)), ("CG_KEMI_SCRIPT", _q(KAMAILIO_DIR / "callguard_kemi.py")),
+                 ("CG_PYTHONPATH", _q(_site_packages()))):
+        if k in known:
+            defines[k] = v
+    env = _python_env()
+    env["CALLGUARD_PYTHONPATH"] = _site_packages()
+    run.procs.append(procs.start("kamailio", _kamailio_argv(cfg, ctx, defines), ctx.workdir / "kamailio.log",
+                                 env=env, cwd=ctx.workdir))
+    _wait_healthy(run, ctx.port, 30)
+    return run
+
+
+def _native_available() -> str | None:
+    cfg = KAMAILIO_DIR / "kamailio-native.cfg"
+    if not kamailio_binary():
+        return "kamailio is not installed"
+    if not cfg.exists():
+        return f"{cfg.relative_to(ROOT)} is missing"
+    return None
+
+
+def write_native_lists(ctx: Context) -> dict[str, Path]:
+    """The bench's lists in the plain forms a native script loads (one number per line)."""
+    import csv
+
+    out: dict[str, Path] = {}
+    blocked = ctx.workdir / "native-blocklist.txt"
+    with open(ctx.lists["blocklist"], newline="", encoding="utf-8") as fh, blocked.open("w") as dst:
+        for row in csv.DictReader(fh):
+            dst.write(row["number"].strip() + "\n")
+    out["blocklist"] = blocked
+    return out
+
+
+def _native_start(ctx: Context) -> Running:
+    cfg = KAMAILIO_DIR / "kamailio-native.cfg"
+    known = cfg_defines(cfg)
+    prefix = next((p for p in ("CGN_", "NAT_", "CG_") if f"{p}LISTEN" in known), "CG_")
+    defines = _kamailio_common(prefix, known, ctx)
+    candidates = {
+        "TRUNK": f"sip:127.0.0.1:{ctx.trunk_port}", "TRUNK_URI": _q(f"sip:127.0.0.1:{ctx.trunk_port}"),
+        "TRUNK_ADDR": _q(f"127.0.0.1:{ctx.trunk_port}"), "TRUNK_HOST": _q("127.0.0.1"),
+        "TRUNK_PORT": str(ctx.trunk_port),
+        "BLOCKLIST": _q(ctx.lists["blocklist"]), "BLOCKLIST_CSV": _q(ctx.lists["blocklist"]),
+        "SERVICE_NUMBERS": _q(ctx.lists["service_numbers"]), "FILINGS": _q(ctx.lists["service_numbers"]),
+        "ALLOWLIST": _q(ctx.lists["allowlist"]), "CONFIG": _q(ctx.config), "DBURL": _q(f"text://{ctx.workdir}/db"),
+        "WORKDIR": _q(ctx.workdir),
+    }
+    for k, v in candidates.items():
+        if prefix + k in known:
+            defines[prefix + k] = v
+    run = Running([procs.start("kamailio", _kamailio_argv(cfg, ctx, defines), ctx.workdir / "kamailio.log",
+                               cwd=ctx.workdir)])
+    _wait_healthy(run, ctx.port, 30)
+    return run
+
+
+def _kamailio_info() -> dict[str, str]:
+    import subprocess
+
+    try:
+        v = subprocess.run([kamailio_binary() or "kamailio", "-v"], capture_output=True, text=True, timeout=10)
+        return {"kamailio": v.stdout.splitlines()[0] if v.stdout else "?", "allocator": "tlsf"}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+SYSTEMS: dict[str, System] = {
+    "uvloop-responder": System("uvloop-responder", "bare uvloop responder (set lookup, stateless forward): "
+                               "the Python I/O floor", lambda: None, _responder_start),
+    "serve": System("serve", "callguard serve (built-in proxy)", _serve_available, _serve_start,
+                    lambda: {"core": core_in_use()}),
+    "kamailio-plugin": System("kamailio-plugin", "Kamailio -x tlsf + callguard KEMI plug-in (+ decider)",
+                              _plugin_available, _plugin_start, lambda: {**_kamailio_info(), "core": core_in_use()}),
+    "kamailio-native": System("kamailio-native", "Kamailio -x tlsf, native script (htable blocklist, rate "
+                              "limit): the anchor", _native_available, _native_start, _kamailio_info),
+}

@@ -1,0 +1,115 @@
+"""The worker's side of the decider protocol: ask, wait a bounded time, or fail open."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from . import protocol as proto
+from .protocol import CheckReply, CheckRequest
+
+PROBE_TIMEOUT = 0.005     # seconds to wait while the decider is known to be unresponsive
+DOWN_AFTER = 3            # consecutive timeouts before the decider is treated as unresponsive
+
+
+class DeciderUnavailable(Exception):
+    """The decider did not answer (not running, timed out, or answered garbage): the call fails open."""
+
+
+class DeciderClient:
+    """One datagram socket per process, connected to the decider.
+
+    Kamailio forks its workers after the plug-in is loaded, so the socket is created lazily
+    and re-created when the process id changes.  A reply is matched by request id, so a late
+    answer to an earlier, timed-out request is skipped.  After a few consecutive timeouts the
+    client waits only :data:`PROBE_TIMEOUT` per call (instead of the full timeout) until the
+    decider answers again: a stalled decider must not stall every worker.
+
+    Args:
+        path: the decider's socket path.
+        timeout: seconds to wait for an answer.
+    """
+
+    def __init__(self, path: str, timeout: float = 0.1) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._pid = 0
+        self._next_id = 1
+        self.timeouts = 0
+        self.consecutive_timeouts = 0
+
+    @property
+    def down(self) -> bool:
+        """True while the decider is treated as unresponsive."""
+        return self.consecutive_timeouts >= DOWN_AFTER
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None or self._pid != os.getpid():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind("")          # Linux autobind: an abstract address, nothing to clean up
+            sock.connect(self.path)
+            self._sock = sock
+            self._pid = os.getpid()
+            self._next_id = (os.getpid() << 16) & 0xFFFFFFFF or 1
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def check(self, req: CheckRequest) -> CheckReply:
+        """Ask for one verdict.
+
+        Raises:
+            DeciderUnavailable: no answer in time, no decider listening, or a reply that makes no sense.
+        """
+        rid = self._next_id
+        self._next_id = (rid + 1) & 0xFFFFFFFF
+        data = proto.encode_check(rid, req)
+        try:
+            sock = self._socket()
+            try:
+                sock.send(data)
+            except OSError:
+                # The decider restarted (new socket inode) or is gone: reconnect once.
+                self.close()
+                sock = self._socket()
+                sock.send(data)
+        except OSError as exc:
+            self.close()
+            raise DeciderUnavailable(f"cannot reach the decider at {self.path}: {exc.strerror or exc}") from None
+        wait = PROBE_TIMEOUT if self.down else self.timeout
+        deadline = time.monotonic() + wait
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.timeouts += 1
+                self.consecutive_timeouts += 1
+                raise DeciderUnavailable(f"no answer from the decider within {wait * 1000:.0f} ms")
+            sock.settimeout(remaining)
+            try:
+                reply = sock.recv(proto.MAX_DATAGRAM)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                self.close()
+                raise DeciderUnavailable(f"decider socket error: {exc.strerror or exc}") from None
+            try:
+                version, op, got = proto.parse_header(reply)
+            except proto.ProtocolError:
+                continue
+            if got != rid:
+                continue   # a late answer to an earlier request that already failed open
+            self.consecutive_timeouts = 0
+            if op == proto.OP_ERROR:
+                raise DeciderUnavailable("decider refused the request: "
+                                         + reply[proto.HEADER_SIZE:].decode("utf-8", "replace"))
+            if version != proto.VERSION or op != proto.OP_CHECK:
+                raise DeciderUnavailable(f"unexpected reply (version {version}, op {op})")
+            try:
+                return proto.decode_reply(reply)
+            except proto.ProtocolError as exc:
+                raise DeciderUnavailable(f"malformed reply: {exc}") from None

@@ -1,0 +1,450 @@
+"""The decider: one process holding one :class:`~callguard.Guard` for every Kamailio worker.
+
+Kamailio runs several worker processes, each with its own Python interpreter.  A
+rate limit counted inside each worker would be multiplied by the number of workers,
+and every worker would hold its own copy of the lists.  Instead every worker asks
+this process over a Unix datagram socket (see :mod:`callguard.kamailio.protocol`).
+The decider handles one datagram at a time, so a caller's attempts are counted once
+and exactly, whichever worker took the INVITE; the lists live in memory once; a
+reload happens in one place.  Workers that get no answer in time let the call
+through (fail open) and count it.
+
+Start it with ``callguard decider --config FILE --socket PATH`` or
+``python -m callguard.kamailio.daemon --config FILE --socket PATH``.
+``--reload`` / ``--stats`` / ``--ping`` with ``--socket`` talk to a running decider.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_mod
+from ..config import Config
+from ..errors import CallguardError
+from ..guard import Guard, load_lists
+from ..lists import Lists
+from ..log import configure as configure_logging
+from ..log import get_logger
+from . import protocol as proto
+from .protocol import CheckReply, CheckRequest
+from .routing import IdentityPolicy, pick_trunk
+
+log = get_logger("callguard.decider")
+
+TX_TTL = 32.0            # seconds a transaction's verdict is kept for its retransmissions (64*T1)
+TX_MAX = 200_000         # bound on remembered transactions (a flood must not grow memory without end)
+WATCH_INTERVAL = 1.0     # seconds between checks of the config and list files' mtimes
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def _mtimes(cfg: Config, config_path: str) -> tuple[float, ...]:
+    """Modification times of the config file and every list file it names (0 for a missing file)."""
+    out = []
+    for path in (config_path, cfg.lists.blocklist, cfg.lists.service_numbers, cfg.lists.allowlist):
+        try:
+            out.append(os.stat(path).st_mtime if path else 0.0)
+        except OSError:
+            out.append(-1.0)
+    return tuple(out)
+
+
+class Decider:
+    """One guard, its reload logic and the per-transaction verdict cache.
+
+    Used by the decider process and, in embedded mode, inside a single Kamailio worker.
+
+    Args:
+        config_path: the YAML config.
+        background_reload: load a changed config and lists in a thread and swap them in
+            between decisions (the decider process); ``False`` reloads in the caller's
+            thread (embedded mode, where no Python thread runs between calls).
+    """
+
+    def __init__(self, config_path: str, background_reload: bool = True) -> None:
+        self.config_path = str(Path(config_path).resolve())
+        cfg = config_mod.load(self.config_path)
+        self.guard = Guard(cfg)
+        self.identity = IdentityPolicy(cfg)
+        self._mtimes = _mtimes(cfg, self.config_path)
+        self._failed_mtimes: tuple[float, ...] | None = None
+        self._next_watch = 0.0
+        self._background = background_reload
+        self._loading: threading.Thread | None = None
+        self._pending: tuple[Config, Lists, tuple[float, ...]] | None = None
+        self._lock = threading.Lock()
+        self._tx: dict[str, tuple[float, CheckReply]] = {}
+        self.generation = 1
+        self.stats: Counter[str] = Counter()
+        self.last_reload_error = ""
+        self.started = time.time()
+
+    @property
+    def config(self) -> Config:
+        return self.guard.config
+
+    # ------------------------------------------------------------ decisions
+    def decide(self, req: CheckRequest, now: float) -> CheckReply:
+        """The verdict for one INVITE; a retransmission gets its first verdict again and is not counted.
+
+        Call :meth:`poll` before (the server does between datagrams) to pick up reloads.
+        """
+        tx = self._tx
+        if req.txkey:
+            hit = tx.get(req.txkey)
+            if hit is not None and hit[0] > now:
+                self.stats["retransmissions"] += 1
+                return hit[1]
+        try:
+            caller = self.identity.caller(req.source, req.caller, req.identity)
+            faults = self.guard.faults
+            v = self.guard.check(caller, req.callee, source=req.source or None, now=now)
+            flags = proto.FLAG_HIDE_REASON if self.guard.config.sip.hide_reason else 0
+            if self.guard.faults != faults:
+                flags |= proto.FLAG_FAILED_OPEN
+                self.stats["faults"] += 1
+                log.error("decision_failed_open", error=repr(self.guard.last_fault), caller=req.caller,
+                          callee=req.callee)
+            trunk = pick_trunk(self.guard.config, v.callee) if v.code == 0 else ""
+            reply = CheckReply(v.code, v.rule, flags, float(v.score), v.reason, trunk)
+            self.stats["rule:" + v.rule] += 1
+            if v.code:
+                log.info("call_rejected", caller=v.caller, callee=v.callee, source=req.source, rule=v.rule,
+                         code=v.code, score=round(float(v.score), 3), txkey=req.txkey)
+        except Exception as exc:  # noqa: BLE001 - a fault must never block a call: fail open, count, log
+            self.stats["faults"] += 1
+            log.error("decision_failed_open", error=repr(exc), caller=req.caller, callee=req.callee)
+            reply = CheckReply(0, "allow", proto.FLAG_FAILED_OPEN, 0.0, "internal fault: failed open",
+                               self.guard.config.trunks[0].address)
+        if req.txkey:
+            self._remember(req.txkey, reply, now)
+        return reply
+
+    def _remember(self, txkey: str, reply: CheckReply, now: float) -> None:
+        tx = self._tx
+        # Entries are inserted in time order with one TTL, so the oldest are at the front.
+        while tx:
+            first = next(iter(tx))
+            if tx[first][0] > now and len(tx) < TX_MAX:
+                break
+            del tx[first]
+        tx[txkey] = (now + TX_TTL, reply)
+
+    # ------------------------------------------------------------ reload
+    def request_reload(self) -> None:
+        """Reload the config and lists now (SIGHUP, the RELOAD command)."""
+        self._start_reload(force=True)
+
+    def _watch(self) -> None:
+        """Start a reload when a watched file changed (and did not already fail in this state)."""
+        current = _mtimes(self.guard.config, self.config_path)
+        if current != self._mtimes and current != self._failed_mtimes:
+            self._start_reload(force=False)
+
+    def _start_reload(self, force: bool) -> None:
+        if self._loading is not None and self._loading.is_alive():
+            return
+        if self._background:
+            self._loading = threading.Thread(target=self._load, name="callguard-reload", daemon=True)
+            self._loading.start()
+        else:
+            self._load()
+            if self._pending is not None:
+                self._apply_pending()
+
+    def _load(self) -> None:
+        """Load the config and lists (the slow part); a bad file keeps the old ones and logs why."""
+        try:
+            cfg = config_mod.load(self.config_path)
+            mtimes = _mtimes(cfg, self.config_path)
+            lists = load_lists(cfg)
+        except (CallguardError, OSError, ValueError) as exc:
+            with self._lock:
+                self._failed_mtimes = _mtimes(self.guard.config, self.config_path)
+                self.last_reload_error = str(exc)
+                self.stats["reload_failed"] += 1
+            log.error("reload_failed_keeping_old_config", config=self.config_path, error=str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - an unexpected fault keeps the old lists, like a bad file
+            with self._lock:
+                self._failed_mtimes = _mtimes(self.guard.config, self.config_path)
+                self.last_reload_error = repr(exc)
+                self.stats["reload_failed"] += 1
+            log.error("reload_failed_keeping_old_config", config=self.config_path, error=repr(exc))
+            return
+        with self._lock:
+            self._pending = (cfg, lists, mtimes)
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        cfg, lists, mtimes = pending
+        try:
+            self.guard = self.guard.with_config(cfg, lists)   # keeps the rate-limit counts
+        except Exception as exc:  # noqa: BLE001 - keep deciding with the old guard
+            self.stats["reload_failed"] += 1
+            self.last_reload_error = repr(exc)
+            self._failed_mtimes = mtimes
+            log.error("reload_failed_keeping_old_config", config=self.config_path, error=repr(exc))
+            return
+        self.identity = IdentityPolicy(cfg)
+        self._mtimes = mtimes
+        self._failed_mtimes = None
+        self._tx.clear()
+        self.generation += 1
+        self.last_reload_error = ""
+        self.stats["reloads"] += 1
+        log.info("reloaded", config=self.config_path, generation=self.generation,
+                 blocklist_problems=len(self.guard.problems))
+
+    def poll(self, now: float) -> None:
+        """Housekeeping between datagrams: swap in a finished reload, watch the files."""
+        if self._pending is not None:
+            self._apply_pending()
+        if now >= self._next_watch:
+            self._next_watch = now + WATCH_INTERVAL
+            self._watch()
+
+    def snapshot_stats(self) -> dict[str, Any]:
+        """Counters for the STATS command."""
+        with self._lock:
+            loading = self._loading is not None and self._loading.is_alive()
+            return {"generation": self.generation, "config": self.config_path, "pid": os.getpid(),
+                    "implementation": self.guard.implementation, "uptime": round(time.time() - self.started, 3),
+                    "reloading": loading or self._pending is not None,
+                    "last_reload_error": self.last_reload_error, "counters": dict(self.stats)}
+
+
+# ---------------------------------------------------------------- the server
+class DeciderServer:
+    """The Unix datagram server around a :class:`Decider`."""
+
+    def __init__(self, decider: Decider, path: str, mode: int = 0o660) -> None:
+        self.decider = decider
+        self.path = path
+        self.peers: Counter[str] = Counter()
+        self._running = True
+        self._reload_requested = False
+        _remove_stale_socket(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:  # pragma: no cover - capped by net.core.*mem_max; the default still works
+                pass
+        self.sock.bind(path)
+        os.chmod(path, mode)
+        self.sock.settimeout(WATCH_INTERVAL)
+
+    def stop(self, *_: Any) -> None:
+        self._running = False
+
+    def hangup(self, *_: Any) -> None:
+        self._reload_requested = True
+
+    def serve_forever(self) -> None:
+        """Answer datagrams until :meth:`stop`; one at a time, which is what makes the counts exact."""
+        sock = self.sock
+        decider = self.decider
+        recv = sock.recvfrom
+        send = sock.sendto
+        log.info("decider_listening", socket=self.path, config=decider.config_path, pid=os.getpid(),
+                 implementation=decider.guard.implementation)
+        try:
+            while self._running:
+                try:
+                    data, addr = recv(proto.MAX_DATAGRAM)
+                except TimeoutError:
+                    data = b""
+                    addr = None
+                now = time.time()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    decider.request_reload()
+                decider.poll(now)
+                if not data:
+                    continue
+                try:
+                    out = self.handle(data, addr, now)
+                except proto.ProtocolError as exc:
+                    decider.stats["protocol_errors"] += 1
+                    out = proto.header(proto.OP_ERROR, 0) + str(exc).encode()
+                if out and addr:
+                    try:
+                        send(out, addr)
+                    except OSError:  # the worker went away; nothing to answer
+                        decider.stats["send_errors"] += 1
+        finally:
+            self.close()
+
+    def handle(self, data: bytes, addr: Any, now: float) -> bytes:
+        """One request datagram in, one reply datagram out."""
+        version, op, rid = proto.parse_header(data)
+        if version != proto.VERSION:
+            self.decider.stats["protocol_errors"] += 1
+            return proto.header(proto.OP_ERROR, rid) + f"protocol version {version} not supported; " \
+                f"this decider speaks {proto.VERSION}".encode()
+        if op == proto.OP_CHECK:
+            self.peers[str(addr)] += 1
+            r = self.decider.decide(proto.decode_check(data), now)
+            return proto.header(op, rid) + proto.encode_reply_body(r.code, r.rule, r.flags, r.score, r.reason,
+                                                                   r.trunk)
+        if op == proto.OP_PING:
+            return proto.encode_json(op, rid, {"version": proto.VERSION, "generation": self.decider.generation})
+        if op == proto.OP_STATS:
+            body = self.decider.snapshot_stats()
+            body["peers"] = len(self.peers)
+            body["checks_per_peer"] = sorted(self.peers.values(), reverse=True)[:64]
+            return proto.encode_json(op, rid, body)
+        if op == proto.OP_RELOAD:
+            self.decider.request_reload()
+            return proto.encode_json(op, rid, {"reloading": True, "generation": self.decider.generation})
+        return proto.header(proto.OP_ERROR, rid) + f"unknown operation {op}".encode()
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            if stat.S_ISSOCK(os.stat(self.path).st_mode):
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead decider; refuse to start beside a live one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise CallguardError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)   # nobody listens: a leftover
+        return
+    finally:
+        probe.close()
+    raise CallguardError(f"another decider is already listening on {path}")
+
+
+# ---------------------------------------------------------------- control client
+_ids = itertools.count(1)
+
+
+def control(path: str, op: int, timeout: float = 2.0) -> Any:
+    """Send one control command (PING, STATS, RELOAD) to a decider and return its JSON answer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind("")   # Linux autobind: an abstract address the decider can answer to
+        sock.settimeout(timeout)
+        rid = next(_ids)
+        sock.sendto(proto.header(op, rid), path)
+        deadline = time.monotonic() + timeout
+        while True:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            data = sock.recv(proto.MAX_DATAGRAM)
+            version, rop, got = proto.parse_header(data)
+            if got != rid:
+                continue
+            if rop == proto.OP_ERROR:
+                raise CallguardError(data[proto.HEADER_SIZE:].decode("utf-8", "replace"))
+            return proto.decode_json(data)
+    finally:
+        sock.close()
+
+
+def reload_and_wait(path: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Ask a decider to reload and wait until it has swapped in the new lists or refused them."""
+    before = control(path, proto.OP_STATS)
+    failed_before = before["counters"].get("reload_failed", 0)
+    control(path, proto.OP_RELOAD)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = control(path, proto.OP_STATS)
+        if now["generation"] > before["generation"]:
+            return {"ok": True, "generation": now["generation"]}
+        if now["counters"].get("reload_failed", 0) > failed_before:
+            return {"ok": False, "error": now["last_reload_error"], "generation": now["generation"]}
+        time.sleep(0.05)   # polling a remote process's state; there is no event to wait on
+    return {"ok": False, "error": "timed out waiting for the reload", "generation": before["generation"]}
+
+
+# ---------------------------------------------------------------- entry points
+def decider_main(args: argparse.Namespace) -> int:
+    """Run the decider in the foreground (``callguard decider``).
+
+    ``args.config`` and ``args.socket`` are required; ``args.socket_mode`` (octal string,
+    default ``660``) is optional.  SIGHUP reloads, SIGTERM/SIGINT stop.  Returns the exit status.
+    """
+    config_path = getattr(args, "config", None) or config_mod.default_config_path()
+    try:
+        decider = Decider(config_path)
+    except CallguardError as exc:
+        sys.stderr.write(f"callguard decider: {exc}\n")
+        return 2
+    cfg = decider.config
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    global log
+    log = get_logger("callguard.decider")   # bound after configure, so it renders as configured
+    try:
+        server = DeciderServer(decider, args.socket, int(str(getattr(args, "socket_mode", None) or "660"), 8))
+    except (CallguardError, OSError) as exc:
+        sys.stderr.write(f"callguard decider: cannot listen on {args.socket}: {exc}\n")
+        return 2
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    signal.signal(signal.SIGHUP, server.hangup)
+    server.serve_forever()
+    log.info("decider_stopped", counters=dict(decider.stats))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="callguard decider",
+                                description="Decision service for Kamailio workers (Unix datagram socket).")
+    p.add_argument("--config", help="YAML config (default: $CALLGUARD_CONFIG or config/callguard.yaml)")
+    p.add_argument("--socket", required=True, help="Unix datagram socket path, e.g. /run/callguard/decider.sock")
+    p.add_argument("--socket-mode", default="660", help="permissions of the socket file, octal (default 660)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--reload", action="store_true", help="ask the running decider to reload, wait, report")
+    g.add_argument("--stats", action="store_true", help="print the running decider's counters as JSON")
+    g.add_argument("--ping", action="store_true", help="exit 0 when a decider answers on --socket")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.reload:
+            result = reload_and_wait(args.socket)
+            print(json.dumps(result))
+            return 0 if result["ok"] else 1
+        if args.stats:
+            print(json.dumps(control(args.socket, proto.OP_STATS), indent=2))
+            return 0
+        if args.ping:
+            print(json.dumps(control(args.socket, proto.OP_PING)))
+            return 0
+    except (OSError, CallguardError) as exc:
+        sys.stderr.write(f"callguard decider: {args.socket}: {exc}\n")
+        return 2
+    return decider_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

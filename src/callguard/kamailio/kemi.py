@@ -1,0 +1,234 @@
+"""The KEMI routing class for Kamailio's ``app_python3``.
+
+Kamailio calls :meth:`CallguardKemi.ksr_request_route` for every request.  Initial INVITEs
+are screened by the same core and YAML config as ``callguard serve``: a rejected call gets
+``sl_send_reply`` with the verdict's code and reason and a ``Reason`` header; an allowed
+call is relayed statefully (``t_relay``) to the trunk the config routes the callee to.
+
+The verdict comes from the decider process (``socket`` set: exact counts across all
+workers, see :mod:`callguard.kamailio.daemon`) or from a guard inside this worker
+(``socket`` empty: *embedded* mode, only correct with ``children=1``, since every worker
+would count on its own).
+
+Nothing here lets a Python exception escape into Kamailio: an exception left set breaks
+the next call into the interpreter.  Any fault fails open (the call is relayed), is
+counted in :attr:`CallguardKemi.faults` and logged with ``KSR.err``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config as config_mod
+from ..config import Config
+from .client import DeciderClient, DeciderUnavailable
+from .protocol import FLAG_FAILED_OPEN, FLAG_HIDE_REASON, CheckReply, CheckRequest
+from .routing import pick_trunk, trunk_uri
+
+FAULT_LOG_INTERVAL = 10.0   # seconds between repeated fault log lines (the count is in every line)
+MAX_FORWARDS = 70
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """What ``kamailio.cfg`` tells the plug-in (through ``#!define`` values read with ``$def``)."""
+
+    config: str
+    socket: str = ""
+    timeout_ms: float = 100.0
+    max_forwards: int = MAX_FORWARDS
+
+
+class LocalDecider:
+    """Embedded mode: the decision made inside this worker (one worker only, see the module doc)."""
+
+    def __init__(self, config_path: str) -> None:
+        from .daemon import Decider  # imports the lists machinery only when it is used
+
+        self.decider = Decider(config_path, background_reload=False)
+
+    def check(self, req: CheckRequest) -> CheckReply:
+        now = time.time()
+        self.decider.poll(now)   # at most one stat() round per second; a reload runs here, in this worker
+        return self.decider.decide(req, now)
+
+
+def _quote(text: str) -> str:
+    """A reason phrase made safe for a quoted-string in a header."""
+    return "".join(ch for ch in text if ch >= " " and ch != "\x7f").replace("\\", "\\\\").replace('"', '\\"')
+
+
+class CallguardKemi:
+    """The routing class ``mod_init`` hands to Kamailio.
+
+    Args:
+        ksr: the ``KSR`` module Kamailio provides to the script.
+        settings: the plug-in settings.
+    """
+
+    def __init__(self, ksr: Any, settings: PluginSettings) -> None:
+        self.K = ksr
+        self.settings = settings
+        # The worker keeps its own copy of the config only for what it needs without the decider:
+        # the trunk for a call that fails open, record-route and hide_reason.
+        self.config: Config = config_mod.load(settings.config)
+        self.decider: Any
+        if settings.socket:
+            self.decider = DeciderClient(settings.socket, settings.timeout_ms / 1000.0)
+        else:
+            self.decider = LocalDecider(settings.config)
+        self.faults = 0
+        self.decisions = 0
+        self._last_fault_log = 0.0
+        self._decider_down = False
+
+    # ------------------------------------------------------------ Kamailio's entry points
+    def child_init(self, rank: int) -> int:
+        return 0
+
+    def ksr_request_route(self, msg: Any) -> int:
+        """Every request from the network."""
+        try:
+            self._route()
+        except Exception as exc:  # noqa: BLE001 - nothing may escape into Kamailio; fail open
+            self._fault("request_route", exc)
+            self._relay_fail_open()
+        return 1
+
+    def ksr_reply_route(self, msg: Any) -> int:
+        """Every reply; tm does the work, the method must exist once the script relays."""
+        return 1
+
+    def ksr_onsend_route(self, msg: Any) -> int:
+        """Every message Kamailio sends; must exist once the script relays (see BENCH-NOTES)."""
+        return 1
+
+    def ksr_failure_route(self, msg: Any) -> int:
+        return 1
+
+    def ksr_branch_route(self, msg: Any) -> int:
+        return 1
+
+    # ------------------------------------------------------------ routing
+    def _route(self) -> None:
+        K = self.K
+        pv = K.pv
+        if K.maxfwd.process_maxfwd(self.settings.max_forwards) < 0:
+            K.sl.sl_send_reply(483, "Too Many Hops")
+            return
+        method = pv.gete("$rm")
+        if method == "CANCEL":
+            if K.tm.t_check_trans() > 0:
+                K.tm.t_relay()
+            return
+        if K.siputils.has_totag() > 0:
+            self._in_dialog(method)
+            return
+        if method == "ACK":
+            if K.tm.t_check_trans() > 0:
+                K.tm.t_relay()
+            return   # an ACK without a transaction or dialog goes nowhere
+        if method == "INVITE":
+            # A retransmission of an INVITE already relayed is answered by tm, not screened again.
+            if K.tm.t_check_trans() >= 0:
+                return
+            self._screen()
+            return
+        if method == "OPTIONS" and K.is_myself_ruri():
+            K.sl.sl_send_reply(200, "OK")
+            return
+        K.hdr.append_to_reply("Allow: INVITE, ACK, CANCEL, BYE, OPTIONS\r\n")
+        K.sl.sl_send_reply(405, "Method Not Allowed")
+
+    def _in_dialog(self, method: str) -> None:
+        K = self.K
+        if K.rr.loose_route() > 0:
+            K.tm.t_relay()
+            return
+        if method == "ACK":
+            if K.tm.t_check_trans() > 0:
+                K.tm.t_relay()
+            else:
+                K.forward()   # ACK for a 2xx: end to end, stateless
+            return
+        if K.is_myself_ruri():
+            # Without Record-Route the peer should have sent this to the Contact; follow the
+            # request URI's callee to the trunk so the dialog still ends cleanly.
+            K.setdsturi(trunk_uri(pick_trunk(self.config, "")))
+        if K.tm.t_relay() < 0:
+            K.sl.sl_reply_error()
+
+    def _screen(self) -> None:
+        K = self.K
+        pv = K.pv
+        req = CheckRequest(pv.gete("$fu"), pv.gete("$ru"), pv.gete("$si"), pv.gete("$ai"),
+                           f'{pv.gete("$ci")}|{pv.gete("$cs")}|{pv.gete("$via0(branch)")}')
+        try:
+            reply = self.decider.check(req)
+            if self._decider_down:
+                self._decider_down = False
+                K.info("callguard: decider answers again\n")
+        except DeciderUnavailable as exc:
+            if not self._decider_down:
+                self._decider_down = True
+                K.err(f"callguard: decider unavailable, calls fail open: {exc}\n")
+            self._fault("decider", exc, log=False)
+            self._relay(self._fallback_trunk(req))
+            return
+        self.decisions += 1
+        if reply.flags & FLAG_FAILED_OPEN:
+            self._fault("decision", RuntimeError(reply.reason), log=False)
+        if reply.code:
+            if not reply.flags & FLAG_HIDE_REASON:
+                K.hdr.append_to_reply(f'Reason: SIP;cause={reply.code};text="{_quote(reply.reason)}"\r\n')
+            K.sl.sl_send_reply(reply.code, _quote(reply.reason) or "Forbidden")
+            return
+        self._relay(reply.trunk or self._fallback_trunk(req))
+
+    def _relay(self, trunk: str) -> None:
+        K = self.K
+        K.setdsturi(trunk_uri(trunk))
+        if self.config.sip.record_route:
+            K.rr.record_route()
+        if K.tm.t_relay() < 0:
+            K.sl.sl_reply_error()
+
+    def _fallback_trunk(self, req: CheckRequest) -> str:
+        """The trunk when no verdict came back: route on the callee's digits as they are."""
+        user = req.callee.split(":", 1)[-1].split("@", 1)[0].lstrip("+")
+        return pick_trunk(self.config, user)
+
+    def _relay_fail_open(self) -> None:
+        """After an unexpected fault: relay an initial INVITE to the default trunk; never raise."""
+        try:
+            K = self.K
+            if K.pv.gete("$rm") == "INVITE" and K.siputils.has_totag() < 0:
+                self._relay(pick_trunk(self.config, ""))
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: count, log, stop
+            self._fault("fail_open_relay", exc)
+
+    def _fault(self, where: str, exc: BaseException, log: bool = True) -> None:
+        """Count a fault; log it at most once per FAULT_LOG_INTERVAL (the count tells how many).
+
+        ``log=False`` for faults whose state change is logged elsewhere (decider down/up).
+        """
+        self.faults += 1
+        now = time.monotonic()
+        if log and (self.faults == 1 or now - self._last_fault_log >= FAULT_LOG_INTERVAL):
+            self._last_fault_log = now
+            try:
+                self.K.err(f"callguard: fault in {where} (pid {os.getpid()}, {self.faults} faults so far), "
+                           f"call fails open: {exc!r}\n")
+            except Exception:  # noqa: BLE001 - logging must not raise into Kamailio either
+                pass
+
+
+def make_handler(ksr: Any, settings: PluginSettings) -> CallguardKemi:
+    """Build the routing class for ``mod_init`` (raises on a broken config: Kamailio refuses to start)."""
+    handler = CallguardKemi(ksr, settings)
+    mode = f"decider at {settings.socket}" if settings.socket else "embedded guard (use children=1)"
+    ksr.info(f"callguard: screening with {mode}, config {settings.config}\n")
+    return handler

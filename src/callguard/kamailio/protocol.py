@@ -1,0 +1,148 @@
+"""The decider's wire format: compact, versioned datagrams over a Unix socket.
+
+Every datagram starts with an 8-byte header ``<2sBBI``: the magic ``b"CG"``, the
+protocol version, the operation and a request id chosen by the client (the reply
+carries it back, so a late reply to a request that already timed out is recognised
+and dropped).  Strings are UTF-8 with a 2-byte little-endian length in front.
+
+``CHECK`` request body: caller, callee, source, identity (P-Asserted-Identity, may be
+empty), transaction key (Call-ID + CSeq + Via branch, may be empty).
+``CHECK`` reply body: ``<HBBf`` code (0: allow), rule index into ``RULE_NAMES``,
+flags, score; then the reason phrase and the trunk address (``udp:HOST:PORT``).
+Control operations (``PING``, ``STATS``, ``RELOAD``) carry a JSON object in the reply.
+An ``ERROR`` reply carries a UTF-8 message.
+
+A typical CHECK is about 80 bytes each way.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, NamedTuple
+
+from ..settings import RULE_NAMES
+
+MAGIC = b"CG"
+VERSION = 1
+
+OP_CHECK = 1
+OP_PING = 2
+OP_STATS = 3
+OP_RELOAD = 4
+OP_ERROR = 255
+
+FLAG_HIDE_REASON = 1   # the config asks to leave the Reason header out
+FLAG_FAILED_OPEN = 2   # the decision raised inside the decider and failed open
+
+_HEADER = struct.Struct("<2sBBI")
+_STR = struct.Struct("<H")
+_VERDICT = struct.Struct("<HBBf")
+HEADER_SIZE = _HEADER.size
+MAX_DATAGRAM = 65507
+MAX_FIELD = 4096   # longer fields are cut: a SIP URI longer than this is garbage anyway
+
+
+class ProtocolError(ValueError):
+    """A datagram that does not follow the wire format."""
+
+
+class CheckRequest(NamedTuple):
+    """What a worker asks about one INVITE."""
+
+    caller: str
+    callee: str
+    source: str
+    identity: str
+    txkey: str
+
+
+class CheckReply(NamedTuple):
+    """The decider's answer to one CHECK."""
+
+    code: int
+    rule: str
+    flags: int
+    score: float
+    reason: str
+    trunk: str
+
+
+def _pack_str(text: str) -> bytes:
+    raw = text.encode("utf-8", "surrogatepass")[:MAX_FIELD]
+    return _STR.pack(len(raw)) + raw
+
+
+def _unpack_strs(data: bytes, offset: int, count: int) -> list[str]:
+    out = []
+    for _ in range(count):
+        if offset + 2 > len(data):
+            raise ProtocolError("truncated string length")
+        (n,) = _STR.unpack_from(data, offset)
+        offset += 2
+        if offset + n > len(data):
+            raise ProtocolError("truncated string")
+        out.append(data[offset:offset + n].decode("utf-8", "replace"))
+        offset += n
+    return out
+
+
+def header(op: int, request_id: int) -> bytes:
+    """The 8-byte header of a datagram."""
+    return _HEADER.pack(MAGIC, VERSION, op, request_id & 0xFFFFFFFF)
+
+
+def parse_header(data: bytes) -> tuple[int, int, int]:
+    """Return (version, op, request id); raise ProtocolError for a datagram that is not ours."""
+    if len(data) < HEADER_SIZE:
+        raise ProtocolError(f"datagram of {len(data)} bytes is shorter than the header")
+    magic, version, op, request_id = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise ProtocolError("bad magic")
+    return version, op, request_id
+
+
+def encode_check(request_id: int, req: CheckRequest) -> bytes:
+    """A CHECK request datagram."""
+    return b"".join((header(OP_CHECK, request_id), _pack_str(req.caller), _pack_str(req.callee),
+                     _pack_str(req.source), _pack_str(req.identity), _pack_str(req.txkey)))
+
+
+def decode_check(data: bytes) -> CheckRequest:
+    """The body of a CHECK request (header already checked)."""
+    return CheckRequest(*_unpack_strs(data, HEADER_SIZE, 5))
+
+
+def rule_index(rule: str) -> int:
+    """Index of a rule id in ``RULE_NAMES`` (the reply carries the index, not the name)."""
+    try:
+        return RULE_NAMES.index(rule)
+    except ValueError:
+        return RULE_NAMES.index("allow")
+
+
+def encode_reply_body(code: int, rule: str, flags: int, score: float, reason: str, trunk: str) -> bytes:
+    """A CHECK reply without its header (the decider caches it for retransmissions)."""
+    return _VERDICT.pack(code, rule_index(rule), flags, score) + _pack_str(reason) + _pack_str(trunk)
+
+
+def decode_reply(data: bytes) -> CheckReply:
+    """The body of a CHECK reply (header already checked)."""
+    if len(data) < HEADER_SIZE + _VERDICT.size:
+        raise ProtocolError("truncated verdict")
+    code, rule, flags, score = _VERDICT.unpack_from(data, HEADER_SIZE)
+    if rule >= len(RULE_NAMES):
+        raise ProtocolError(f"rule index {rule} out of range")
+    reason, trunk = _unpack_strs(data, HEADER_SIZE + _VERDICT.size, 2)
+    return CheckReply(code, RULE_NAMES[rule], flags, score, reason, trunk)
+
+
+def encode_json(op: int, request_id: int, obj: Any) -> bytes:
+    """A control request or reply carrying a JSON object."""
+    return header(op, request_id) + json.dumps(obj, separators=(",", ":"), default=str).encode()[:MAX_DATAGRAM - 8]
+
+
+def decode_json(data: bytes) -> Any:
+    """The JSON body of a control datagram (``{}`` when empty)."""
+    body = data[HEADER_SIZE:]
+    return json.loads(body) if body else {}
