@@ -281,3 +281,60 @@ def test_cython_matches_reference_on_corpus(index: int) -> None:
     for datagram in (True, False):
         assert outcome(C.parse_message, data, datagram) == outcome(sipmsg.parse_message_py, data, datagram)
     assert _frames(C.frame_stream, data + data) == _frames(sipmsg.frame_stream_py, data + data)
+
+
+# ------------------------------------------------------------------ batched UDP I/O over loopback
+
+
+@NEEDS_C
+@pytest.mark.parametrize("family,host", [(2, "127.0.0.1"), (10, "::1")], ids=["ipv4", "ipv6"])
+def test_udp_batch_roundtrip(family: int, host: str) -> None:
+    import select
+    import socket
+    import time
+
+    try:
+        server = socket.socket(family, socket.SOCK_DGRAM)
+        server.bind((host, 0))
+    except OSError:
+        pytest.skip(f"{host} not available")
+    client = socket.socket(family, socket.SOCK_DGRAM)
+    client.bind((host, 0))
+    server.setblocking(False)
+    client.setblocking(False)
+    try:
+        batch = C.UdpBatch(server.fileno(), 16)
+        assert batch.recv(8) == []  # nothing yet: EAGAIN is an empty batch, not an error
+        payloads = [invite(Call_ID=f"call-{i}@h") for i in range(20)]
+        for data in payloads[:10]:
+            client.sendto(data, server.getsockname())
+        client.sendto(b"\r\n\r\n", server.getsockname())  # keep-alive: dropped inside
+        for data in payloads[10:]:
+            client.sendto(data, server.getsockname())
+        got: list[tuple[bytes, tuple[Any, ...]]] = []
+        deadline = time.monotonic() + 5
+        while len(got) < 20 and time.monotonic() < deadline:
+            select.select([server], [], [], 0.2)
+            got.extend(batch.recv(8))
+        assert [d for d, _ in got] == payloads
+        assert all(addr[:2] == client.getsockname()[:2] for _, addr in got)
+        assert batch.dropped_keepalives == 1
+        assert C.parse_message(got[3][0]).call_id == "call-3@h"
+
+        replies = [(b"SIP/2.0 100 Trying " + str(i).encode(), addr) for i, (_, addr) in enumerate(got)]
+        assert batch.send_many(replies) == 20
+        echoed: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while len(echoed) < 20 and time.monotonic() < deadline:
+            select.select([client], [], [], 0.2)
+            try:
+                while True:
+                    echoed.append(client.recv(65535))
+            except BlockingIOError:
+                pass
+        assert echoed == [r for r, _ in replies]
+        with pytest.raises(ValueError):
+            batch.send_many([(b"x", ("not-an-address", 5060))])
+    finally:
+        server.close()
+        client.close()

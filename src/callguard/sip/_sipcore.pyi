@@ -31,3 +31,21 @@ def parse_message(data: bytes | bytearray | memoryview, *, datagram: bool = True
 
 def frame_stream(buf: bytearray, max_size: int) -> bytes | None:
     """Pops one complete message from a stream buffer, None if incomplete; raises SipError on bad framing."""
+
+class UdpBatch:
+    """Batched datagram I/O on a bound non-blocking UDP socket (recvmmsg/sendmmsg).
+
+    ``recv`` drops empty datagrams and CRLF keep-alives (counted in
+    ``dropped_keepalives``) and returns the rest with ``socket.recvfrom``-style
+    addresses.  The socket stays owned by the caller.
+    """
+
+    dropped_keepalives: int
+    def __init__(self, fd: int, capacity: int = 64, bufsize: int = 65535) -> None: ...
+    @property
+    def fileno(self) -> int:
+        """The borrowed file descriptor."""
+    def recv(self, max_batch: int = 64) -> list[tuple[bytes, tuple[str, int] | tuple[str, int, int, int]]]:
+        """Up to ``max_batch`` waiting datagrams, [] when none; raises OSError."""
+    def send_many(self, items: list[tuple[bytes, tuple[str, int] | tuple[str, int, int, int]]]) -> int:
+        """Sends the datagrams; returns how many were sent (fewer only on EAGAIN)."""
