@@ -292,6 +292,10 @@ class ProxyProcess:
     proc: subprocess.Popen[bytes]
     log_lines: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
+    signal_pid: int = 0  # the proxy itself when it runs under a wrapper (strace): signals go there
+
+    def _signal(self, sig: int) -> None:
+        os.kill(self.signal_pid or self.proc.pid, sig)
 
     def logs(self) -> list[dict[str, Any]]:
         out = []
@@ -311,12 +315,12 @@ class ProxyProcess:
         return self.proc.poll() is None
 
     def reload(self) -> None:
-        self.proc.send_signal(signal.SIGHUP)
+        self._signal(signal.SIGHUP)
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, wait, return the exit code (kill and raise if it does not exit)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -330,10 +334,11 @@ class ProxyProcess:
 
 
 def start_proxy(config_path: Path, port: int, *, startup_timeout: float = 20.0,
-                extra_args: Iterable[str] = ()) -> ProxyProcess:
+                extra_args: Iterable[str] = (), wrapper: Iterable[str] = ()) -> ProxyProcess:
     """Start ``callguard serve --config FILE`` and wait until OPTIONS is answered 200."""
     env = serve_env()
-    cmd = [*serve_command(), "--config", str(config_path), *extra_args]
+    wrapper = list(wrapper)
+    cmd = [*wrapper, *serve_command(), "--config", str(config_path), *extra_args]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=env, cwd=str(config_path.parent))
     pp = ProxyProcess(config_path=config_path, port=port, proc=proc)
@@ -353,6 +358,9 @@ def start_proxy(config_path: Path, port: int, *, startup_timeout: float = 20.0,
             raise AssertionError(f"callguard serve exited with {proc.returncode} at start:\n{pp.log_text()}")
         resp = options_ping(port, 0.3)
         if resp is not None and status_of(resp) == 200:
+            if wrapper:
+                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                pp.signal_pid = int(children[0])
             return pp
         if time.monotonic() >= deadline:
             proc.kill()
