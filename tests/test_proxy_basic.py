@@ -209,14 +209,19 @@ def make_config(folder: Path, listen: list[str], trunks: list[dict[str, Any]], *
 class InProcess:
     """The proxy on its own event loop in a thread of the test process."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, loop_kind: str = "asyncio") -> None:
         from callguard.guard import Guard
         from callguard.sip.server import Server
 
         cfg = config_mod.load(config_path)
         self.cfg = cfg
         self.server = Server(cfg, Guard(cfg), str(config_path), [], None)
-        self.loop = asyncio.new_event_loop()
+        if loop_kind == "uvloop":
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.result: list[int] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -262,8 +267,17 @@ def peers() -> Iterator[Callable[[], Peer]]:
         p.close()
 
 
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., tuple[InProcess, int]]]:
+def _uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(params=["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(not _uvloop_available(),
+                                                                                  reason="uvloop not installed"))])
+def start(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., tuple[InProcess, int]]]:
     """start(trunks=[port,...], **config overrides) -> (running proxy, its UDP port)."""
     running: list[InProcess] = []
 
@@ -274,7 +288,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., tuple[InProcess, int]]]:
         trunks = trunks or [{"name": f"t{i}", "address": f"udp:127.0.0.1:{p}"} for i, p in enumerate(trunk_ports)]
         folder = tmp_path / f"p{len(running)}"
         folder.mkdir()
-        ip = InProcess(make_config(folder, listen, trunks, **over))
+        ip = InProcess(make_config(folder, listen, trunks, **over), request.param)
         running.append(ip)
         return ip, port
 
@@ -618,60 +632,257 @@ def test_tcp_invite_forwarded_to_udp_trunk_and_back(start: Any, peers: Any) -> N
         s.close()
 
 
-# ---------------------------------------------------------------- reload and stop (subprocess)
-def _serve(config: Path) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "callguard", "serve", "--config", str(config)],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-
-
-def _wait_options(peer: Peer, port: int, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        peer.send(request("OPTIONS", peer.port, port, uri=f"sip:127.0.0.1:{port}"), port)
+def test_tcp_connection_limit(start: Any, peers: Any) -> None:
+    trunk = peers()
+    tport = free_port(socket.SOCK_STREAM)
+    start([trunk.port], listen=[f"tcp:127.0.0.1:{tport}"], sip={"max_tcp_connections": 1})
+    first = _tcp(tport)
+    try:
+        first.sendall(request("OPTIONS", 5999, tport, uri=f"sip:127.0.0.1:{tport}", transport="TCP").encode())
+        assert [status(m) for m in _tcp_read(first, 1)] == [200]
+        second = _tcp(tport)
         try:
-            if status(peer.recv(0.2)) == 200:
-                return
-        except AssertionError:
-            continue
-    raise AssertionError("proxy did not answer OPTIONS")
+            second.settimeout(5)
+            assert second.recv(100) == b""   # refused: closed at once
+        finally:
+            second.close()
+    finally:
+        first.close()
 
 
-def test_sighup_with_bad_file_keeps_old_config_and_sigterm_writes_snapshot(tmp_path: Path, peers: Any) -> None:
+def test_tcp_trunk_and_failover_on_connection_error(start: Any, peers: Any) -> None:
+    caller = peers()
+    closed = free_port(socket.SOCK_STREAM)        # nothing listens here: connection refused
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(5)
+    try:
+        _, port = start([], trunks=[{"name": "gone", "address": f"tcp:127.0.0.1:{closed}"},
+                                    {"name": "tcp", "address": f"tcp:127.0.0.1:{server.getsockname()[1]}"}],
+                        sip={"trunk_timeout": 30})
+        caller.send(request("INVITE", caller.port, port), port)
+        conn, _ = server.accept()
+        try:
+            fwd = _tcp_read(conn, 1)[0]
+            assert first_line(fwd).startswith("INVITE ")
+            assert headers(fwd, "Via")[0].startswith("SIP/2.0/TCP ")
+            conn.sendall(answer(fwd, 200, "OK").encode())
+            assert caller.recv(match=is_status(200))
+        finally:
+            conn.close()
+    finally:
+        server.close()
+
+
+def test_ipv6_listener_and_trunk(start: Any) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    socks = []
+    try:
+        for _ in range(2):
+            s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            try:
+                s6.bind(("::1", 0))
+            except OSError:
+                pytest.skip("no ::1 on this machine")
+            s6.settimeout(3)
+            socks.append(s6)
+        caller6, trunk6 = socks
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+            port = int(probe.getsockname()[1])
+        trunk_addr = f"udp:[::1]:{trunk6.getsockname()[1]}"
+        start([], listen=[f"udp:[::1]:{port}"], trunks=[{"name": "v6", "address": trunk_addr}])
+        cport = caller6.getsockname()[1]
+        inv = request("INVITE", cport, port).replace("127.0.0.1", "[::1]")
+        caller6.sendto(inv.encode(), ("::1", port))
+        fwd = ""
+        while not fwd.startswith("INVITE"):
+            fwd = trunk6.recv(65535).decode()
+        assert headers(fwd, "Via")[0].startswith(f"SIP/2.0/UDP [::1]:{port};")
+        trunk6.sendto(answer(fwd, 486, "Busy Here").encode(), ("::1", port))
+        codes = []
+        while 486 not in codes:
+            codes.append(status(caller6.recv(65535).decode()))
+        assert codes[-1] == 486
+    finally:
+        for s6 in socks:
+            s6.close()
+
+
+def test_records_and_outcomes(start: Any, peers: Any, tmp_path: Path) -> None:
+    from callguard.records import RecordStore
+
+    caller, trunk = peers(), peers()
+    db = tmp_path / "rec.sqlite3"
+    ip, port = start([trunk.port], records={"enabled": True, "path": str(db)}, sip={"record_route": True})
+    caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+    caller.recv(match=lambda m: status(m) >= 200)
+    inv = request("INVITE", caller.port, port)
+    caller.send(inv, port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    trunk.send(answer(fwd, 200, "OK"), port)
+    caller.recv(match=is_status(200))
+    bye = request("BYE", caller.port, port, call_id=headers(inv, "Call-ID")[0], cseq=2, to_tag="trunk1",
+                  uri=f"sip:{CALLEE}@127.0.0.1:{trunk.port}", extra=f"Route: {headers(fwd, 'Record-Route')[0]}")
+    caller.send(bye, port)
+    trunk.recv(match=is_method("BYE"))
+    ip.stop()   # flushes the records
+    with RecordStore(str(db)) as store:
+        rows = {r["rule"]: r for r in store.query()}
+    assert rows["banned"]["code"] == 403 and rows["banned"]["verdict"] == "reject"
+    allowed = rows["allow"]
+    assert allowed["final_code"] == 200 and allowed["answered_at"] and allowed["ended_at"]
+
+
+def test_drain_answers_new_invites_503(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    ip, port = start([trunk.port], sip={"shutdown_grace": 5, "trunk_timeout": 30})
+    inv = request("INVITE", caller.port, port)
+    caller.send(inv, port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    ip.loop.call_soon_threadsafe(ip.server._on_term)
+    wait_until(lambda: ip.proxy.draining, 5, "draining")
+    caller.send(request("INVITE", caller.port, port, callee="02150007777"), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 503
+    # The call in flight still completes; then the proxy stops.
+    trunk.send(answer(fwd, 200, "OK"), port)
+    assert caller.recv(match=is_status(200))
+    ip.thread.join(10)
+    assert ip.result == [0]
+
+
+def test_internal_fault_fails_open(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    ip, port = start([trunk.port])
+
+    def broken(*_: Any) -> str:
+        raise RuntimeError("injected fault")
+
+    ip.proxy._caller_of = broken   # fault injection: the screening step raises
+    caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+    assert trunk.recv(match=is_method("INVITE"))   # failed open: forwarded
+    assert ip.proxy.faults == 1
+
+
+# ---------------------------------------------------------------- reload and stop (subprocess)
+class Served:
+    """``python -m callguard serve`` as a subprocess; its stderr log lines are collected by a thread."""
+
+    def __init__(self, config: Path) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, "-m", "callguard", "serve", "--config", str(config)],
+                                     cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in list(self.lines):
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == name:
+                out.append(ev)
+        return out
+
+    def wait_options(self, peer: Peer, port: int) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "".join(self.lines)
+            peer.send(request("OPTIONS", peer.port, port, uri=f"sip:127.0.0.1:{port}"), port)
+            try:
+                if status(peer.recv(0.2)) == 200:
+                    return
+            except AssertionError:
+                continue
+        raise AssertionError("proxy did not answer OPTIONS:\n" + "".join(self.lines))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_sighup_reload_and_sigterm_snapshot_survive_restart(tmp_path: Path, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    port = free_port()
+    cfg = make_config(tmp_path, [f"udp:127.0.0.1:{port}"], [{"name": "t", "address": f"udp:127.0.0.1:{trunk.port}"}],
+                      logging={"level": "info"}, rate_limits=[{"name": "one", "window": 600, "max_calls": 1}])
+    good = cfg.read_text()
+    final = lambda m: status(m) >= 200  # noqa: E731
+    served = Served(cfg)
+    try:
+        served.wait_options(caller, port)
+        inv = request("INVITE", caller.port, port)
+        caller.send(inv, port)
+        fwd = trunk.recv(match=is_method("INVITE"))
+        trunk.send(answer(fwd, 486, "Busy Here"), port)
+        caller.recv(match=is_status(486))
+        # A broken file: the old config stays in force.
+        cfg.write_text(good.replace("trunk_timeout", "no_such_key"))
+        served.proc.send_signal(signal.SIGHUP)
+        failed = wait_until(lambda: served.events("reload_failed"), 15, "reload_failed")
+        assert "no_such_key" in failed[0]["error"]
+        caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+        resp = caller.recv(match=final)
+        assert status(resp) == 403 and headers(resp, "Reason")
+        # A good file: applied, and the rate-limit state is kept across the reload.
+        data = yaml.safe_load(good)
+        data["sip"]["hide_reason"] = True
+        cfg.write_text(yaml.safe_dump(data))
+        served.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: served.events("reloaded"), 15, "reloaded")
+        caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+        resp = caller.recv(match=final)
+        assert status(resp) == 403 and not headers(resp, "Reason")
+        caller.send(request("INVITE", caller.port, port, callee="02150003333"), port)
+        assert status(caller.recv(match=final)) == 603
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(20) == 0
+        assert json.loads((tmp_path / "state.json").read_text())["tracks"][0]
+    finally:
+        served.kill()
+    # Restarted: the snapshot is restored, so the caller is still over its limit.
+    served = Served(cfg)
+    try:
+        served.wait_options(caller, port)
+        assert served.events("snapshot_restored")
+        caller.send(request("INVITE", caller.port, port, callee="02150004444"), port)
+        assert status(caller.recv(match=final)) == 603
+        assert trunk.silent(0.2, is_method("INVITE"))
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(20) == 0
+    finally:
+        served.kill()
+
+
+def test_corrupt_snapshot_is_ignored(tmp_path: Path, peers: Any) -> None:
     caller, trunk = peers(), peers()
     port = free_port()
     cfg = make_config(tmp_path, [f"udp:127.0.0.1:{port}"], [{"name": "t", "address": f"udp:127.0.0.1:{trunk.port}"}],
                       logging={"level": "info"})
-    proc = _serve(cfg)
+    (tmp_path / "state.json").write_text("{not json")
+    served = Served(cfg)
     try:
-        _wait_options(caller, port, proc)
-        good = cfg.read_text()
-        cfg.write_text(good.replace("trunk_timeout", "no_such_key"))
-        proc.send_signal(signal.SIGHUP)
-        lines: list[str] = []
-        assert proc.stderr is not None
-
-        def saw(event: str) -> bool:
-            line = proc.stderr.readline()  # type: ignore[union-attr]
-            lines.append(line)
-            return f'"event": "{event}"' in line
-
-        wait_until(lambda: saw("reload_failed"), 15, "reload_failed")
-        assert "no_such_key" in lines[-1]
-        # Still serving with the old config: a call is screened and forwarded.
-        caller.send(request("INVITE", caller.port, port), port)
-        assert trunk.recv(match=is_method("INVITE"))
-        caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
-        assert status(caller.recv(match=lambda m: status(m) >= 200)) == 403
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        state = json.loads((tmp_path / "state.json").read_text())
-        assert state["tracks"][0]  # the two callers' attempts survive the restart
+        served.wait_options(caller, port)
+        assert served.events("snapshot_ignored")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        served.kill()
+
+
+def _serve(config: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "callguard", "serve", "--config", str(config)],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
 def test_config_error_exits_2(tmp_path: Path) -> None:

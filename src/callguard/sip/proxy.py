@@ -147,11 +147,12 @@ class NullMetrics:
     """Stand-in when metrics are disabled: same methods, no effect."""
 
     def decision(self, rule: str, latency_seconds: float) -> None: ...
-    def message_in(self, method: str) -> None: ...
-    def message_out(self, method: str) -> None: ...
+    def message_in(self, method: str | int) -> None: ...
+    def message_out(self, method: str | int) -> None: ...
     def parse_error(self) -> None: ...
     def trunk_state(self, name: str, up: bool) -> None: ...
-    def record_written(self, n: int) -> None: ...
+    def record_written(self, n: int = 1) -> None: ...
+    def record_dropped(self, n: int = 1) -> None: ...
     def overload(self) -> None: ...
     def fault(self) -> None: ...
 
@@ -390,10 +391,16 @@ class Proxy:
             local = self._local_for[key] = local_address_towards(dest_host, dest_port, info.family)
         return f"[{local}]:{info.port}" if ":" in local else f"{local}:{info.port}"
 
-    def _send(self, ep: Any, data: bytes, addr: Any, method: str) -> None:
+    def _send(self, ep: Any, data: bytes, addr: Any, method: str | int) -> None:
+        """Send one message; ``method`` labels the metric (a response: its status code or "response")."""
         if ep is None:
             return
         ep.send(data, addr)
+        if method == "response":
+            try:
+                method = int(data[8:11])
+            except ValueError:
+                pass
         self.metrics.message_out(method)
 
     def _respond(self, msg: Any, ep: Any, addr: Any, code: int, reason: str, *, to_tag: str | None = None,
@@ -430,7 +437,7 @@ class Proxy:
                 self.metrics.message_in(msg.method)
                 self._on_request(msg, ep, addr)
             else:
-                self.metrics.message_in("response")
+                self.metrics.message_in(msg.status)
                 self._on_response(msg, ep, addr)
         except Exception as exc:  # noqa: BLE001 - one bad message must never stop the proxy
             self._fault(exc, msg, ep, addr)

@@ -90,7 +90,7 @@ def write_snapshot(path: str, data: dict[str, Any]) -> None:
         raise
 
 
-def _open_records(cfg: Config, log: Any) -> Any:
+def _open_records(cfg: Config, log: Any, metrics: Any) -> Any:
     if not cfg.records.enabled:
         return NullRecords()
     try:
@@ -100,7 +100,8 @@ def _open_records(cfg: Config, log: Any) -> Any:
         return NullRecords()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.records.path)), exist_ok=True)
-        return RecordStore(cfg.records.path, cfg.records.retention_days)
+        return RecordStore(cfg.records.path, cfg.records.retention_days, on_written=metrics.record_written,
+                           on_dropped=metrics.record_dropped)
     except Exception as exc:  # noqa: BLE001 - calls keep flowing without records; said loudly
         log.error("records_failed", path=cfg.records.path, error=str(exc))
         return NullRecords()
@@ -110,14 +111,15 @@ def _open_metrics(cfg: Config, log: Any) -> Any:
     if not cfg.metrics.enabled:
         return NullMetrics()
     try:
-        from ..metrics import Metrics
+        from ..metrics import Metrics, parse_listen
     except ImportError as exc:
         log.warning("metrics_unavailable", error=str(exc))
         return NullMetrics()
     m = Metrics()
-    host, _, port = cfg.metrics.listen.rpartition(":")
     try:
-        m.start_server(host.strip("[]") or "127.0.0.1", int(port))
+        host, port = parse_listen(cfg.metrics.listen)
+        bound = m.start_server(host, port)
+        log.info("metrics_listening", host=host, port=bound)
     except (OSError, ValueError) as exc:
         log.error("metrics_listen_failed", listen=cfg.metrics.listen, error=str(exc))
     return m
@@ -142,8 +144,8 @@ class Server:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
-        self.records = _open_records(self.cfg, self.log)
         self.metrics = _open_metrics(self.cfg, self.log)
+        self.records = _open_records(self.cfg, self.log, self.metrics)
         proxy = self.proxy = Proxy(loop, self.cfg, self.guard, records=self.records, metrics=self.metrics,
                                    log=self.log)
 
@@ -258,6 +260,9 @@ class Server:
                 self.log.info("snapshot_written", path=state)
             except Exception as exc:  # noqa: BLE001
                 self.log.error("snapshot_failed", path=state, error=repr(exc))
+        stop_metrics = getattr(self.metrics, "stop_server", None)
+        if stop_metrics is not None:
+            stop_metrics()
         self.log.info("stopped", unfinished=self.proxy.in_flight)
 
     def _close_listeners(self) -> None:
