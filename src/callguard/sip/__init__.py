@@ -1,0 +1,1 @@
+"""SIP: message parsing and the screening proxy (``callguard serve``)."""
