@@ -12,8 +12,9 @@ import datetime as dt
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class TimeParser:
     def _day(self, date: str, zone: str) -> float:
         tz = self.tz
         if zone in ("Z", "z"):
-            tz = dt.timezone.utc
+            tz = dt.UTC
         elif zone:
             tz = parse_tz(zone)
         d = dt.date.fromisoformat(date)
