@@ -43,10 +43,10 @@ def make_log(path: Path, rows: int, seed: int = 7) -> None:
             elif r < 0.08:
                 caller = rnd.choice(["95555", "95599", "039196123", "95588"])
             elif r < 0.15:
-                caller = "1331234%04d" % rnd.randrange(50)          # busy callers -> high_frequency
+                caller = f"1331234{rnd.randrange(50):04d}"          # busy callers -> high_frequency
             else:
-                caller = "13%09d" % rnd.randrange(10**9)
-            callee = "0215%07d" % rnd.randrange(10**7)
+                caller = f"13{rnd.randrange(10**9):09d}"
+            callee = f"0215{rnd.randrange(10**7):07d}"
             stamp = f"{t:.3f}" if i % 2 else time.strftime("%Y-%m-%dT%H:%M:%S+08:00", time.gmtime(t + 8 * 3600))
             w.writerow([stamp, caller, callee, "127.0.0.1"])
 
