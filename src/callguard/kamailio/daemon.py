@@ -116,8 +116,12 @@ class Decider:
                 self.stats["faults"] += 1
                 log.error("decision_failed_open", error=repr(self.guard.last_fault), caller=req.caller,
                           callee=req.callee)
-            trunk = pick_trunk(self.guard.config, v.callee) if v.code == 0 else ""
-            reply = CheckReply(v.code, v.rule, flags, float(v.score), v.reason, trunk)
+            if v.code == 0 and "untrusted_source" in v.shadowed:
+                # Never an open relay, whatever the rule modes say (as `callguard serve`).
+                reply = CheckReply(403, "untrusted_source", flags, float(v.score), "Forbidden - untrusted source", "")
+            else:
+                trunk = pick_trunk(self.guard.config, v.callee) if v.code == 0 else ""
+                reply = CheckReply(v.code, v.rule, flags, float(v.score), v.reason, trunk)
             self.stats["rule:" + v.rule] += 1
             if v.code:
                 log.info("call_rejected", caller=v.caller, callee=v.callee, source=req.source, rule=v.rule,

@@ -61,6 +61,11 @@ def _quote(text: str) -> str:
     return "".join(ch for ch in text if ch >= " " and ch != "\x7f").replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _phrase(text: str) -> str:
+    """A reason phrase for the status line: printable, no CR/LF."""
+    return "".join(ch for ch in text if ch >= " " and ch != "\x7f")
+
+
 class CallguardKemi:
     """The routing class ``mod_init`` hands to Kamailio.
 
@@ -183,8 +188,10 @@ class CallguardKemi:
             self._fault("decision", RuntimeError(reply.reason), log=False)
         if reply.code:
             if not reply.flags & FLAG_HIDE_REASON:
-                K.hdr.append_to_reply(f'Reason: SIP;cause={reply.code};text="{_quote(reply.reason)}"\r\n')
-            K.sl.sl_send_reply(reply.code, _quote(reply.reason) or "Forbidden")
+                # The same Reason header as `callguard serve`: the rule id, then the reason text.
+                text = _quote(f"{reply.rule}: {reply.reason}")
+                K.hdr.append_to_reply(f'Reason: SIP;cause={reply.code};text="{text}"\r\n')
+            K.sl.sl_send_reply(reply.code, _phrase(reply.reason) or "Rejected")
             return
         self._relay(reply.trunk or self._fallback_trunk(req))
 
