@@ -18,6 +18,7 @@ cdef struct Num:
     int area_len            # len(Number.area)
     bint default_area       # d starts with the source's default area
     char d[BUF]             # ASCII digits (a non-ASCII default area is stored by its decimal values)
+    char area[8]            # Number.area (ASCII)
 
 
 cdef struct Decision:

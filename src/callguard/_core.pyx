@@ -12,7 +12,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from cpython.unicode cimport Py_UNICODE_ISSPACE, PyUnicode_Check
+from cpython.unicode cimport PyUnicode_Check
 from libc.math cimport isfinite
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -37,7 +37,8 @@ cdef extern from "Python.h":
     int PyUnicode_KIND(object)
     void* PyUnicode_DATA(object)
     Py_ssize_t PyUnicode_GET_LENGTH(object)
-    Py_UCS4 PyUnicode_READ(int kind, void* data, Py_ssize_t index)
+    Py_UCS4 PyUnicode_READ(int kind, const void* data, Py_ssize_t index) nogil
+    bint Py_UNICODE_ISSPACE(Py_UCS4 ch) nogil
     object PyUnicode_FromKindAndData(int kind, const void* buffer, Py_ssize_t size)
     int PyUnicode_1BYTE_KIND
 
@@ -497,7 +498,9 @@ cdef inline uint32_t _lower_ascii(Py_UCS4 c) noexcept nogil:
     return x
 
 
-cdef void _set(Num* out, int kind, const char* d, int n, int area_len) noexcept nogil:
+cdef void _set(Num* out, int kind, const char* d, int n, int area_len, const char* area) noexcept nogil:
+    if area_len:
+        memcpy(out.area, area, area_len)
     out.kind = kind
     memmove(out.d, d, n)
     out.n = n
@@ -512,7 +515,7 @@ cdef void _classify(Num* out, const char* d, int n, const char* area, int alen_d
     cdef int alen, r
     if from_cc and n > 0 and d[0] != 48:
         if n == 11 and d[0] == 49 and 51 <= d[1] <= 57:
-            _set(out, MOBILE, d, n, 0)
+            _set(out, MOBILE, d, n, 0, NULL)
             return
         if ((n == 10 and d[0] == 49 and d[1] == 48) or (d[0] == 50 and n == 10)
                 or (51 <= d[0] <= 57 and 10 <= n <= 11)):
@@ -529,49 +532,50 @@ cdef void _classify(Num* out, const char* d, int n, const char* area, int alen_d
     c0 = d[0]
     if c0 == 49:
         if n == 11 and 51 <= d[1] <= 57:
-            _set(out, MOBILE, d, n, 0)
+            _set(out, MOBILE, d, n, 0, NULL)
         elif n <= 8:
-            _set(out, SHORT, d, n, 0)
+            _set(out, SHORT, d, n, 0, NULL)
         else:
-            _set(out, OTHER, d, n, 0)
+            _set(out, OTHER, d, n, 0, NULL)
         return
     if c0 == 57:
         if n >= 5 and d[1] == 53:
-            _set(out, SERVICE95, d, n, 0)
+            _set(out, SERVICE95, d, n, 0, NULL)
         elif n >= 5 and d[1] == 54:
             if alen_default:
                 memmove(out.d + alen_default, d, n)
                 memcpy(out.d, area, alen_default)
+                memcpy(out.area, area, alen_default)
                 out.kind = SERVICE96
                 out.n = n + alen_default
                 out.area_len = alen_default
                 out.default_area = True
             else:
-                _set(out, SERVICE96, d, n, 0)
+                _set(out, SERVICE96, d, n, 0, NULL)
         else:
-            _set(out, OTHER, d, n, 0)
+            _set(out, OTHER, d, n, 0, NULL)
         return
     if (c0 == 52 or c0 == 56) and n == 10 and d[1] == 48 and d[2] == 48:
-        _set(out, FREEPHONE, d, n, 0)
+        _set(out, FREEPHONE, d, n, 0, NULL)
         return
     if c0 == 48:
         if n < 4:
-            _set(out, OTHER, d, n, 0)
+            _set(out, OTHER, d, n, 0, NULL)
             return
         alen = 3 if (d[1] == 49 or d[1] == 50) else 4
         r = n - alen
         if r >= 5 and d[alen] == 57 and d[alen + 1] == 54:
-            _set(out, SERVICE96, d, n, alen)
+            _set(out, SERVICE96, d, n, alen, d)
         elif r >= 5 and d[alen] == 57 and d[alen + 1] == 53:
-            _set(out, SERVICE95, d + alen, r, 0)
+            _set(out, SERVICE95, d + alen, r, 0, NULL)
         elif 3 <= r <= 8 and d[alen] == 49 and r != 7 and r != 8:
-            _set(out, SHORT, d + alen, r, alen)
+            _set(out, SHORT, d + alen, r, alen, d)
         elif 7 <= r <= 8:
-            _set(out, FIXED, d, n, alen)
+            _set(out, FIXED, d, n, alen, d)
         else:
-            _set(out, OTHER, d, n, 0)
+            _set(out, OTHER, d, n, 0, NULL)
         return
-    _set(out, OTHER, d, n, 0)
+    _set(out, OTHER, d, n, 0, NULL)
 
 
 cdef void _international(Num* out, const char* s, int n) noexcept nogil:
@@ -592,8 +596,14 @@ cdef void _international(Num* out, const char* s, int n) noexcept nogil:
 
 cdef int _normalize(object raw, const char* area, int alen, Num* out) except -1:
     """numbers.normalize over the str's characters, without building Python objects."""
-    cdef int kind
-    cdef void* data
+    if not PyUnicode_Check(raw):
+        raise TypeError(f"expected a str, got {type(raw).__name__}")
+    _normalize_buf(PyUnicode_KIND(raw), PyUnicode_DATA(raw), PyUnicode_GET_LENGTH(raw), area, alen, out)
+    return 0
+
+
+cdef void _normalize_buf(int kind, const void* data, Py_ssize_t length, const char* area, int alen,
+                         Num* out) noexcept nogil:
     cdef Py_ssize_t a, b, i, lt = -1
     cdef Py_UCS4 c
     cdef char d[BUF]
@@ -604,12 +614,8 @@ cdef int _normalize(object raw, const char* area, int alen, Num* out) except -1:
     out.n = 0
     out.area_len = 0
     out.default_area = False
-    if not PyUnicode_Check(raw):
-        raise TypeError(f"expected a str, got {type(raw).__name__}")
-    kind = PyUnicode_KIND(raw)
-    data = PyUnicode_DATA(raw)
     a = 0
-    b = PyUnicode_GET_LENGTH(raw)
+    b = length
     while a < b and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, a)):
         a += 1
     while b > a and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, b - 1)):
@@ -651,7 +657,7 @@ cdef int _normalize(object raw, const char* area, int alen, Num* out) except -1:
                     lt = i
                     break
             if lt < 0:
-                return 0
+                return
             b = lt
         for i in range(a, b):
             c = PyUnicode_READ(kind, data, i)
@@ -669,13 +675,13 @@ cdef int _normalize(object raw, const char* area, int alen, Num* out) except -1:
                 continue
         if 48 <= c <= 57:
             if n >= 23:
-                return 0            # longer than any number form: not a number
+                return              # longer than any number form: not a number
             d[n] = <char>c
             n += 1
         else:
-            return 0
+            return
     if n == 0:
-        return 0
+        return
     if plus:
         if n >= 2 and d[0] == 56 and d[1] == 54:
             _classify(out, d + 2, n - 2, area, alen, True)
@@ -686,10 +692,10 @@ cdef int _normalize(object raw, const char* area, int alen, Num* out) except -1:
     elif n >= 2 and d[0] == 48 and d[1] == 48:
         _international(out, d + 2, n - 2)
     elif n == 13 and d[0] == 56 and d[1] == 54 and d[2] == 49 and 51 <= d[3] <= 57:
-        _set(out, MOBILE, d + 2, 11, 0)
+        _set(out, MOBILE, d + 2, 11, 0, NULL)
     else:
         _classify(out, d, n, area, alen, False)
-    return 0
+    return
 
 
 cdef inline u128 _full_key(const Num* num) noexcept nogil:
@@ -723,7 +729,7 @@ def normalize(str raw, str default_area=""):
     digits = _digits_str(&num, default_area)
     if num.default_area:
         return (num.kind, digits, default_area)
-    return (num.kind, digits, digits[:num.area_len])
+    return (num.kind, digits, num.area[:num.area_len].decode("ascii"))
 
 
 cdef bytes _area_bytes(str area):

@@ -1,0 +1,53 @@
+"""The compiled core's C normalisation must equal ``numbers.normalize`` for every input."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from callguard import numbers
+
+_core = pytest.importorskip("callguard._core")
+
+AREAS = ["", "0391", "021", "010", "0755"]
+
+PIECES = ["sip:", "SIP:", "sips:", "SiPs:", "tel:", "TEL:", "<", ">", "@", ";", "?", "+", "+86", "0086", "86",
+          "00", "0", "1", "9", "95", "96", " ", "-", ".", "(", ")", "\t", "/", "\u3000", "\xa0", "\u0660",
+          "\u0130", "\u212a", "anonymous", "user=phone", "13800138000", "0391", "96123", "400", "800", "10086",
+          "44", "\n", "\x00", "\U0001f600", "ſ", ":"]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(raw=st.lists(st.sampled_from(PIECES), max_size=8).map("".join), area=st.sampled_from(AREAS))
+@example(raw="sip:+8613800138000@gw;user=phone", area="")
+@example(raw="tel:+86-391-3569391", area="")
+@example(raw="96123", area="0391")
+@example(raw="9612345678901234567", area="0391")
+@example(raw="+86 " + "9" * 30, area="")
+@example(raw="S\u0130P:1@x", area="")
+def test_pieces(raw: str, area: str) -> None:
+    assert _core.normalize(raw, area) == tuple(numbers.normalize(raw, area))
+
+
+@settings(max_examples=800, deadline=None)
+@given(raw=st.text(max_size=40), area=st.sampled_from(AREAS))
+def test_any_text(raw: str, area: str) -> None:
+    assert _core.normalize(raw, area) == tuple(numbers.normalize(raw, area))
+
+
+@settings(max_examples=800, deadline=None)
+@given(digits=st.text(alphabet="0123456789", min_size=0, max_size=26), lead=st.sampled_from(["", "+", "+86", "00",
+                                                                                           "0086", "86", "0"]),
+       area=st.sampled_from(AREAS))
+def test_digit_strings(digits: str, lead: str, area: str) -> None:
+    raw = lead + digits
+    assert _core.normalize(raw, area) == tuple(numbers.normalize(raw, area))
+
+
+def test_huge_and_non_ascii() -> None:
+    for raw in ["1" * 100_000, "sip:" + "1" * 50_000 + "@x", "\u3000 13800138000 \u3000", "1380013800\u0660",
+                "<sip:13800138000@x", "tel:13800138000;ext=1?x", "\U0001f600" * 10]:
+        assert _core.normalize(raw, "") == tuple(numbers.normalize(raw, ""))
+    # an area written with non-ASCII digits (the config accepts them) keeps its characters
+    assert _core.normalize("96123", "0\u0663\u0669\u0661") == tuple(numbers.normalize("96123", "0\u0663\u0669\u0661"))
