@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decider", help="decision service for the Kamailio plug-in (one Guard for all workers)")
     _add_config(p)
     p.add_argument("--socket", default="/run/callguard/decider.sock", metavar="PATH", help="Unix socket path")
+    p.add_argument("--socket-mode", default="660", help="permissions of the socket file, octal")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--reload", action="store_true", help="ask the running decider to reload, wait, report")
+    g.add_argument("--stats", action="store_true", help="print the running decider's counters as JSON")
+    g.add_argument("--ping", action="store_true", help="exit 0 when a decider answers on --socket")
 
     p = sub.add_parser("validate", help="check a config and its lists; report every broken list row")
     _add_config(p)
@@ -170,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .records import records_main
             return records_main(args)
         if args.command == "decider":
-            from .kamailio.daemon import decider_main
-            return decider_main(args)
+            from .kamailio.daemon import run as decider_run
+            return decider_run(args)
     except CallguardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -43,5 +43,9 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
 
 
 def get_logger(name: str = "callguard") -> Any:
-    """A structlog logger carrying ``logger=name``."""
-    return structlog.get_logger(name).bind(logger=name)
+    """A structlog logger carrying ``logger=name``.
+
+    The logger is a lazy proxy: binding happens on first use, so a module-level
+    logger created at import time still renders as :func:`configure` later sets up.
+    """
+    return structlog.get_logger(logger=name)

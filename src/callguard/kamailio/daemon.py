@@ -432,7 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``callguard decider``: serve, or with --reload/--stats/--ping talk to a running decider."""
     try:
         if args.reload:
             result = reload_and_wait(args.socket)
