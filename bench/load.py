@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if summaries:
         print(report.table(summaries, result["ratios_vs_native"], a.fixed_rates))
-        print("(gen): the load generator, not the system, was the limit; *: that point was not sustained")
+        print("(gen): a SIPp instance was at >= 90 % of a core; (cores): both cores were full (the system competes "
+              "with its load generator); *: that point was not sustained")
     for n, why in result["skipped"].items():
         print(f"skipped {n}: {why}")
     print(f"\nresult {json_path}\nplot   {png or '(matplotlib missing)'}\nelapsed {result['elapsed_s']:.0f} s")

@@ -95,6 +95,23 @@ def tree_cpu(pids: Sequence[int]) -> dict[int, float]:
     return out
 
 
+def comm(pid: int) -> str:
+    """The short command name of a process ('?' when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def cpu_by_name(before: dict[int, float], after: dict[int, float], names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds between two samples, summed per command name (reaped children as 'reaped')."""
+    out: dict[str, float] = {}
+    for p, v in after.items():
+        name = names.get(p, "reaped" if p < 0 else "?")
+        out[name] = round(out.get(name, 0.0) + v - before.get(p, 0.0), 4)
+    return out
+
+
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     """CPU seconds used between two :func:`tree_cpu` samples (processes born in between count whole)."""
     return sum(v - before.get(p, 0.0) for p, v in after.items())

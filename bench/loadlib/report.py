@@ -74,7 +74,7 @@ def table(summaries: dict[str, dict[str, Any]], rat: dict[str, dict[str, float |
         for m in mixes:
             best = s["max_sustained"].get(m)
             lim = s["limited_by"].get(m)
-            tag = {"generator": " (gen)", "system": "", "error": " (err)"}.get(lim or "", "")
+            tag = {"generator": " (gen)", "machine": " (cores)", "system": "", "error": " (err)"}.get(lim or "", "")
             row.append(_f(best) + tag)
         for rate in fixed_rates:
             k = int(rate)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -90,6 +91,9 @@ class Bench:
             results = uac.wait()
             wall = time.monotonic() - t0
             cpu1 = procs.tree_cpu(running.pids())
+            names = {p: f"{procs.comm(p)}" for p in cpu1 if p > 0}
+            for proc in running.procs:      # name the roots by role (decider vs kamailio, ...)
+                names[proc.pid] = proc.name
             uas_cpu1 = procs.cpu_seconds(uas.pid) if uas else 0.0
             alive = running.alive()
             try:
@@ -99,6 +103,7 @@ class Bench:
                 prober.kill()
                 probe = {"error": str(exc)}
             res.update(self._judge(results, cpu0, cpu1, wall, probe, uas_cpu1 - uas_cpu0, alive))
+            res["server_cpu_by_process"] = procs.cpu_by_name(cpu0, cpu1, names)
         except Exception as exc:  # noqa: BLE001 - one broken point must not end the whole bench
             res.update({"sustained": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
         finally:
@@ -126,9 +131,17 @@ class Bench:
         base = max(created, 1)
         sustained = (alive and min_share >= MIN_RATE_SHARE and failed / base <= MAX_FAILED_SHARE
                      and retrans / base <= MAX_RETRANS_SHARE and created >= planned)
+        # Cores in use by everything the bench started (the prober is negligible): when the
+        # machine is full, the system under test competes with its own load generator.
+        cores_busy = sum(r.cpu_s for r in results) / wall + server_cpu / wall + uas_cpu / wall if wall else 0.0
         limit = None
         if not sustained:
-            limit = "generator" if max(sipp_busy, default=0) >= GENERATOR_BUSY else "system"
+            if max(sipp_busy, default=0) >= GENERATOR_BUSY:
+                limit = "generator"
+            elif cores_busy >= 0.95 * (os.cpu_count() or 1):
+                limit = "machine"
+            else:
+                limit = "system"
         return {
             "sustained": sustained, "limited_by": limit, "alive": alive,
             "calls_planned": planned, "calls_created": created, "calls_ok": ok, "calls_failed": failed,
@@ -138,7 +151,7 @@ class Bench:
             "dead_call_msgs": sum(r.dead_call_msgs for r in results),
             "server_cpu_s": round(server_cpu, 4), "server_cpu_share": round(server_cpu / wall, 3) if wall else None,
             "server_cpu_us_per_call": round(server_cpu * 1e6 / (created + probes), 2) if created else None,
-            "sipp_cpu_share": [round(x, 3) for x in sipp_busy], "uas_cpu_share": round(uas_cpu / wall, 3) if wall
+            "sipp_cpu_share": [round(x, 3) for x in sipp_busy], "cores_busy": round(cores_busy, 2), "uas_cpu_share": round(uas_cpu / wall, 3) if wall
             else None, "wall_s": round(wall, 2), "probe": probe,
             "sipp_exit_codes": [r.exit_code for r in results],
             "sipp_errors": [r.errors_tail[:300] for r in results if r.errors_tail][:2],

@@ -144,7 +144,7 @@ class UacRun:
             argv = [sipp_binary() or "sipp", f"127.0.0.1:{self.target_port}", "-sf", str(SCENARIOS / "uac.xml"),
                     "-inf", str(inf), "-i", "127.0.0.1", "-p", str(port), "-t", "u1", "-buff_size", BUFF,
                     "-nostdin", "-r", f"{rate:.0f}", "-rp", "1000", "-m", str(calls),
-                    "-l", str(max(1000, int(rate * 40))),          # calls in flight: retransmit window
+                    "-l", str(max(1000, int(rate * 4))),   # calls in flight: 4 s of load; reaching it shows as a rate drop
                     "-timeout", f"{int(self.duration + 40)}s", "-timeout_error",
                     "-trace_stat", "-stf", str(d / "stat.csv"), "-fd", "1", "-trace_counts",
                     "-trace_err", "-error_file", str(d / "errors.log"), "-error_overwrite", "true"]
