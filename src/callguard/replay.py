@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import gc
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -23,7 +23,7 @@ from .guard import Guard
 from .lists import parse_tz
 from .settings import RULE_NAMES
 
-CHUNK_ROWS = 65536
+CHUNK_ROWS = 16384
 BAD_ROW = "bad_row"
 
 
@@ -58,30 +58,30 @@ class TimeParser:
 
     def __init__(self, tz: dt.tzinfo) -> None:
         self.tz = tz
-        self._days: dict[str, float] = {}
+        self._minutes: dict[str, float] = {}
 
     def __call__(self, text: str) -> float:
-        c0 = text[:1]
-        if c0.isdigit() and (len(text) < 5 or text[4] != "-"):
-            return float(text)
-        # Fast path: YYYY-MM-DD[T ]HH:MM:SS[.ffffff] with an optional Z or ±HH:MM.
+        if text[4:5] != "-":
+            return float(text)              # epoch seconds (ValueError if it is neither)
+        # Fast path: YYYY-MM-DD[T ]HH:MM:SS[.ffffff] with an optional Z or ±HH:MM; the
+        # value up to the minute is cached per zone, so a log costs one lookup per row.
         if len(text) >= 19 and text[10] in "T " and text[13] == ":" and text[16] == ":":
-            rest = text[19:]
             frac = 0.0
-            if rest[:1] == ".":
+            zone = text[19:]
+            if zone[:1] == ".":
                 end = 1
-                while end < len(rest) and rest[end].isdigit():
+                while end < len(zone) and zone[end].isdigit():
                     end += 1
-                frac = float(rest[:end])
-                rest = rest[end:]
-            key = text[:10] + rest
-            day = self._days.get(key)
-            if day is None:
-                day = self._day(text[:10], rest)
-                if len(self._days) > 4096:
-                    self._days.clear()
-                self._days[key] = day
-            return day + int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19]) + frac
+                frac = float(zone[:end])
+                zone = zone[end:]
+            key = text[:16] + zone
+            minute = self._minutes.get(key)
+            if minute is None:
+                minute = self._day(text[:10], zone) + int(text[11:13]) * 3600 + int(text[14:16]) * 60
+                if len(self._minutes) > 65536:
+                    self._minutes.clear()
+                self._minutes[key] = minute
+            return minute + int(text[17:19]) + frac
         stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
         if stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=self.tz)
@@ -97,27 +97,6 @@ class TimeParser:
         return dt.datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()
 
 
-def _chunks(reader: Iterator[list[str]], size: int) -> Iterator[list[tuple[int, list[str]]]]:
-    chunk: list[tuple[int, list[str]]] = []
-    line = 1
-    for row in reader:
-        line += 1
-        if not row:
-            continue
-        chunk.append((line, row))
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _row_problem(row: list[str], width: int, i_time: int) -> str | None:
-    if len(row) != width:
-        return f"expected {width} fields, got {len(row)}"
-    return None
-
-
 def replay(guard: Guard, log_path: str, out: IO[str] | None, progress: IO[str] | None = None,
            chunk_rows: int = CHUNK_ROWS, max_problems: int = 20) -> ReplaySummary:
     """Replay a call log; write rows + verdict,code,rule to ``out``; return the summary.
@@ -129,83 +108,117 @@ def replay(guard: Guard, log_path: str, out: IO[str] | None, progress: IO[str] |
         handle = open(log_path, newline="", encoding="utf-8-sig")
     except OSError as exc:
         raise InputError(f"{log_path}: cannot read: {exc.strerror or exc}") from None
+    with handle:
+        # The replay allocates millions of short-lived lists and no cycles: the cyclic
+        # collector would only rescan them (it halves the throughput), so it rests meanwhile.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return _replay(guard, log_path, handle, out, progress, chunk_rows, max_problems)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+
+def _replay(guard: Guard, log_path: str, handle: IO[str], out: IO[str] | None, progress: IO[str] | None,
+            chunk_rows: int, max_problems: int) -> ReplaySummary:
     size = os.fstat(handle.fileno()).st_size
     summary = ReplaySummary()
     started = time.perf_counter()
     parse_time = TimeParser(parse_tz(guard.config.lists.timezone))
-    with handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise InputError(f"{log_path}: empty file: a header row time,caller,callee is needed") from None
-        names = [h.strip().lower() for h in header]
-        missing = [c for c in ("time", "caller", "callee") if c not in names]
-        if missing:
-            raise InputError(f"{log_path}:1: header lacks column(s) {', '.join(missing)}")
-        i_time, i_caller, i_callee = names.index("time"), names.index("caller"), names.index("callee")
-        i_source = names.index("source") if "source" in names else -1
-        width = len(names)
-        writer = csv.writer(out, lineterminator="\n") if out is not None else None
+    reader = csv.reader(handle)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InputError(f"{log_path}: empty file: a header row time,caller,callee is needed") from None
+    names = [h.strip().lower() for h in header]
+    missing = [c for c in ("time", "caller", "callee") if c not in names]
+    if missing:
+        raise InputError(f"{log_path}:1: header lacks column(s) {', '.join(missing)}")
+    i_time, i_caller, i_callee = names.index("time"), names.index("caller"), names.index("callee")
+    i_source = names.index("source") if "source" in names else -1
+    width = len(names)
+    writer = csv.writer(out, lineterminator="\n") if out is not None else None
+    if writer is not None:
+        writer.writerow(header + ["verdict", "code", "rule"])
+    counts = np.zeros(len(RULE_NAMES), dtype=np.int64)
+    suffixes: dict[tuple[int, int], list[str]] = {}
+    error_suffix = ["error", "", BAD_ROW]
+    last_time = -float("inf")
+
+    rows: list[list[str]] = []
+    bad: set[int] = set()
+    callers: list[str] = []
+    callees: list[str] = []
+    sources: list[str | None] = []
+    times: list[float] = []
+
+    def flush() -> None:
+        nonlocal counts
+        codes, rules, _scores = guard.check_batch(callers, callees, sources, np.array(times, dtype=np.float64))
+        counts += np.bincount(rules, minlength=len(RULE_NAMES))
         if writer is not None:
-            writer.writerow(header + ["verdict", "code", "rule"])
-        last_time = -float("inf")
-        counts = np.zeros(len(RULE_NAMES), dtype=np.int64)
-        for chunk in _chunks(reader, chunk_rows):
-            callers: list[str] = []
-            callees: list[str] = []
-            sources: list[str | None] = []
-            times = np.empty(len(chunk), dtype=np.float64)
-            good: list[int] = []
-            bad: dict[int, str] = {}
-            for j, (line, row) in enumerate(chunk):
-                problem = _row_problem(row, width, i_time)
-                if problem is None:
-                    try:
-                        t = parse_time(row[i_time])
-                    except (ValueError, IndexError):
-                        t = -1.0
-                    if not t >= 0:
-                        problem = f"time: not ISO 8601 or epoch seconds: {row[i_time]!r}"
-                if problem is not None:
-                    bad[j] = problem
-                    summary.bad_rows += 1
-                    if len(summary.problems) < max_problems:
-                        summary.problems.append(f"{log_path}:{line}: {problem}")
+            k = 0
+            code_list = codes.tolist()
+            rule_list = rules.tolist()
+            for j, row in enumerate(rows):
+                if bad and j in bad:
+                    row.extend(error_suffix)
                     continue
-                if t < last_time:
-                    summary.out_of_order += 1
-                last_time = t
-                times[len(good)] = t
-                good.append(j)
-                callers.append(row[i_caller])
-                callees.append(row[i_callee])
-                sources.append((row[i_source] or None) if i_source >= 0 else None)
-            codes, rules, _scores = guard.check_batch(callers, callees, sources, times[:len(good)])
-            counts += np.bincount(rules, minlength=len(RULE_NAMES))
-            if writer is not None:
-                code_list = codes.tolist()
-                rule_list = rules.tolist()
-                out_rows = []
-                k = 0
-                for j, (_line, row) in enumerate(chunk):
-                    if j in bad:
-                        out_rows.append(row + ["error", "", BAD_ROW])
-                        continue
-                    code = code_list[k]
-                    out_rows.append(row + ["reject" if code else "allow", str(code) if code else "",
-                                           RULE_NAMES[rule_list[k]]])
-                    k += 1
-                writer.writerows(out_rows)
-            summary.rows += len(chunk)
-            if progress is not None:
-                elapsed = time.perf_counter() - started
-                done = handle.tell() if hasattr(handle, "tell") else 0
-                share = f"{100.0 * done / size:5.1f}%" if size else ""
-                progress.write(f"\r{share} {summary.rows:,} rows, {summary.rows / max(elapsed, 1e-9):,.0f} rows/s ")
-                progress.flush()
+                key = (code_list[k], rule_list[k])
+                suffix = suffixes.get(key)
+                if suffix is None:
+                    suffix = suffixes[key] = ["reject" if key[0] else "allow", str(key[0]) if key[0] else "",
+                                              RULE_NAMES[key[1]]]
+                row.extend(suffix)
+                k += 1
+            writer.writerows(rows)
+        summary.rows += len(rows)
+        rows.clear()
+        bad.clear()
+        callers.clear()
+        callees.clear()
+        sources.clear()
+        times.clear()
         if progress is not None:
-            progress.write("\n")
+            elapsed = time.perf_counter() - started
+            share = f"{100.0 * handle.tell() / size:5.1f}%" if size else ""
+            progress.write(f"\r{share} {summary.rows:,} rows, {summary.rows / max(elapsed, 1e-9):,.0f} rows/s ")
+            progress.flush()
+
+    for row in reader:
+        if not row:
+            continue
+        problem = None
+        if len(row) != width:
+            problem = f"expected {width} fields, got {len(row)}"
+        else:
+            try:
+                t = parse_time(row[i_time])
+            except (ValueError, IndexError):
+                t = -1.0
+            if not t >= 0:
+                problem = f"time: not ISO 8601 or epoch seconds: {row[i_time]!r}"
+        if problem is not None:
+            bad.add(len(rows))
+            summary.bad_rows += 1
+            if len(summary.problems) < max_problems:
+                summary.problems.append(f"{log_path}:{reader.line_num}: {problem}")
+        else:
+            if t < last_time:
+                summary.out_of_order += 1
+            last_time = t
+            times.append(t)
+            callers.append(row[i_caller])
+            callees.append(row[i_callee])
+            sources.append((row[i_source] or None) if i_source >= 0 else None)
+        rows.append(row)
+        if len(rows) >= chunk_rows:
+            flush()
+    if rows:
+        flush()
+    if progress is not None:
+        progress.write("\n")
     summary.per_rule = {RULE_NAMES[i]: int(n) for i, n in enumerate(counts) if n}
     if summary.bad_rows:
         summary.per_rule[BAD_ROW] = summary.bad_rows
