@@ -275,10 +275,22 @@ def _uvloop_available() -> bool:
     return True
 
 
-@pytest.fixture(params=["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(not _uvloop_available(),
-                                                                                  reason="uvloop not installed"))])
-def start(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., tuple[InProcess, int]]]:
-    """start(trunks=[port,...], **config overrides) -> (running proxy, its UDP port)."""
+NEED_UVLOOP = pytest.mark.skipif(not _uvloop_available(), reason="uvloop not installed")
+
+
+@pytest.fixture(params=["asyncio", pytest.param("uvloop", marks=NEED_UVLOOP),
+                        pytest.param("uvloop-plain-udp", marks=NEED_UVLOOP)])
+def start(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+          ) -> Iterator[Callable[..., tuple[InProcess, int]]]:
+    """start(trunks=[port,...], **config overrides) -> (running proxy, its UDP port).
+
+    Runs on the stdlib loop and on uvloop (UDP batched with recvmmsg/sendmmsg when the
+    extension is built), and on uvloop with the plain asyncio datagram listener.
+    """
+    loop_kind = str(request.param)
+    if loop_kind.endswith("-plain-udp"):
+        monkeypatch.setenv("CALLGUARD_NO_UDP_BATCH", "1")
+        loop_kind = loop_kind.removesuffix("-plain-udp")
     running: list[InProcess] = []
 
     def run(trunk_ports: list[int], listen: list[str] | None = None, trunks: list[dict[str, Any]] | None = None,
@@ -288,7 +300,7 @@ def start(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[.
         trunks = trunks or [{"name": f"t{i}", "address": f"udp:127.0.0.1:{p}"} for i, p in enumerate(trunk_ports)]
         folder = tmp_path / f"p{len(running)}"
         folder.mkdir()
-        ip = InProcess(make_config(folder, listen, trunks, **over), request.param)
+        ip = InProcess(make_config(folder, listen, trunks, **over), loop_kind)
         running.append(ip)
         return ip, port
 

@@ -40,7 +40,6 @@ from .transport import ListenerInfo, local_address_towards
 parse_message = sipmsg.parse_message
 parse_via = sipmsg.parse_via
 parse_uri_user = sipmsg.parse_uri_user
-build_response = sipmsg.build_response
 check_request_semantics = sipmsg.check_request_semantics
 check_response_semantics = sipmsg.check_response_semantics
 response_for_error = sipmsg.response_for_error
@@ -63,9 +62,30 @@ _CANON = {
 _URI_RE = re.compile(r"^\s*<?\s*(sips?):(?:([^@>]*)@)?(\[[0-9A-Fa-f:.]+\]|[^:;?>\s]+)(?::(\d+))?([^>]*)")
 _TRANSPORT_RE = re.compile(r";\s*transport=(\w+)", re.I)
 _RPORT_RE = re.compile(r";\s*rport(?=\s*(?:;|$))", re.I)
-_RAW_HDR_RE = re.compile(rb"^(via|v|from|f|to|t|call-id|i|cseq)[ \t]*:[ \t]*(.*?)[ \t]*$", re.I | re.M)
-_RAW_COMPACT = {b"v": b"via", b"f": b"from", b"t": b"to", b"i": b"call-id"}
 _TAG_RE = re.compile(r";\s*tag=", re.I)
+_SENT_BY_RE = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*[A-Za-z]+\s+([^\s;,]+)", re.I)
+_BRANCH_RE = re.compile(r";\s*branch\s*=\s*([^;\s,]+)", re.I)
+_CTRL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def tx_key(msg: Any) -> tuple[Any, ...]:
+    """The server transaction of a request (RFC 3261 §17.2.3): top Via branch and sent-by.
+
+    A CANCEL and the ACK to a non-2xx response carry the INVITE's top Via, so they find its
+    transaction.  Requests without an RFC 3261 branch fall back to Call-ID, CSeq and From tag.
+    """
+    top = msg.vias[0]
+    s = _SENT_BY_RE.match(top)
+    sent_by = s.group(1).lower() if s else top
+    b = _BRANCH_RE.search(top)
+    if b is not None and b.group(1).startswith(BRANCH_MAGIC):
+        return (b.group(1), sent_by)
+    return (msg.call_id, msg.cseq, msg.from_tag, sent_by)
+
+
+def clean(text: str) -> str:
+    """Text safe on one header line (CR, LF and other controls become spaces)."""
+    return _CTRL_RE.sub(" ", text) if _CTRL_RE.search(text) else text
 
 
 def canon(name: str) -> str:
@@ -119,27 +139,6 @@ def _is_ip(host: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def raw_error_response(data: bytes, code: int, reason: str, server: str) -> bytes | None:
-    """Best-effort response to a request the parser refused (None when it cannot be addressed)."""
-    if code == 0 or data[:4] == b"SIP/":
-        return None
-    head = data.split(b"\r\n\r\n", 1)[0].replace(b"\r\n", b"\n")
-    found: dict[bytes, list[bytes]] = {}
-    for m in _RAW_HDR_RE.finditer(head):
-        name = m.group(1).lower()
-        found.setdefault(_RAW_COMPACT.get(name, name), []).append(m.group(2))
-    if not all(k in found for k in (b"via", b"from", b"to", b"call-id", b"cseq")):
-        return None
-    to = found[b"to"][0]
-    if not re.search(rb";\s*tag=", to, re.I):
-        to += b";tag=cg" + _h(repr(data[:200])).encode()
-    lines = [f"SIP/2.0 {code} {reason}".encode()]
-    lines += [b"Via: " + v for v in found[b"via"]]
-    lines += [b"From: " + found[b"from"][0], b"To: " + to, b"Call-ID: " + found[b"call-id"][0],
-              b"CSeq: " + found[b"cseq"][0], b"Server: " + server.encode(), b"Content-Length: 0"]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 # ---------------------------------------------------------------- helpers that may be missing
@@ -284,6 +283,7 @@ class Proxy:
         self.cfg = cfg
         sip = cfg.sip
         self.ua = sip.user_agent
+        self._server_line = f"Server: {clean(self.ua)}"
         self.hide_reason = sip.hide_reason
         self.record_route = sip.record_route
         self.max_in_flight = sip.max_in_flight
@@ -407,9 +407,30 @@ class Proxy:
                  extra: tuple[Any, ...] = ()) -> bytes:
         if to_tag is None and code >= 200 and not msg.to_tag:
             to_tag = "cg" + _h(msg.call_id or "", str(msg.cseq), msg.from_tag or "", msg.vias[0] if msg.vias else "")
-        data: bytes = build_response(msg, code, reason, to_tag=to_tag, extra_headers=extra, server=self.ua)
+        data = self._response(msg, code, reason, to_tag, extra)
         self._send(ep, data, addr, "response")
         return data
+
+    def _response(self, msg: Any, code: int, reason: str, to_tag: str | None = None,
+                  extra: tuple[Any, ...] = ()) -> bytes:
+        """A response to ``msg`` (RFC 3261 §8.2.6), like ``message.build_response``.
+
+        Values copied from a parsed request cannot hold a line break (the parser unfolded
+        them), so only the reason and the extra headers are cleaned.
+        """
+        to = msg.to_value
+        if to_tag is not None and msg.to_tag is None:
+            to = f"{to};tag={to_tag}"
+        lines = [f"SIP/2.0 {code} {clean(reason)}"]
+        for name, value in msg.headers:
+            if name == "via":
+                lines.append("Via: " + value)
+        lines.append(f"From: {msg.from_value}\r\nTo: {to}\r\nCall-ID: {msg.call_id}\r\nCSeq: {msg.cseq} "
+                     f"{msg.cseq_method}")
+        for name, value in extra:
+            lines.append(f"{name}: {clean(value)}")
+        lines.append(self._server_line)
+        return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode("utf-8", "surrogateescape")
 
     # ------------------------------------------------------------ entry point
     def handle(self, data: bytes, addr: Any, ep: Any) -> None:
@@ -419,7 +440,8 @@ class Proxy:
             if ep.kind == "udp":
                 if len(data) > self.max_size:
                     self.metrics.parse_error()
-                    resp = raw_error_response(data, 513, "Message Too Large", self.ua)
+                    resp = response_for_bad_bytes(data, SipError(513, "Message Too Large"), to_tag="cg0",
+                                                  server=self.ua)
                     if resp is not None:
                         self._send(ep, resp, addr, "response")
                     return
@@ -451,10 +473,9 @@ class Proxy:
         # Fail open: an INVITE we have not answered or forwarded yet goes to a trunk unscreened.
         if msg is not None and getattr(msg, "is_request", False) and msg.method == "INVITE":
             try:
-                via = parse_via(msg.vias[0])
-                key = (via.branch or msg.call_id, via.host, via.port)
+                key = tx_key(msg)
                 if key not in self.stx and not self.draining:
-                    self._forward_invite(msg, key, via, ep, addr, None)
+                    self._forward_invite(msg, key, ep, addr, None)
             except Exception as exc2:  # noqa: BLE001 - nothing more can be done for this message
                 if self.log is not None:
                     self.log.error("fail_open_failed", error=repr(exc2))
@@ -476,33 +497,31 @@ class Proxy:
             if method != "ACK":
                 self._respond(msg, ep, addr, 483, "Too Many Hops")
             return
-        via = parse_via(msg.vias[0])
+        key = tx_key(msg)
         if method == "INVITE":
-            key = (via.branch or msg.call_id, via.host, via.port)
             if msg.to_tag:
                 prev = self.stx.get(key)
                 if prev is not None:
                     self._retransmission(prev, ep, addr)
                     return
-                self._in_dialog(msg, via, ep, addr, ip)
+                self._in_dialog(msg, key, ep, addr, ip)
                 return
-            self._on_invite(msg, key, via, ep, addr, ip)
+            self._on_invite(msg, key, ep, addr, ip)
         elif method == "ACK":
-            key = (via.branch or msg.call_id, via.host, via.port)
             prev = self.stx.get(key)
             if prev is not None and (type(prev) is bytes or (prev.final >= 300 or not prev.final)):
                 return  # the ACK to a non-2xx final we sent or ACKed ourselves: absorbed
             if msg.to_tag:
-                self._in_dialog(msg, via, ep, addr, ip)
+                self._in_dialog(msg, key, ep, addr, ip)
         elif method == "CANCEL":
-            self._on_cancel(msg, via, ep, addr)
+            self._on_cancel(msg, key, ep, addr)
         elif msg.to_tag:
-            self._in_dialog(msg, via, ep, addr, ip)
+            self._in_dialog(msg, key, ep, addr, ip)
         elif method == "REGISTER":
             # callguard screens calls in front of trunks; it is no registrar and relays no registrations.
             self._respond(msg, ep, addr, 405, "Method Not Allowed", extra=(("Allow", ALLOW),))
         else:
-            self._out_of_dialog(msg, via, ep, addr, ip)
+            self._out_of_dialog(msg, key, ep, addr, ip)
 
     def _addressed_to_us(self, uri: str) -> bool:
         t = parse_uri_target(uri)
@@ -535,7 +554,7 @@ class Proxy:
             return True
         return digits in self.emergency
 
-    def _on_invite(self, msg: Any, key: Any, via: Any, ep: Any, addr: Any, ip: str) -> None:
+    def _on_invite(self, msg: Any, key: Any, ep: Any, addr: Any, ip: str) -> None:
         prev = self.stx.get(key)
         if prev is not None:
             self._retransmission(prev, ep, addr)  # the same transaction: not a new attempt
@@ -594,7 +613,7 @@ class Proxy:
             self.stx[key] = resp
             self._expire(self.stx, key, resp, TX_LINGER)
             return
-        self._forward_invite(msg, key, via, ep, addr, v)
+        self._forward_invite(msg, key, ep, addr, v)
 
     def _is_loop(self, msg: Any) -> bool:
         for v in msg.vias:
@@ -609,7 +628,7 @@ class Proxy:
         return _h(msg.uri, msg.call_id or "", str(msg.cseq), msg.from_tag or "", msg.to_tag or "")
 
     def _branch(self, key: Any, attempt: int, msg: Any) -> str:
-        return f"{OUR_MARK}{_h(str(key[0]), str(key[1]), str(key[2]), str(attempt))}.{self._loop_hash(msg)}"
+        return f"{OUR_MARK}{_h(*(str(k) for k in key), str(attempt))}.{self._loop_hash(msg)}"
 
     def _candidates(self, callee_digits: str) -> list[TrunkState]:
         best = -1
@@ -627,7 +646,7 @@ class Proxy:
                 out.append(t)
         return out
 
-    def _forward_invite(self, msg: Any, key: Any, via: Any, ep: Any, addr: Any, v: Any) -> None:
+    def _forward_invite(self, msg: Any, key: Any, ep: Any, addr: Any, v: Any) -> None:
         tx = Tx(key, msg, True, ep, addr)
         tx.source = addr[0]
         tx.started = time.time()
@@ -645,15 +664,15 @@ class Proxy:
         if not tx.candidates:
             self._final_local(tx, 404, "Not Found - no route")
             return
-        tx.last_resp = build_response(msg, 100, "Trying", server=self.ua)
+        tx.last_resp = self._response(msg, 100, "Trying")
         self._send(ep, tx.last_resp, addr, "response")
-        tx.out_head = self._forward_head(msg, via, addr)
+        tx.out_head = self._forward_head(msg, addr)
         self._try_next(tx)
 
-    def _forward_head(self, msg: Any, via: Any, addr: Any) -> list[str]:
+    def _forward_head(self, msg: Any, addr: Any) -> list[str]:
         """The forwarded request minus our Via: request line, the other headers, Max-Forwards - 1."""
         vias = list(msg.vias)
-        vias[0] = self._stamp_via(vias[0], via, addr)
+        vias[0] = self._stamp_via(vias[0], parse_via(vias[0]), addr)
         lines = [f"{msg.method} {msg.uri} SIP/2.0"]
         lines.extend("Via: " + v for v in vias)
         mf_seen = False
@@ -782,7 +801,7 @@ class Proxy:
         extra: tuple[Any, ...] = ()
         if code == 503:
             extra = (("Retry-After", str(self.retry_after)),)
-        tx.last_resp = build_response(tx.msg, code, reason, to_tag=tx.to_tag, extra_headers=extra, server=self.ua)
+        tx.last_resp = self._response(tx.msg, code, reason, tx.to_tag, extra)
         self._send(tx.up_ep, tx.last_resp, tx.up_addr, "response")
         self._finish(tx, code)
 
@@ -807,8 +826,7 @@ class Proxy:
             self._expire(self.ctx, b, tx, TX_LINGER)
 
     # ------------------------------------------------------------ CANCEL
-    def _on_cancel(self, msg: Any, via: Any, ep: Any, addr: Any) -> None:
-        key = (via.branch or msg.call_id, via.host, via.port)
+    def _on_cancel(self, msg: Any, key: Any, ep: Any, addr: Any) -> None:
         prev = self.stx.get(key)
         if prev is None:
             self._respond(msg, ep, addr, 481, "Call/Transaction Does Not Exist")
@@ -852,7 +870,7 @@ class Proxy:
     def _may_relay(self, ip: str, call_id: str | None) -> bool:
         return self._trust_of(ip)[0] or ip in self.trunk_ips or (call_id is not None and call_id in self.dialogs)
 
-    def _in_dialog(self, msg: Any, via: Any, ep: Any, addr: Any, ip: str) -> None:
+    def _in_dialog(self, msg: Any, key: Any, ep: Any, addr: Any, ip: str) -> None:
         """A request inside a dialog (To tag): routed by Route / Request-URI, never screened."""
         if not self._may_relay(ip, msg.call_id):
             if msg.method != "ACK":
@@ -894,9 +912,9 @@ class Proxy:
                 self.guard.observe(d.caller, True, max(0.0, now - d.answered_at), d.source, now)
             except Exception as exc:  # noqa: BLE001 - scoring input only
                 self._fault(exc, None, None, None)
-        self._relay_request(msg, via, ep, addr, dest, routes_left=routes)
+        self._relay_request(msg, key, ep, addr, dest, routes_left=routes)
 
-    def _out_of_dialog(self, msg: Any, via: Any, ep: Any, addr: Any, ip: str) -> None:
+    def _out_of_dialog(self, msg: Any, key: Any, ep: Any, addr: Any, ip: str) -> None:
         """OPTIONS not for us, MESSAGE, ...: relayed for trusted sources only, to a trunk (or by Route)."""
         if not self._trust_of(ip)[0]:
             if msg.method != "ACK":
@@ -924,13 +942,13 @@ class Proxy:
             self._respond(msg, ep, addr, 503, "Service Unavailable - no trunk available",
                           extra=(("Retry-After", str(self.retry_after)),))
             return
-        self._relay_request(msg, via, ep, addr, dest, routes_left=routes)
+        self._relay_request(msg, key, ep, addr, dest, routes_left=routes)
 
-    def _relay_request(self, msg: Any, via: Any, ep: Any, addr: Any, dest: tuple[str, str, int],
+    def _relay_request(self, msg: Any, key: Any, ep: Any, addr: Any, dest: tuple[str, str, int],
                        routes_left: list[str]) -> None:
         transport, host, port = dest
         if not _is_ip(host):
-            self.loop.create_task(self._resolve_and_relay(msg, via, ep, addr, dest, routes_left))
+            self.loop.create_task(self._resolve_and_relay(msg, key, ep, addr, dest, routes_left))
             return
         if self._is_loop(msg):
             if msg.method != "ACK":
@@ -939,10 +957,9 @@ class Proxy:
         out_ep = self._endpoint_to(transport, host, port)
         if out_ep is None:
             return
-        key = (via.branch or msg.call_id, via.host, via.port)
         branch = self._branch(key, 0, msg)
         our_via, sent_by = self._our_via(out_ep, transport, host, port, branch)
-        head = self._forward_head(msg, via, addr)
+        head = self._forward_head(msg, addr)
         # Route set: drop the entries that named us, keep the rest in order.
         head = [h for h in head if not h.startswith("Route: ")]
         head[1:1] = ["Route: " + r for r in routes_left]
@@ -958,7 +975,7 @@ class Proxy:
             self._expire(self.ctx, branch, tx, TX_LINGER)
         self._send(out_ep, data, (host, port), msg.method)
 
-    async def _resolve_and_relay(self, msg: Any, via: Any, ep: Any, addr: Any, dest: tuple[str, str, int],
+    async def _resolve_and_relay(self, msg: Any, key: Any, ep: Any, addr: Any, dest: tuple[str, str, int],
                                  routes_left: list[str]) -> None:
         transport, host, port = dest
         try:
@@ -969,7 +986,7 @@ class Proxy:
                 self._respond(msg, ep, addr, 404, "Not Found - cannot resolve next hop")
             return
         try:
-            self._relay_request(msg, via, ep, addr, (transport, ip, port), routes_left)
+            self._relay_request(msg, key, ep, addr, (transport, ip, port), routes_left)
         except Exception as exc:  # noqa: BLE001
             self._fault(exc, msg, ep, addr)
 

@@ -34,10 +34,10 @@ def _logger() -> Any:
         from ..log import get_logger
 
         return get_logger("callguard.serve")
-    except ImportError:  # pragma: no cover - log.py is part of the package
+    except (ImportError, TypeError):  # pragma: no cover - the shared set-up is unusable: plain structlog
         import structlog
 
-        return structlog.get_logger("callguard.serve")
+        return structlog.get_logger().bind(logger="callguard.serve")
 
 
 def _configure_logging(cfg: Config) -> None:

@@ -8,15 +8,18 @@ a TCP connection is an endpoint of its own (``addr`` is ignored: it has one peer
 Inbound messages reach the proxy as ``handler(data, addr, endpoint)``: UDP datagrams as they
 arrive, TCP byte streams cut into messages by Content-Length (``frame_stream`` of the parser).
 
-The UDP listener is written so a batching receiver (recvmmsg/sendmmsg, e.g. a
-``_sipcore.UdpBatch``) can replace it: the proxy only relies on the endpoint interface and on
-``handler`` being called once per datagram.
+UDP has two implementations behind the same interface: :class:`BatchUdpListener` reads and
+writes with recvmmsg/sendmmsg through the compiled ``_sipcore.UdpBatch`` (one system call for
+up to 64 datagrams each way), and :class:`UdpListener` is the plain asyncio datagram protocol,
+the reference used when the extension is not built, under ``CALLGUARD_NO_EXTENSIONS=1`` or
+with ``CALLGUARD_NO_UDP_BATCH=1``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +99,93 @@ class UdpListener(asyncio.DatagramProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _batch_class() -> Any:
+    """``_sipcore.UdpBatch`` when it may be used, else None."""
+    if os.environ.get("CALLGUARD_NO_EXTENSIONS") or os.environ.get("CALLGUARD_NO_UDP_BATCH"):
+        return None
+    try:
+        from ._sipcore import UdpBatch
+    except ImportError:
+        return None
+    return UdpBatch
+
+
+class BatchUdpListener:
+    """A UDP listener reading and writing datagrams in batches (recvmmsg/sendmmsg).
+
+    Datagrams that arrive together are handled together; what the proxy sends while handling
+    them is queued and leaves in one sendmmsg at the end of the batch.  Sends from timers are
+    flushed on the next loop iteration.
+    """
+
+    kind = "udp"
+    MAX_BATCH = 64
+    MAX_ROUNDS = 8      # batches per wake-up, so timers and TCP are not starved under load
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler: Handler, listener: ListenerInfo,
+                 sock: socket.socket, batch_cls: Any) -> None:
+        self.loop = loop
+        self.handler = handler
+        self.listener = listener
+        self.sock = sock
+        self.batch = batch_cls(sock.fileno(), self.MAX_BATCH)
+        self.out: list[tuple[bytes, Any]] = []
+        self.flush_pending = False
+        self.in_batch = False
+        self.errors = 0
+        self.send_drops = 0
+        self.closed = False
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        self.in_batch = True
+        try:
+            for _ in range(self.MAX_ROUNDS):
+                try:
+                    items = self.batch.recv(self.MAX_BATCH)
+                except OSError:
+                    # ICMP errors surface here on Linux; they name no peer, trunk timeouts cover them.
+                    self.errors += 1
+                    continue
+                for data, addr in items:
+                    self.handler(data, addr, self)
+                if len(items) < self.MAX_BATCH:
+                    break
+        finally:
+            self.in_batch = False
+            self._flush()
+
+    def send(self, data: bytes, addr: Any) -> None:
+        self.out.append((data, addr))
+        if not self.in_batch and not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_pending = False
+        out = self.out
+        if not out or self.closed:
+            return
+        self.out = []
+        try:
+            sent = self.batch.send_many(out)
+        except (OSError, ValueError):
+            sent = 0
+        for data, addr in out[sent:]:
+            # The rest one by one: a full buffer or one bad address must not lose the others.
+            try:
+                self.sock.sendto(data, addr)
+            except OSError:
+                self.send_drops += 1
+
+    def close(self) -> None:
+        if not self.closed:
+            self._flush()
+            self.closed = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 # ---------------------------------------------------------------- TCP
@@ -265,8 +355,9 @@ class TcpManager:
 
 
 # ---------------------------------------------------------------- opening listeners
-async def open_udp(loop: asyncio.AbstractEventLoop, handler: Handler, host: str, port: int) -> UdpListener:
-    """Bind a UDP listener (IPv4 or IPv6)."""
+async def open_udp(loop: asyncio.AbstractEventLoop, handler: Handler, host: str, port: int
+                   ) -> UdpListener | BatchUdpListener:
+    """Bind a UDP listener (IPv4 or IPv6), batched when the compiled extension allows."""
     info = ListenerInfo("udp", host, port, _family(host))
     sock = socket.socket(info.family, socket.SOCK_DGRAM)
     try:
@@ -277,6 +368,11 @@ async def open_udp(loop: asyncio.AbstractEventLoop, handler: Handler, host: str,
     except OSError:
         sock.close()
         raise
+    batch_cls = _batch_class()
+    if batch_cls is not None:
+        _tune(sock)
+        info.port = sock.getsockname()[1]
+        return BatchUdpListener(loop, handler, info, sock, batch_cls)
     proto = UdpListener(handler, info)
     await loop.create_datagram_endpoint(lambda: proto, sock=sock)
     return proto
