@@ -423,6 +423,13 @@ def test_untrusted_source_gets_403_and_nothing_forwarded(start: Any, peers: Any)
     assert caller.silent(0.3, is_status(200))
 
 
+def test_emergency_call_passes_even_from_untrusted_source(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], sources=[{"name": "elsewhere", "networks": ["10.9.0.0/16"]}])
+    caller.send(request("INVITE", caller.port, port, callee="110"), port)
+    assert "sip:110@" in first_line(trunk.recv(match=is_method("INVITE")))
+
+
 def test_options_to_the_proxy_answered_even_from_untrusted(start: Any, peers: Any) -> None:
     caller, trunk = peers(), peers()
     _, port = start([trunk.port], sources=[{"name": "elsewhere", "networks": ["10.9.0.0/16"]}])

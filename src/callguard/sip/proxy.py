@@ -474,7 +474,9 @@ class Proxy:
         if msg is not None and getattr(msg, "is_request", False) and msg.method == "INVITE":
             try:
                 key = tx_key(msg)
-                if key not in self.stx and not self.draining:
+                # Only a trusted source (or an emergency call) fails open: never an open relay.
+                allowed = self._trust_of(addr[0])[0] or self._is_emergency(self._callee_of(msg))
+                if allowed and key not in self.stx and not self.draining:
                     self._forward_invite(msg, key, ep, addr, None)
             except Exception as exc2:  # noqa: BLE001 - nothing more can be done for this message
                 if self.log is not None:
@@ -577,8 +579,7 @@ class Proxy:
                               "callee": callee, "rule": rule, "verdict": "reject", "code": 503, "score": 0.0,
                               "latency_us": 0})
             return
-        trusted, trust_identity = self._trust_of(ip)
-        caller = self._caller_of(msg, trust_identity)
+        caller = self._caller_of(msg, self._trust_of(ip)[1])
         guard = self.guard
         faults = guard.faults
         t0 = time.perf_counter()
@@ -607,9 +608,12 @@ class Proxy:
             self.stx[key] = resp
             self._expire(self.stx, key, resp, TX_LINGER)
             return
-        if not trusted:
+        if "untrusted_source" in v.shadowed:
             # Never an open relay, whatever the rule modes say (untrusted_source in shadow mode).
-            resp = self._respond(msg, ep, addr, 403, "Forbidden - untrusted source")
+            # Emergency calls decide before untrusted_source (SPEC §3) and pass from anywhere.
+            text = "untrusted_source: Forbidden - untrusted source"
+            extra = () if self.hide_reason else (("Reason", f'SIP;cause=403;text="{text}"'),)
+            resp = self._respond(msg, ep, addr, 403, "Forbidden - untrusted source", extra=extra)
             self.stx[key] = resp
             self._expire(self.stx, key, resp, TX_LINGER)
             return
@@ -1015,8 +1019,10 @@ class Proxy:
             if code >= 300:
                 self._send_ack(tx, msg, ep, addr)
             elif 200 <= code < 300 and not tx.final:
-                # It answered after all: take the call there, forget the newer attempt.
-                self._relay_response(msg, tx)
+                # It answered after all: take the call there and cancel the newer attempt.
+                if tx.provisional:
+                    self._send_cancel(tx)
+                tx.last_resp = self._relay_response(msg, tx)
                 self._finish(tx, code)
             return
         if code < 200:
