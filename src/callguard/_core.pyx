@@ -1458,3 +1458,695 @@ cdef int _callee_append(Track* tr, u128 key, int64_t t) except -1:
     tr.ccount += 1
     return 0
 
+
+
+# ====================================================================== fast blocklist loader
+# Reads the CSV in big chunks and parses the common row shapes in C; any row it is unsure
+# of goes through lists.blocklist_row (so messages and values cannot drift), and any CSV
+# feature it does not handle hands the whole file back to the Python reader.
+
+from libc.math cimport rint
+from libc.stdlib cimport strtod
+from libc.string cimport memchr
+
+cdef extern from "Python.h":
+    object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+    object PyBytes_FromStringAndSize(const char* v, Py_ssize_t len)
+    char* PyBytes_AS_STRING(object)
+    Py_ssize_t PyBytes_GET_SIZE(object)
+
+cdef enum:
+    CHUNK = 16 << 20
+    FIELD_LIMIT = 131072      # csv.field_size_limit(): longer lines go to the Python reader
+    MAX_FIELDS = 256
+
+cdef struct Field:
+    Py_ssize_t start
+    Py_ssize_t length
+    bint escaped              # quoted with "" inside: needs unescaping
+
+
+class _Fallback(Exception):
+    """The file uses a CSV feature the compiled loader leaves to the Python reader."""
+
+
+cdef inline bint _ascii_space(char c) noexcept nogil:
+    return c == 32 or (9 <= c <= 13) or (28 <= c <= 31)
+
+
+cdef inline bint _ci_equal(const char* s, Py_ssize_t n, const char* word) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if word[i] == 0:
+            return False
+        if _lower_ascii(<unsigned char>s[i]) != <unsigned char>word[i]:
+            return False
+    return word[n] == 0
+
+
+cdef int64_t _days_from_civil(int64_t y, int64_t m, int64_t d) noexcept nogil:
+    cdef int64_t era, yoe, doy, doe
+    if m <= 2:
+        y -= 1
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+cdef bint _fast_time(const char* s, Py_ssize_t n, bint end_of_day, bint tz_ok, int64_t tz_off,
+                     double* out) noexcept nogil:
+    """lists.parse_time for plain epoch numbers and YYYY-MM-DD; False: leave it to Python."""
+    cdef char tmp[32]
+    cdef Py_ssize_t i, dots = 0, digits = 0
+    cdef int64_t y, m, d, dim
+    for i in range(n):
+        if s[i] == 46:
+            dots += 1
+        elif 48 <= s[i] <= 57:
+            digits += 1
+        else:
+            break
+    if n and dots + digits == n:
+        if dots > 1 or digits == 0 or n > 15:
+            return False
+        memcpy(tmp, s, n)
+        tmp[n] = 0
+        out[0] = strtod(tmp, NULL)
+        return True
+    if not tz_ok or n != 10 or s[4] != 45 or s[7] != 45:
+        return False
+    for i in range(10):
+        if i != 4 and i != 7 and not (48 <= s[i] <= 57):
+            return False
+    y = (s[0] - 48) * 1000 + (s[1] - 48) * 100 + (s[2] - 48) * 10 + (s[3] - 48)
+    m = (s[5] - 48) * 10 + (s[6] - 48)
+    d = (s[8] - 48) * 10 + (s[9] - 48)
+    if y < 1 or y > 9998 or m < 1 or m > 12 or d < 1:
+        return False
+    if m == 2:
+        dim = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+    elif m == 4 or m == 6 or m == 9 or m == 11:
+        dim = 30
+    else:
+        dim = 31
+    if d > dim:
+        return False
+    out[0] = <double>(_days_from_civil(y, m, d) * 86400 - tz_off + (86400 if end_of_day else 0))
+    return True
+
+
+cdef bint _fast_p(const char* s, Py_ssize_t n, double* out) noexcept nogil:
+    cdef char tmp[40]
+    cdef Py_ssize_t i, dots = 0, digits = 0
+    if n == 0 or n > 30:
+        return False
+    for i in range(n):
+        if s[i] == 46:
+            dots += 1
+        elif 48 <= s[i] <= 57:
+            digits += 1
+        else:
+            return False
+    if dots > 1 or digits == 0:
+        return False
+    memcpy(tmp, s, n)
+    tmp[n] = 0
+    out[0] = strtod(tmp, NULL)
+    return True
+
+
+cdef bint _fast_prefix(const char* s, Py_ssize_t n, uint64_t* key) noexcept nogil:
+    """numbers.normalize_prefix + key_of for ASCII text; False when it is not a digit prefix."""
+    cdef char t[48]
+    cdef Py_ssize_t i, m = 0, a = 0
+    cdef uint64_t k = 1
+    for i in range(n):
+        if _is_sep(<unsigned char>s[i]):
+            continue
+        if m >= 40:
+            return False
+        t[m] = s[i]
+        m += 1
+    if m >= 3 and t[0] == 43 and t[1] == 56 and t[2] == 54:
+        a = 3
+    elif m >= 4 and t[0] == 48 and t[1] == 48 and t[2] == 56 and t[3] == 54:
+        a = 4
+    if m - a < 1 or m - a > MAX_DIGITS:
+        return False
+    for i in range(a, m):
+        if not (48 <= t[i] <= 57):
+            return False
+        k = k * 10 + <uint64_t>(t[i] - 48)
+    key[0] = k
+    return True
+
+
+cdef uint32_t* _argsort(const uint64_t* keys, Py_ssize_t n) except NULL:
+    """Stable argsort of uint64 keys (LSD radix, 11 bits a pass, passes with one digit skipped)."""
+    cdef uint32_t* idx = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))
+    cdef uint32_t* tmp = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))
+    cdef uint32_t* swap
+    cdef Py_ssize_t* counts = <Py_ssize_t*>calloc(6 * 2048, sizeof(Py_ssize_t))
+    cdef Py_ssize_t i, total, c
+    cdef int p, shift, dgt
+    if idx == NULL or tmp == NULL or counts == NULL:
+        free(idx)
+        free(tmp)
+        free(counts)
+        raise MemoryError()
+    with nogil:
+        for i in range(n):
+            idx[i] = <uint32_t>i
+            for p in range(6):
+                counts[p * 2048 + ((keys[i] >> (p * 11)) & 2047)] += 1
+        for p in range(6):
+            shift = p * 11
+            if n == 0 or counts[p * 2048 + ((keys[0] >> shift) & 2047)] == n:
+                continue
+            total = 0
+            for dgt in range(2048):
+                c = counts[p * 2048 + dgt]
+                counts[p * 2048 + dgt] = total
+                total += c
+            for i in range(n):
+                dgt = (keys[idx[i]] >> shift) & 2047
+                tmp[counts[p * 2048 + dgt]] = idx[i]
+                counts[p * 2048 + dgt] += 1
+            swap = idx
+            idx = tmp
+            tmp = swap
+    free(tmp)
+    free(counts)
+    return idx
+
+
+cdef class BlocklistReader:
+    """One run of the compiled blocklist loader (use :func:`load_blocklist`)."""
+
+    cdef uint64_t* keys
+    cdef uint8_t* prefix
+    cdef uint8_t* source
+    cdef uint32_t* expires
+    cdef uint16_t* p
+    cdef uint16_t* complaints
+    cdef uint32_t* reason
+    cdef Py_ssize_t n, cap
+    cdef str path
+    cdef bint strict
+    cdef object tz
+    cdef bint tz_ok
+    cdef int64_t tz_off
+    cdef object row_parser
+    cdef list problems
+    cdef list names
+    cdef list reasons
+    cdef dict reason_of
+    cdef dict raw_reason
+    cdef int width
+    cdef int c_number, c_match, c_source, c_reason, c_added, c_expires, c_p, c_complaints
+    cdef list source_words
+    cdef Field fields[MAX_FIELDS]
+    cdef bytes last_reason
+    cdef uint32_t last_reason_idx
+
+    def __cinit__(self):
+        self.n = 0
+        self.cap = 0
+        self.keys = NULL
+        self.prefix = NULL
+        self.source = NULL
+        self.expires = NULL
+        self.p = NULL
+        self.complaints = NULL
+        self.reason = NULL
+
+    def __dealloc__(self):
+        self._free()
+
+    cdef void _free(self) noexcept:
+        free(self.keys)
+        free(self.prefix)
+        free(self.source)
+        free(self.expires)
+        free(self.p)
+        free(self.complaints)
+        free(self.reason)
+        self.keys = NULL
+        self.prefix = NULL
+        self.source = NULL
+        self.expires = NULL
+        self.p = NULL
+        self.complaints = NULL
+        self.reason = NULL
+
+    cdef int _grow(self) except -1:
+        # realloc of large blocks remaps pages instead of copying, so doubling stays cheap
+        cdef Py_ssize_t cap = self.cap * 2 if self.cap else 65536
+        cdef void* q
+        q = realloc(self.keys, cap * 8)
+        if q == NULL:
+            raise MemoryError()
+        self.keys = <uint64_t*>q
+        q = realloc(self.prefix, cap)
+        if q == NULL:
+            raise MemoryError()
+        self.prefix = <uint8_t*>q
+        q = realloc(self.source, cap)
+        if q == NULL:
+            raise MemoryError()
+        self.source = <uint8_t*>q
+        q = realloc(self.expires, cap * 4)
+        if q == NULL:
+            raise MemoryError()
+        self.expires = <uint32_t*>q
+        q = realloc(self.p, cap * 2)
+        if q == NULL:
+            raise MemoryError()
+        self.p = <uint16_t*>q
+        q = realloc(self.complaints, cap * 2)
+        if q == NULL:
+            raise MemoryError()
+        self.complaints = <uint16_t*>q
+        q = realloc(self.reason, cap * 4)
+        if q == NULL:
+            raise MemoryError()
+        self.reason = <uint32_t*>q
+        self.cap = cap
+        return 0
+
+    cdef int _add(self, uint64_t key, bint is_prefix, int src, uint32_t exp, uint16_t prob, uint16_t count,
+                  uint32_t reason) except -1:
+        cdef Py_ssize_t i = self.n
+        if i >= self.cap:
+            self._grow()
+        self.keys[i] = key
+        self.prefix[i] = is_prefix
+        self.source[i] = <uint8_t>src
+        self.expires[i] = exp
+        self.p[i] = prob
+        self.complaints[i] = count
+        self.reason[i] = reason
+        self.n = i + 1
+        return 0
+
+    cdef int _problem(self, Py_ssize_t line, str message) except -1:
+        from .errors import ListError
+        from .lists import RowProblem
+        if self.strict:
+            raise ListError(self.path, line, message)
+        self.problems.append(RowProblem(self.path, line, message))
+        return 0
+
+    cdef uint32_t _reason_text(self, str text) except? 0xFFFFFFFF:
+        idx = self.reason_of.get(text)
+        if idx is None:
+            idx = self.reason_of[text] = len(self.reasons)
+            self.reasons.append(text)
+        return idx
+
+    cdef bytes _field_bytes(self, const char* line, Field* f):
+        cdef bytes raw = PyBytes_FromStringAndSize(line + f.start, f.length)
+        if f.escaped:
+            raw = raw.replace(b'""', b'"')
+        return raw
+
+    cdef str _field_str(self, const char* line, Field* f):
+        raw = self._field_bytes(line, f)
+        try:
+            return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), "strict")
+        except UnicodeDecodeError:
+            raise _Fallback() from None
+
+    cdef int _delegate(self, const char* line, int nf, Py_ssize_t lineno) except -1:
+        """Parse the row exactly as the Python loader does (any row the C path is unsure of)."""
+        cdef int i
+        row = {}
+        for i in range(nf):
+            row[self.names[i]] = self._field_str(line, &self.fields[i]).strip()
+        try:
+            key, is_prefix, src, exp, prob, count, text = self.row_parser(row, self.tz)
+        except ValueError as exc:
+            return self._problem(lineno, str(exc))
+        self._add(key, is_prefix, src, exp, prob, count, self._reason_text(text))
+        return 0
+
+    cdef int _line(self, const char* s, Py_ssize_t n, Py_ssize_t lineno) except -1:
+        cdef Py_ssize_t i, j, q
+        cdef int nf = 0, total_fields = 0
+        cdef const char* hit
+        cdef bint high = False
+        cdef Field* f
+        if n and s[n - 1] == 13:
+            n -= 1
+        if n == 0:
+            return 0
+        if n > FIELD_LIMIT or memchr(s, 13, n) != NULL:
+            raise _Fallback()
+        for i in range(n):
+            if <unsigned char>s[i] >= 0x80:
+                high = True
+                break
+        if high:
+            try:
+                PyUnicode_DecodeUTF8(s, n, "strict")
+            except UnicodeDecodeError:
+                raise _Fallback() from None
+        # split into fields (csv excel dialect); quotes only as whole fields on one line
+        i = 0
+        while True:
+            if nf < MAX_FIELDS:
+                f = &self.fields[nf]
+            else:
+                f = &self.fields[MAX_FIELDS - 1]
+            f.escaped = False
+            if i < n and s[i] == 34:
+                j = i + 1
+                while True:
+                    hit = <const char*>memchr(s + j, 34, n - j) if j < n else NULL
+                    if hit == NULL:
+                        raise _Fallback()          # the quoted field goes on past this line
+                    q = hit - s
+                    if q + 1 < n and s[q + 1] == 34:
+                        f.escaped = True
+                        j = q + 2
+                        continue
+                    break
+                f.start = i + 1
+                f.length = q - i - 1
+                i = q + 1
+                nf += 1
+                if i == n:
+                    break
+                if s[i] != 44:
+                    raise _Fallback()              # text after a closing quote
+                i += 1
+            else:
+                hit = <const char*>memchr(s + i, 44, n - i) if i < n else NULL
+                j = (hit - s) if hit != NULL else n
+                f.start = i
+                f.length = j - i
+                nf += 1
+                if j == n:
+                    break
+                i = j + 1
+        f = &self.fields[0]
+        if nf == 1:
+            for i in range(f.start, f.start + f.length):
+                if not _ascii_space(s[i]):
+                    break
+            else:
+                return 0                           # blank row
+            if high and not self._field_str(s, f).strip():
+                return 0
+        if f.length and s[f.start] == 35:          # '#' comment row
+            return 0
+        if nf != self.width:
+            return self._problem(lineno, f"expected {self.width} fields, got {nf}")
+        if self._fast_row(s, lineno) == 0:
+            return self._delegate(s, nf, lineno)
+        return 0
+
+    cdef inline bint _plain(self, const char* s, int col, const char** out, Py_ssize_t* length) noexcept:
+        """The stripped ASCII text of a column; False when it needs the Python path."""
+        cdef Field* f = &self.fields[col]
+        cdef Py_ssize_t a = f.start, b = f.start + f.length, i
+        if f.escaped:
+            return False
+        while a < b and _ascii_space(s[a]):
+            a += 1
+        while b > a and _ascii_space(s[b - 1]):
+            b -= 1
+        for i in range(a, b):
+            if <unsigned char>s[i] >= 0x80:
+                return False
+        out[0] = s + a
+        length[0] = b - a
+        return True
+
+    cdef int _fast_row(self, const char* s, Py_ssize_t lineno) except -1:
+        """Parse a plain row in C; 0 when it must go through the Python row parser."""
+        cdef const char* v
+        cdef Py_ssize_t n, i
+        cdef bint is_prefix
+        cdef uint64_t key
+        cdef Num num
+        cdef int src = -1
+        cdef double x
+        cdef int64_t e
+        cdef uint32_t exp = <uint32_t>C_NEVER
+        cdef uint16_t prob = C_P_ABSENT
+        cdef uint32_t count = 0
+        cdef bytes word
+        cdef Field* f
+        cdef uint32_t ridx
+        # match
+        if not self._plain(s, self.c_match, &v, &n):
+            return 0
+        if n == 0 or _ci_equal(v, n, b"exact"):
+            is_prefix = False
+        elif _ci_equal(v, n, b"prefix"):
+            is_prefix = True
+        else:
+            return 0
+        # number
+        if not self._plain(s, self.c_number, &v, &n):
+            return 0
+        if is_prefix:
+            if not _fast_prefix(v, n, &key):
+                return 0
+        else:
+            _normalize_buf(PyUnicode_1BYTE_KIND, v, n, NULL, 0, &num)
+            if num.kind == HIDDEN or num.n > MAX_DIGITS:
+                return 0
+            key = <uint64_t>_full_key(&num)
+        # source
+        if not self._plain(s, self.c_source, &v, &n):
+            return 0
+        for i, word in enumerate(self.source_words):
+            if _ci_equal(v, n, word):
+                src = i
+                break
+        if src < 0:
+            return 0
+        # added, expires
+        if not self._plain(s, self.c_added, &v, &n):
+            return 0
+        if n and not _fast_time(v, n, False, self.tz_ok, self.tz_off, &x):
+            return 0
+        if not self._plain(s, self.c_expires, &v, &n):
+            return 0
+        if n:
+            if not _fast_time(v, n, True, self.tz_ok, self.tz_off, &x):
+                return 0
+            if not (-9.2e18 < x < 9.2e18):
+                return 0
+            e = <int64_t>x
+            if e < 0:
+                e = 0
+            if e > <int64_t>C_NEVER - 1:
+                e = <int64_t>C_NEVER - 1
+            exp = <uint32_t>e
+        # p
+        if not self._plain(s, self.c_p, &v, &n):
+            return 0
+        if n:
+            if not _fast_p(v, n, &x) or not (0.0 <= x <= 1.0):
+                return 0
+            prob = <uint16_t>rint(x * C_P_SCALE)
+        elif src == C_BIG_DATA:
+            return 0
+        # complaints (optional column)
+        if self.c_complaints >= 0:
+            if not self._plain(s, self.c_complaints, &v, &n):
+                return 0
+            for i in range(n):
+                if not (48 <= v[i] <= 57):
+                    return 0
+                if count <= 65535:
+                    count = count * 10 + <uint32_t>(v[i] - 48)
+            if count > 65535:
+                count = 65535
+        # reason: interned by its raw bytes
+        f = &self.fields[self.c_reason]
+        if (self.last_reason is not None and not f.escaped and PyBytes_GET_SIZE(self.last_reason) == f.length
+                and memcmp(PyBytes_AS_STRING(self.last_reason), s + f.start, f.length) == 0):
+            ridx = self.last_reason_idx
+        else:
+            raw = self._field_bytes(s, f)
+            hit = self.raw_reason.get(raw)
+            if hit is None:
+                text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), "strict").strip()
+                hit = self.raw_reason[raw] = self._reason_text(text)
+            ridx = hit
+            if not f.escaped:
+                self.last_reason = raw
+                self.last_reason_idx = ridx
+        self._add(key, is_prefix, src, exp, prob, <uint16_t>count, ridx)
+        return 1
+
+    cdef object _header(self, bytes line):
+        """Column positions from the header; None when the Python reader should handle the file."""
+        from .lists import BLOCKLIST_COLUMNS
+        cdef Py_ssize_t n = len(line)
+        if n and line[n - 1] == 13:
+            line = line[:n - 1]
+        if not line or b'"' in line or b"\r" in line or not line.isascii():
+            return None
+        names = [h.strip().lower() for h in line.decode("ascii").split(",")]
+        if len(names) > MAX_FIELDS or any(c not in names for c in BLOCKLIST_COLUMNS):
+            return None
+        col = {name: i for i, name in enumerate(names)}     # a repeated name: the last one wins
+        self.names = names
+        self.width = len(names)
+        self.c_number = col["number"]
+        self.c_match = col["match"]
+        self.c_source = col["source"]
+        self.c_reason = col["reason"]
+        self.c_added = col["added"]
+        self.c_expires = col["expires"]
+        self.c_p = col["p"]
+        self.c_complaints = col.get("complaints", -1)
+        return True
+
+    def run(self, str path, bint strict, tz, row_parser):
+        cdef bytes data, leftover = b""
+        cdef const char* s
+        cdef Py_ssize_t n, start, lineno = 1
+        cdef const char* nl
+        import datetime as dt
+        from .lists import SOURCES
+        self.path = path
+        self.strict = strict
+        self.tz = tz
+        self.row_parser = row_parser
+        self.problems = []
+        self.reasons = []
+        self.reason_of = {}
+        self.raw_reason = {}
+        self.source_words = [w.encode("ascii") for w in SOURCES]
+        self.tz_ok = False
+        self.tz_off = 0
+        if isinstance(tz, dt.timezone):
+            off = tz.utcoffset(None)
+            if off.microseconds == 0:
+                self.tz_ok = True
+                self.tz_off = off.days * 86400 + off.seconds
+        try:
+            handle = open(path, "rb")
+        except OSError:
+            return None
+        with handle:
+            data = handle.read(CHUNK)
+            if data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            while b"\n" not in data:
+                more = handle.read(CHUNK)
+                if not more:
+                    break
+                data += more
+            cut = data.find(b"\n")
+            if cut < 0:
+                cut = len(data)
+            if self._header(data[:cut]) is None:
+                return None
+            leftover = data[cut + 1:] if cut < len(data) else b""
+            try:
+                while True:
+                    chunk = handle.read(CHUNK)
+                    data = leftover + chunk if leftover else chunk
+                    s = data
+                    n = len(data)
+                    start = 0
+                    while True:
+                        nl = <const char*>memchr(s + start, 10, n - start)
+                        if nl == NULL:
+                            break
+                        lineno += 1
+                        self._line(s + start, nl - (s + start), lineno)
+                        start = nl - s + 1
+                    if not chunk:
+                        if start < n:
+                            lineno += 1
+                            self._line(s + start, n - start, lineno)
+                        break
+                    leftover = data[start:]
+            except _Fallback:
+                return None
+        return self._finish()
+
+    cdef object _finish(self):
+        from .lists import Blocklist
+        cdef Py_ssize_t n = self.n, i
+        cdef uint32_t* order = _argsort(self.keys, n)
+        try:
+            keys = np.empty(n, dtype=np.uint64)
+            self._gather8(keys, order)
+            prefix = np.empty(n, dtype=np.bool_)
+            self._gather1(prefix, order, self.prefix)
+            free(self.prefix)
+            self.prefix = NULL
+            source = np.empty(n, dtype=np.uint8)
+            self._gather1(source, order, self.source)
+            free(self.source)
+            self.source = NULL
+            expires = np.empty(n, dtype=np.uint32)
+            self._gather4(expires, order, self.expires)
+            free(self.expires)
+            self.expires = NULL
+            reason = np.empty(n, dtype=np.uint32)
+            self._gather4(reason, order, self.reason)
+            free(self.reason)
+            self.reason = NULL
+            p = np.empty(n, dtype=np.uint16)
+            self._gather2(p, order, self.p)
+            free(self.p)
+            self.p = NULL
+            complaints = np.empty(n, dtype=np.uint16)
+            self._gather2(complaints, order, self.complaints)
+        finally:
+            free(order)
+            self._free()
+        return Blocklist(keys=keys, prefix=prefix, source=source, expires=expires, p=p, complaints=complaints,
+                         reason=reason, reasons=self.reasons), self.problems
+
+    cdef void _gather8(self, cnp.ndarray out, const uint32_t* order) noexcept:
+        cdef uint64_t* o = <uint64_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i
+        with nogil:
+            for i in range(self.n):
+                o[i] = self.keys[order[i]]
+        free(self.keys)
+        self.keys = NULL
+
+    cdef void _gather4(self, cnp.ndarray out, const uint32_t* order, const uint32_t* src) noexcept:
+        cdef uint32_t* o = <uint32_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i
+        with nogil:
+            for i in range(self.n):
+                o[i] = src[order[i]]
+
+    cdef void _gather2(self, cnp.ndarray out, const uint32_t* order, const uint16_t* src) noexcept:
+        cdef uint16_t* o = <uint16_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i
+        with nogil:
+            for i in range(self.n):
+                o[i] = src[order[i]]
+
+    cdef void _gather1(self, cnp.ndarray out, const uint32_t* order, const uint8_t* src) noexcept:
+        cdef uint8_t* o = <uint8_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i
+        with nogil:
+            for i in range(self.n):
+                o[i] = src[order[i]]
+
+
+def load_blocklist(str path, bint strict=False, tz=None):
+    """The compiled blocklist loader: (Blocklist, problems), or None to use the Python reader."""
+    import datetime as dt
+
+    from .lists import blocklist_row
+    if tz is None:
+        tz = dt.timezone.utc
+    return BlocklistReader().run(path, strict, tz, blocklist_row)

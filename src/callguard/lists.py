@@ -217,7 +217,71 @@ def entry_key(number: str, prefix: bool) -> int:
 
 
 # ---------------------------------------------------------------- loaders
-def load_blocklist(path: str, strict: bool = False, tz: dt.tzinfo = dt.UTC) -> tuple[Blocklist, list[RowProblem]]:
+def blocklist_row(row: dict[str, str], tz: dt.tzinfo) -> tuple[int, bool, int, int, int, int, str]:
+    """Parse one blocklist row: (key, prefix, source index, expires, p, complaints, reason).
+
+    Raises:
+        ValueError: the row is broken; the message names the column.
+    """
+    is_prefix = _match(row["match"])
+    key = entry_key(row["number"], is_prefix)
+    src = row["source"].lower()
+    if src not in SOURCES:
+        raise ValueError(f"source: expected one of {', '.join(SOURCES)}, got {row['source']!r}")
+    if row["added"]:
+        parse_time(row["added"], tz)
+    exp = NEVER
+    if row["expires"]:
+        exp = int(parse_time(row["expires"], tz, end_of_day=True))
+        exp = max(0, min(exp, NEVER - 1))
+    prob = P_ABSENT
+    if row["p"]:
+        try:
+            value = float(row["p"])
+        except ValueError:
+            raise ValueError(f"p: not a number: {row['p']!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"p: must be between 0 and 1, got {row['p']!r}")
+        prob = round(value * P_SCALE)
+    elif src == "big_data":
+        raise ValueError("p: a big_data entry needs its p")
+    count = 0
+    if row.get("complaints"):
+        if not row["complaints"].isdigit():
+            raise ValueError(f"complaints: not a count: {row['complaints']!r}")
+        count = min(int(row["complaints"]), 65535)
+    return key, is_prefix, SOURCES.index(src), exp, prob, count, row["reason"]
+
+
+def _fast_loader_enabled() -> bool:
+    return not os.environ.get("CALLGUARD_NO_EXTENSIONS")
+
+
+def load_blocklist(path: str, strict: bool = False, tz: dt.tzinfo = dt.timezone.utc) -> tuple[Blocklist, list[RowProblem]]:
+    """Load a blocklist CSV into arrays sorted by key; broken rows are reported and skipped.
+
+    The compiled loader (``callguard._core``) reads the file in big chunks and gives the same
+    arrays and problems; it hands the file back to the Python reader for CSV features it does
+    not handle (quoted line breaks, bare CR line ends, invalid UTF-8).
+
+    Raises:
+        ListError: the file cannot be read, has no usable header, or (strict) has a broken row.
+    """
+    if _fast_loader_enabled():
+        try:
+            from . import _core
+        except ImportError:
+            pass
+        else:
+            result = _core.load_blocklist(path, strict, tz)
+            if result is not None:
+                return result
+    return load_blocklist_py(path, strict, tz)
+
+
+def load_blocklist_py(path: str, strict: bool = False,
+                      tz: dt.tzinfo = dt.timezone.utc) -> tuple[Blocklist, list[RowProblem]]:
+    """The Python blocklist loader (the reference of the compiled one)."""
     keys: list[int] = []
     prefix: list[bool] = []
     source: list[int] = []
@@ -229,41 +293,14 @@ def load_blocklist(path: str, strict: bool = False, tz: dt.tzinfo = dt.UTC) -> t
     reason_of: dict[str, int] = {}
 
     def parse(row: dict[str, str]) -> None:
-        is_prefix = _match(row["match"])
-        key = entry_key(row["number"], is_prefix)
-        src = row["source"].lower()
-        if src not in SOURCES:
-            raise ValueError(f"source: expected one of {', '.join(SOURCES)}, got {row['source']!r}")
-        if row["added"]:
-            parse_time(row["added"], tz)
-        exp = NEVER
-        if row["expires"]:
-            exp = int(parse_time(row["expires"], tz, end_of_day=True))
-            exp = max(0, min(exp, NEVER - 1))
-        prob = P_ABSENT
-        if row["p"]:
-            try:
-                value = float(row["p"])
-            except ValueError:
-                raise ValueError(f"p: not a number: {row['p']!r}") from None
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"p: must be between 0 and 1, got {row['p']!r}")
-            prob = round(value * P_SCALE)
-        elif src == "big_data":
-            raise ValueError("p: a big_data entry needs its p")
-        count = 0
-        if row.get("complaints"):
-            if not row["complaints"].isdigit():
-                raise ValueError(f"complaints: not a count: {row['complaints']!r}")
-            count = min(int(row["complaints"]), 65535)
-        text = row["reason"]
+        key, is_prefix, src, exp, prob, count, text = blocklist_row(row, tz)
         idx = reason_of.get(text)
         if idx is None:
             idx = reason_of[text] = len(reasons)
             reasons.append(text)
         keys.append(key)
         prefix.append(is_prefix)
-        source.append(SOURCES.index(src))
+        source.append(src)
         expires.append(exp)
         p.append(prob)
         complaints.append(count)
