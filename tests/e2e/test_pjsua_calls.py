@@ -142,3 +142,14 @@ def test_proxy_still_answers_after_calls(pj: PjEnv) -> None:
     assert resp is not None and status_of(resp) == 200
     assert pj.proxy.alive()
 
+
+
+def test_logs_are_json_lines_with_the_decision(pj: PjEnv) -> None:
+    lines = [ln for ln in pj.proxy.log_lines if ln.strip()]
+    bad = [ln for ln in lines if not ln.lstrip().startswith("{")]
+    assert not bad, f"log lines that are not JSON objects: {bad[:5]}"
+    decisions = [e for e in pj.proxy.logs() if e.get("event") == "decision"]
+    banned = [e for e in decisions if e.get("caller") == BANNED]
+    assert banned and banned[0].get("rule") == "banned" and banned[0].get("call_id"), decisions[-5:]
+    assert all(k in banned[0] for k in ("caller", "callee", "rule", "call_id")), banned[0]
+    assert any(k.startswith("latency") for k in banned[0]), banned[0]

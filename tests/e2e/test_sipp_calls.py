@@ -81,6 +81,10 @@ def test_burst_from_one_caller_trips_high_frequency(env: SippEnv) -> None:
     answered = res.count("_BYE_Sent")
     declined = res.count("_603_Recv")
     assert (answered, declined) == (BURST_N, extra), res.describe()
+    # the decisions are logged per call with the rule (SPEC section 6)
+    rules = [e.get("rule") for e in env.proxy.logs()
+             if e.get("event") == "decision" and e.get("caller") == "13512340000"]
+    assert rules.count("high_frequency") == extra and rules.count("allow") == BURST_N, rules
 
 
 def test_clean_call_mix_is_forwarded_and_answered(env: SippEnv) -> None:

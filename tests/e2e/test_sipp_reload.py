@@ -50,8 +50,12 @@ def env(tmp_path_factory: pytest.TempPathFactory, sipp: Sipp,
     return ReloadEnv(proxy_starter(cfg, port), sipp, folder, cfg)
 
 
-def _reload_events(proxy: ProxyProcess) -> list[dict[str, object]]:
-    return [e for e in proxy.logs() if "reload" in str(e.get("event", "")).lower()]
+def _events(proxy: ProxyProcess, name: str) -> list[dict[str, object]]:
+    return [e for e in proxy.logs() if e.get("event") == name]
+
+
+def _load_decisions(proxy: ProxyProcess) -> int:
+    return sum(1 for e in proxy.logs() if e.get("event") == "decision" and str(e.get("caller", "")).startswith("137"))
 
 
 def test_sighup_under_load_drops_no_call_and_applies_new_list(env: ReloadEnv) -> None:
@@ -67,13 +71,12 @@ def test_sighup_under_load_drops_no_call_and_applies_new_list(env: ReloadEnv) ->
         run = env.sipp.start_uac("uac_call.xml", env.proxy.port, calls=calls, rate=RATE, limit=400, inject=inj,
                                  timeout=60, name="reload-load")
         # wait until the load is flowing through the proxy (decisions logged for the load's callers)
-        wait_until(lambda: sum("137" in line for line in env.proxy.log_lines) >= RATE // 2, 15,
-                   "load reaching the proxy")
-        reloads_before = len(_reload_events(env.proxy))
+        wait_until(lambda: _load_decisions(env.proxy) >= RATE // 2, 15, "load reaching the proxy")
+        reloads_before = len(_events(env.proxy, "reloaded"))
         write_lists(env.folder / "lists", extra_banned=[RELOAD_BANNED])
         assert run.running(), "SIPp finished before the reload could be sent"
         env.proxy.reload()
-        wait_until(lambda: len(_reload_events(env.proxy)) > reloads_before, 10, "a reload log event")
+        wait_until(lambda: len(_events(env.proxy, "reloaded")) > reloads_before, 10, "the reloaded log event")
         res = run.wait()
         assert res.stat("SuccessfulCall(C)") == calls, res.describe()
         assert res.stat("FailedCall(C)") == 0, res.describe()
@@ -90,10 +93,12 @@ def test_invalid_config_on_sighup_keeps_the_running_config(env: ReloadEnv) -> No
     good = env.config.read_text(encoding="utf-8")
     env.config.write_text(good.replace("max_calls: 5", "max_calls: -3"), encoding="utf-8")
     try:
-        events_before = len(env.proxy.log_lines)
+        failed_before = len(_events(env.proxy, "reload_failed"))
         env.proxy.reload()
-        wait_until(lambda: any("max_calls" in line for line in env.proxy.log_lines[events_before:]), 10,
-                   "the refused reload to be logged naming the key")
+        failed = wait_until(lambda: _events(env.proxy, "reload_failed")[failed_before:], 10,
+                            "the refused reload to be logged")
+        error = str(failed[0].get("error", ""))
+        assert "max_calls" in error and str(env.config) in error, f"error names neither key nor file: {error}"
         assert env.proxy.alive()
         resp = options_ping(env.proxy.port, 2.0)
         assert resp is not None and status_of(resp) == 200
