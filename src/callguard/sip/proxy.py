@@ -895,11 +895,11 @@ class Proxy:
             if t is not None and not self.is_ours(t[1], t[2]):
                 target = t
         dest: tuple[str, str, int] | None = None
-        if target is not None:
-            dest = (target[3], target[1], target[2] or 5060)
         d = self.dialogs.get(msg.call_id) if msg.call_id else None
+        if target is not None and (d is None or _is_ip(target[1])):
+            dest = (target[3], target[1], target[2] or 5060)
         if dest is None and d is not None:
-            # The Request-URI names us and no Route is left: send it to the other side of the call.
+            # The Request-URI names us (or a host name) and no Route is left: to the other side of the call.
             if ip == d.trunk_addr[0]:
                 dest = (d.up_ep.kind, d.up_addr[0], d.up_addr[1])
             else:
@@ -952,7 +952,11 @@ class Proxy:
                        routes_left: list[str]) -> None:
         transport, host, port = dest
         if not _is_ip(host):
-            self.loop.create_task(self._resolve_and_relay(msg, key, ep, addr, dest, routes_left))
+            # No DNS while running: next hops are IP addresses (trunk names resolve at start and
+            # reload). A lookup per message would stall on a dead resolver and lets senders make
+            # the proxy query names of their choosing.
+            if msg.method != "ACK":
+                self._respond(msg, ep, addr, 404, "Not Found - next hop is not an IP address")
             return
         if self._is_loop(msg):
             if msg.method != "ACK":
@@ -978,21 +982,6 @@ class Proxy:
             self.ctx[branch] = tx
             self._expire(self.ctx, branch, tx, TX_LINGER)
         self._send(out_ep, data, (host, port), msg.method)
-
-    async def _resolve_and_relay(self, msg: Any, key: Any, ep: Any, addr: Any, dest: tuple[str, str, int],
-                                 routes_left: list[str]) -> None:
-        transport, host, port = dest
-        try:
-            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-            ip = infos[0][4][0]
-        except OSError:
-            if msg.method != "ACK":
-                self._respond(msg, ep, addr, 404, "Not Found - cannot resolve next hop")
-            return
-        try:
-            self._relay_request(msg, key, ep, addr, (transport, ip, port), routes_left)
-        except Exception as exc:  # noqa: BLE001
-            self._fault(exc, msg, ep, addr)
 
     # ------------------------------------------------------------ responses
     def _on_response(self, msg: Any, ep: Any, addr: Any) -> None:
