@@ -3,19 +3,22 @@
 Real Kamailio from the shipped ``config/kamailio/kamailio.cfg`` (two workers), the decider
 process, SIPp as the caller and SIPp as the trunk.  The verdicts Kamailio gives are compared
 with the verdicts of an in-process :class:`Guard` built from the same YAML for the same calls.
+The decider's call records are read back from its SQLite file with :class:`RecordStore`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import site
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +27,14 @@ import callguard
 from callguard import config as config_mod
 from callguard.guard import Guard
 from callguard.kamailio import protocol as proto
-from callguard.kamailio.daemon import control, reload_and_wait
+from callguard.kamailio.daemon import Decider, DeciderServer, control, reload_and_wait
+from callguard.records import RecordStore
 
 ROOT = Path(__file__).resolve().parent.parent
 KAMAILIO = "/usr/sbin/kamailio"
 APP_PYTHON3 = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so")
-SIPP = shutil.which("sipp")
+SIPP_PATH = shutil.which("sipp")
+SIPP = SIPP_PATH or "sipp"
 SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 
 pytestmark = [
@@ -38,7 +43,7 @@ pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(not (os.path.exists(KAMAILIO) and APP_PYTHON3.exists()),
                        reason="Debian kamailio with kamailio-python3-modules (app_python3) is not installed"),
-    pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) is not installed"),
+    pytest.mark.skipif(SIPP_PATH is None, reason="sipp (Debian sip-tester) is not installed"),
 ]
 
 CLEAN = "13912345678"
@@ -53,7 +58,7 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
              log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,7 +102,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 class Stack:
     """Decider + Kamailio + a SIPp trunk, in one temporary folder."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, per_minute: int | None = None) -> None:
         self.tmp = tmp
         self.kport = free_udp_port()
         self.uas_port = free_udp_port()
@@ -108,6 +113,10 @@ class Stack:
         text = (ROOT / "config" / "callguard.yaml").read_text()
         text = text.replace("udp:127.0.0.1:5080", f"udp:127.0.0.1:{self.uas_port}")
         text = text.replace("/var/tmp/callguard/", f"{tmp}/")
+        if per_minute is not None:
+            text = text.replace("window: 60, max_calls: 10}", f"window: 60, max_calls: {per_minute}}}")
+        assert f"{tmp}/records.sqlite3" in text
+        self.records_path = tmp / "records.sqlite3"
         self.config = tmp / "callguard.yaml"
         self.config.write_text(text)
         self.config_text = text
@@ -297,7 +306,9 @@ def test_decider_down_fails_open_then_recovers(stack: Stack) -> None:
     stop(stack.decider)
     res = stack.calls([("13800138000", "02150001239")], "decider_down")
     assert res[0][4] == "200"   # failed open: the banned caller passes while nothing can decide
-    assert "decider unavailable" in stack.kam_log.read_text(errors="replace")
+    log = stack.kam_log.read_text(errors="replace")
+    assert "decider unavailable" in log
+    assert "outcome reports lost" in log   # the BYE's report had nowhere to go: counted, the call went on
     stack.start_decider()
     res = stack.calls([("13800138000", "02150001240")], "decider_back")
     assert res[0][4] == "403"
@@ -340,3 +351,257 @@ def test_same_responses_as_callguard_serve(stack: Stack, tmp_path: Path) -> None
         assert [r[4] for r in kam][len(MIX):] == ["200"] * LIMIT + ["603"] * 2
     finally:
         st.close()
+
+
+# ---------------------------------------------------------------- call records and outcomes
+def records_of(path: Path, caller: str) -> list[dict[str, object]]:
+    """Every stored record of one (normalised) caller, oldest first."""
+    if not path.exists():
+        return []
+    store = RecordStore(str(path), 30)
+    try:
+        return list(reversed(store.query(caller=caller, limit=0)))
+    finally:
+        store.close()
+
+
+def sipp_bye_via(msg_file: Path, call_id: str) -> list[str]:
+    """The top Via of every BYE of ``call_id`` that SIPp (the trunk) received."""
+    text = msg_file.read_text(errors="replace") if msg_file.exists() else ""
+    out = []
+    for block in re.split(r"\n-{10,}[^\n]*\n", text):
+        body = block[block.find("BYE "):] if "BYE " in block else ""
+        if body.startswith("BYE ") and f"Call-ID: {call_id}" in body:
+            m = re.search(r"^Via: ([^\r\n]*)", body, re.M)
+            out.append(m.group(1) if m else "")
+    return out
+
+
+def test_records_with_outcomes_and_bye_relayed(stack: Stack) -> None:
+    caller = "13912340101"
+    before = control(stack.socket, proto.OP_STATS)["counters"]
+    res = stack.calls([(caller, "02150001301"), ("13800138000", "02150001302")], "records")
+    assert [r[4] for r in res] == ["200", "403"]
+    answered_id, rejected_id = res[0][1], res[1][1]
+
+    def complete() -> bool:
+        recs = records_of(stack.records_path, caller)
+        rejected = [r for r in records_of(stack.records_path, "13800138000") if r["call_id"] == rejected_id]
+        return bool(recs) and recs[-1]["ended_at"] is not None and bool(rejected)
+
+    wait_for(complete, 10, "both records, the answered one with its end time", log=stack.decider_log)
+    recs = records_of(stack.records_path, caller)
+    assert len(recs) == 1
+    rec = recs[0]
+    assert (rec["call_id"], rec["source"], rec["callee"], rec["rule"], rec["verdict"], rec["code"]) == \
+        (answered_id, "127.0.0.1", "02150001301", "allow", "allow", 0)
+    assert rec["final_code"] == 200
+    assert isinstance(rec["answered_at"], float) and isinstance(rec["ended_at"], float)
+    assert rec["time"] <= rec["answered_at"] <= rec["ended_at"]   # type: ignore[operator]
+    banned = [r for r in records_of(stack.records_path, "13800138000") if r["call_id"] == rejected_id]
+    assert [(r["rule"], r["verdict"], r["code"], r["final_code"], r["answered_at"]) for r in banned] == \
+        [("banned", "reject", 403, None, None)]
+    # The BYE came through Kamailio (record-route): its top Via at the trunk is Kamailio's.
+    vias = sipp_bye_via(stack.tmp / "uas.msg", answered_id)
+    assert vias and all(f"127.0.0.1:{stack.kport};branch=" in v for v in vias), vias
+    after = control(stack.socket, proto.OP_STATS)
+    counters = after["counters"]
+    for key in ("outcomes_answered", "outcomes_ended"):
+        assert counters.get(key, 0) > before.get(key, 0), (key, counters)
+    assert after["records"]["enabled"] and after["records"]["dropped"] == 0, after["records"]
+
+
+class RawUac:
+    """A caller on a plain UDP socket: sends exactly the bytes it is told to, retransmissions included."""
+
+    def __init__(self, kport: int) -> None:
+        self.kport = kport
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request(self, method: str, ruri: str, caller: str, callee: str, call_id: str, cseq: int, branch: str,
+                to_tag: str = "", routes: tuple[str, ...] = ()) -> bytes:
+        lines = [f"{method} {ruri} SIP/2.0", f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch}",
+                 f"From: <sip:{caller}@127.0.0.1>;tag=raw{cseq}{call_id[-4:]}",
+                 f"To: <sip:{callee}@127.0.0.1:{self.kport}>" + (f";tag={to_tag}" if to_tag else ""),
+                 f"Call-ID: {call_id}", f"CSeq: {cseq} {method.replace('ACK', 'ACK')}",
+                 *(f"Route: {r}" for r in routes),
+                 f"Contact: <sip:{caller}@127.0.0.1:{self.port}>", "Max-Forwards: 70", "Content-Length: 0", "", ""]
+        return "\r\n".join(lines).encode()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, ("127.0.0.1", self.kport))
+
+    def responses(self, call_id: str, method: str, until: int, timeout: float = 10.0) -> list[bytes]:
+        """Responses to ``method`` of ``call_id`` until ``until`` final responses arrived."""
+        got: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while sum(1 for r in got if status(r) >= 200) < until:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {until} final responses to {method} {call_id}: {got!r}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            if data.startswith(b"SIP/2.0 ") and f"Call-ID: {call_id}".encode() in data \
+                    and re.search(rf"^CSeq: \d+ {method}\r$".encode(), data, re.M):
+                got.append(data)
+        return got
+
+
+def status(resp: bytes) -> int:
+    return int(resp.split(b" ", 2)[1])
+
+
+def header_values(resp: bytes, name: str) -> list[str]:
+    return [m.decode() for m in re.findall(rf"^{name}: *([^\r\n]*)".encode(), resp, re.M | re.I)]
+
+
+def test_retransmitted_invite_same_verdict_counted_once(tmp_path: Path) -> None:
+    """Limit 1 call/min: an INVITE sent twice (same branch) is one attempt, one record, one verdict."""
+    st = Stack(tmp_path, per_minute=1)
+    uac = RawUac(0)
+    try:
+        st.start()
+        uac.kport = st.kport
+        caller, callee = "13912340202", "02150001401"
+        before = control(st.socket, proto.OP_STATS)["counters"]
+        # Call A: both copies at once, so the two workers may each take one.
+        invite = uac.request("INVITE", f"sip:{callee}@127.0.0.1:{st.kport}", caller, callee, "retx-a", 1,
+                             "z9hG4bKretxa1")
+        uac.send(invite)
+        uac.send(invite)
+        finals = [r for r in uac.responses("retx-a", "INVITE", 1) if status(r) >= 200]
+        ok = finals[0]
+        assert status(ok) == 200, ok
+        to_tag = re.search(rb"^To:[^\r\n]*;tag=([^;\s\r]+)", ok, re.M | re.I).group(1).decode()  # type: ignore[union-attr]
+        contact = re.search(r"<([^>]+)>", header_values(ok, "Contact")[0]).group(1)  # type: ignore[union-attr]
+        routes = tuple(reversed([v.strip() for h in header_values(ok, "Record-Route") for v in h.split(",")]))
+        assert routes and f"127.0.0.1:{st.kport}" in routes[0], routes   # Kamailio record-routed the call
+        uac.send(uac.request("ACK", contact, caller, callee, "retx-a", 1, "z9hG4bKretxa2", to_tag, routes))
+        uac.send(uac.request("BYE", contact, caller, callee, "retx-a", 2, "z9hG4bKretxa3", to_tag, routes))
+        bye = uac.responses("retx-a", "BYE", 1)
+        assert status(bye[-1]) == 200   # the trunk answered the BYE Kamailio relayed
+        assert all(status(r) in (100, 200) for r in finals), finals   # the copy did not trip the limit
+
+        def ended() -> bool:
+            recs = records_of(st.records_path, caller)
+            return bool(recs) and recs[0]["ended_at"] is not None
+
+        wait_for(ended, 10, "call A's record to be complete", log=st.decider_log)
+        assert len(records_of(st.records_path, caller)) == 1
+
+        # Call B from the same caller: over the limit.  Its copy reaches the decider (the reject is
+        # stateless) and gets the same verdict from the transaction cache, without counting again.
+        invite_b = uac.request("INVITE", f"sip:{callee}@127.0.0.1:{st.kport}", caller, callee, "retx-b", 1,
+                               "z9hG4bKretxb1")
+        uac.send(invite_b)
+        first = uac.responses("retx-b", "INVITE", 1)
+        uac.send(invite_b)
+        second = uac.responses("retx-b", "INVITE", 1)
+        assert [status(first[-1]), status(second[-1])] == [603, 603]
+
+        def two_records() -> bool:
+            return len(records_of(st.records_path, caller)) >= 2
+
+        wait_for(two_records, 10, "call B's record", log=st.decider_log)
+        after = control(st.socket, proto.OP_STATS)["counters"]
+        recs = records_of(st.records_path, caller)
+        assert [(r["call_id"], r["rule"], r["code"], r["final_code"]) for r in recs] == \
+            [("retx-a", "allow", 0, 200), ("retx-b", "high_frequency", 603, None)]
+        assert after.get("rule:high_frequency", 0) - before.get("rule:high_frequency", 0) == 1
+        assert after.get("retransmissions", 0) - before.get("retransmissions", 0) >= 1
+    finally:
+        uac.close()
+        st.close()
+
+
+class FakeDecider:
+    """A decider that answers every CHECK with a reply the plug-in cannot use."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.path = path
+        self.checks = 0
+        self.running = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            version, op, rid = proto.parse_header(data)
+            if op != proto.OP_CHECK:
+                continue   # outcomes are one-way
+            self.checks += 1
+            head = proto.header_v(version, op, rid)
+            if self.checks == 1:
+                # Well-formed, but the trunk is not an address: routing raises inside the plug-in.
+                out = head + proto.encode_reply_body(0, "allow", 0, 0.0, "", "udp:no-port-here")
+            else:
+                out = head + b"\x00\x01"   # truncated: not a verdict at all
+            self.sock.sendto(out, addr)
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+        os.unlink(self.path)
+
+
+def test_fault_inside_plugin_fails_open_and_kamailio_keeps_working(stack: Stack) -> None:
+    stop(stack.decider)
+    fake = FakeDecider(stack.socket)
+    try:
+        res = stack.calls([("13800138000", "02150001501"), ("13800138000", "02150001502")], "fault")
+        assert fake.checks == 2
+    finally:
+        fake.close()
+    # Both calls of a banned caller were forwarded and answered: the faults failed open.
+    assert [r[4] for r in res] == ["200", "200"]
+    log = stack.kam_log.read_text(errors="replace")
+    assert "fault in request_route" in log and "no-port-here" in log
+    assert "malformed reply" in log
+    stack.start_decider()
+    # Kamailio keeps working: the next call is screened again.
+    assert stack.calls([("13800138000", "02150001503")], "after_fault")[0][4] == "403"
+
+
+# ---------------------------------------------------------------- protocol compatibility (in process)
+def test_version_1_worker_and_failed_outcome(tmp_path: Path) -> None:
+    """A version 1 CHECK (no Call-ID) is still answered, in version 1, and its record keyed by Call-ID;
+    a failed call's outcome fills in its final code."""
+    st = Stack(tmp_path)   # only for its config; nothing is started
+    store = RecordStore(str(st.records_path), 30)
+    decider = Decider(str(st.config), background_reload=False, records=store)
+    server = DeciderServer(decider, str(tmp_path / "d.sock"))
+    try:
+        req = proto.CheckRequest("sip:13912340303@gw", "sip:02150001601@gw", "127.0.0.1", "", "v1call|1|z9hG4bKv1")
+        data = proto.encode_check(7, req, version=1)
+        reply = server.handle(data, None, time.time())
+        assert proto.parse_header(reply) == (1, proto.OP_CHECK, 7)
+        assert proto.decode_reply(reply).code == 0
+        assert server.handle(proto.encode_outcome(proto.OUTCOME_FAILED, 486, time.time(), "v1call"), None,
+                             time.time()) == b""
+        store.flush()
+        recs = store.query(caller="13912340303", limit=0)
+        assert [(r["call_id"], r["rule"], r["final_code"], r["answered_at"]) for r in recs] == \
+            [("v1call", "allow", 486, None)]
+        assert decider.stats["outcomes_failed"] == 1
+        # Version 3 is refused with a message, not misread.
+        err = server.handle(proto.header_v(3, proto.OP_CHECK, 9), None, time.time())
+        assert proto.parse_header(err)[1] == proto.OP_ERROR and b"version 3" in err
+    finally:
+        server.close()
+        decider.close()

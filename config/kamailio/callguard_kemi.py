@@ -13,7 +13,8 @@ When CG_PYTHONPATH is empty, $CALLGUARD_PYTHONPATH is used, and a source checkou
 
 The other defines read here: CG_CONFIG (the YAML), CG_SOCKET (the decider's socket;
 empty = embedded guard, one worker only), CG_TIMEOUT_MS (wait for the decider before
-failing open).
+failing open), CG_RECORD_ROUTE (1: record-route relayed INVITEs so BYEs come back and
+calls get their end time and duration; 0: never; auto: sip.record_route in the YAML).
 """
 
 import os
@@ -56,13 +57,14 @@ def mod_init():
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     _extend_path()
     try:
-        from callguard.kamailio.kemi import PluginSettings, make_handler
+        from callguard.kamailio.kemi import PluginSettings, make_handler, parse_switch
 
         here = os.path.dirname(os.path.abspath(__file__))
         settings = PluginSettings(
             config=_define("CG_CONFIG") or os.path.join(here, "..", "callguard.yaml"),
             socket=_define("CG_SOCKET"),
             timeout_ms=float(_define("CG_TIMEOUT_MS") or 100),
+            record_route=parse_switch(_define("CG_RECORD_ROUTE", "1")),
         )
         return make_handler(KSR, settings)
     except Exception as exc:  # noqa: BLE001 - say why, then let Kamailio refuse to start

@@ -17,6 +17,10 @@ class DeciderUnavailable(Exception):
     """The decider did not answer (not running, timed out, or answered garbage): the call fails open."""
 
 
+class _Downgrade(Exception):
+    """The decider speaks an older protocol version; the request is sent again in that version."""
+
+
 class DeciderClient:
     """One datagram socket per process, connected to the decider.
 
@@ -25,6 +29,10 @@ class DeciderClient:
     answer to an earlier, timed-out request is skipped.  After a few consecutive timeouts the
     client waits only :data:`PROBE_TIMEOUT` per call (instead of the full timeout) until the
     decider answers again: a stalled decider must not stall every worker.
+
+    The client speaks protocol version 2; a decider that only speaks version 1 refuses the
+    first CHECK, and from then on the client asks in version 1 (without the Call-ID, and
+    without outcomes, which version 1 does not know).
 
     Args:
         path: the decider's socket path.
@@ -37,8 +45,11 @@ class DeciderClient:
         self._sock: socket.socket | None = None
         self._pid = 0
         self._next_id = 1
+        self.version = proto.VERSION
         self.timeouts = 0
         self.consecutive_timeouts = 0
+        self.outcomes_sent = 0
+        self.outcome_failures = 0
 
     @property
     def down(self) -> bool:
@@ -60,15 +71,48 @@ class DeciderClient:
             self._sock.close()
             self._sock = None
 
+    def outcome(self, kind: int, code: int, when: float, call_id: str) -> bool:
+        """Tell the decider what became of a call; one datagram, never waits for an answer.
+
+        Returns False (and counts it in :attr:`outcome_failures`) when the datagram could not be
+        sent: no decider, a full socket buffer, or a decider too old to understand outcomes.
+        """
+        if self.version < 2:
+            self.outcome_failures += 1
+            return False
+        data = proto.encode_outcome(kind, code, when, call_id)
+        try:
+            sock = self._socket()
+            try:
+                sock.send(data, socket.MSG_DONTWAIT)
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.close()   # the decider restarted: reconnect once
+                self._socket().send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self.outcome_failures += 1   # the decider is behind: drop this one, keep the socket
+            return False
+        except OSError:
+            self.close()
+            self.outcome_failures += 1
+            return False
+        self.outcomes_sent += 1
+        return True
+
     def check(self, req: CheckRequest) -> CheckReply:
         """Ask for one verdict.
 
         Raises:
             DeciderUnavailable: no answer in time, no decider listening, or a reply that makes no sense.
         """
+        try:
+            return self._check(req)
+        except _Downgrade:
+            return self._check(req)
+
+    def _check(self, req: CheckRequest) -> CheckReply:
         rid = self._next_id
         self._next_id = (rid + 1) & 0xFFFFFFFF
-        data = proto.encode_check(rid, req)
+        data = proto.encode_check(rid, req, self.version)
         try:
             sock = self._socket()
             try:
@@ -105,9 +149,12 @@ class DeciderClient:
                 continue   # a late answer to an earlier request that already failed open
             self.consecutive_timeouts = 0
             if op == proto.OP_ERROR:
+                if version < self.version and version in proto.VERSIONS:
+                    self.version = version   # an older decider: ask again in its version
+                    raise _Downgrade()
                 raise DeciderUnavailable("decider refused the request: "
                                          + reply[proto.HEADER_SIZE:].decode("utf-8", "replace"))
-            if version != proto.VERSION or op != proto.OP_CHECK:
+            if version != self.version or op != proto.OP_CHECK:
                 raise DeciderUnavailable(f"unexpected reply (version {version}, op {op})")
             try:
                 return proto.decode_reply(reply)

@@ -9,6 +9,13 @@ and exactly, whichever worker took the INVITE; the lists live in memory once; a
 reload happens in one place.  Workers that get no answer in time let the call
 through (fail open) and count it.
 
+With ``records.enabled`` the decider stores every decision as a call record (SPEC §6),
+one per INVITE transaction: a retransmission gets its first verdict again and no new
+record.  Workers report what became of the calls the decider let through (answered,
+failed, ended: one-way OUTCOME datagrams); the decider fills in the records' final
+code, answer and end times and feeds answered/unanswered and the call's duration into
+the caller's score (:meth:`Guard.observe`), as ``callguard serve`` does.
+
 Start it with ``callguard decider --config FILE --socket PATH`` or
 ``python -m callguard.kamailio.daemon --config FILE --socket PATH``.
 ``--reload`` / ``--stats`` / ``--ping`` with ``--socket`` talk to a running decider.
@@ -37,16 +44,32 @@ from ..guard import Guard, load_lists
 from ..lists import Lists
 from ..log import configure as configure_logging
 from ..log import get_logger
+from ..records import RecordStore
 from . import protocol as proto
-from .protocol import CheckReply, CheckRequest
+from .protocol import CheckReply, CheckRequest, Outcome
 from .routing import IdentityPolicy, pick_trunk
 
-log = get_logger("callguard.decider")
+
+def _get_log() -> Any:
+    """The decider's logger (plain structlog, bound now, when the shared lazy set-up is unusable)."""
+    try:
+        return get_logger("callguard.decider")
+    except TypeError:
+        import structlog
+
+        return structlog.get_logger().bind(logger="callguard.decider")
+
+
+log = _get_log()
 
 TX_TTL = 32.0            # seconds a transaction's verdict is kept for its retransmissions (64*T1)
 TX_MAX = 200_000         # bound on remembered transactions (a flood must not grow memory without end)
 WATCH_INTERVAL = 1.0     # seconds between checks of the config and list files' mtimes
 SOCKET_BUFFER = 4 * 1024 * 1024
+PENDING_TTL = 300.0      # seconds a let-through call waits for its final response (tm's fr_inv_timer is 60)
+DIALOG_LINGER = 12 * 3600.0   # answered calls whose BYE never came are forgotten after this (as serve)
+CALLS_MAX = 500_000      # bound on tracked calls of each kind
+CLOCK_SKEW = 300.0       # a worker's timestamp further than this from ours is replaced by ours
 
 
 def _mtimes(cfg: Config, config_path: str) -> tuple[float, ...]:
@@ -70,9 +93,11 @@ class Decider:
         background_reload: load a changed config and lists in a thread and swap them in
             between decisions (the decider process); ``False`` reloads in the caller's
             thread (embedded mode, where no Python thread runs between calls).
+        records: where decisions and outcomes are stored; None stores nothing.  The decider
+            closes it in :meth:`close`.
     """
 
-    def __init__(self, config_path: str, background_reload: bool = True) -> None:
+    def __init__(self, config_path: str, background_reload: bool = True, records: RecordStore | None = None) -> None:
         self.config_path = str(Path(config_path).resolve())
         cfg = config_mod.load(self.config_path)
         self.guard = Guard(cfg)
@@ -82,9 +107,15 @@ class Decider:
         self._next_watch = 0.0
         self._background = background_reload
         self._loading: threading.Thread | None = None
-        self._pending: tuple[Config, Lists, tuple[float, ...]] | None = None
+        self._pending_reload: tuple[Config, Lists, tuple[float, ...]] | None = None
         self._lock = threading.Lock()
         self._tx: dict[str, tuple[float, CheckReply]] = {}
+        self.records = records
+        # Calls let through, by Call-ID: waiting for the final response (expires, caller, source),
+        # then answered and waiting for the BYE (expires, caller, source, answered_at).  Each dict
+        # is filled in time order with one TTL, so the oldest entries are at the front.
+        self._pending: dict[str, tuple[float, str, str]] = {}
+        self._dialogs: dict[str, tuple[float, str, str, float]] = {}
         self.generation = 1
         self.stats: Counter[str] = Counter()
         self.last_reload_error = ""
@@ -106,10 +137,14 @@ class Decider:
             if hit is not None and hit[0] > now:
                 self.stats["retransmissions"] += 1
                 return hit[1]
+        caller = req.caller
+        callee = req.callee
+        t0 = time.perf_counter()
         try:
             caller = self.identity.caller(req.source, req.caller, req.identity)
             faults = self.guard.faults
             v = self.guard.check(caller, req.callee, source=req.source or None, now=now)
+            caller, callee = v.caller, v.callee
             flags = proto.FLAG_HIDE_REASON if self.guard.config.sip.hide_reason else 0
             if self.guard.faults != faults:
                 flags |= proto.FLAG_FAILED_OPEN
@@ -131,9 +166,85 @@ class Decider:
             log.error("decision_failed_open", error=repr(exc), caller=req.caller, callee=req.callee)
             reply = CheckReply(0, "allow", proto.FLAG_FAILED_OPEN, 0.0, "internal fault: failed open",
                                self.guard.config.trunks[0].address)
+        latency_us = int((time.perf_counter() - t0) * 1e6)
         if req.txkey:
             self._remember(req.txkey, reply, now)
+        call_id = req.call_id
+        if self.records is not None:
+            self.records.add({"time": now, "call_id": call_id, "source": req.source, "caller": caller,
+                              "callee": callee, "rule": reply.rule, "verdict": "reject" if reply.code else "allow",
+                              "code": reply.code, "score": reply.score, "latency_us": latency_us})
+        if reply.code == 0 and call_id:
+            self._track(call_id, caller, req.source, now)
         return reply
+
+    # ------------------------------------------------------------ outcomes
+    def _track(self, call_id: str, caller: str, source: str, now: float) -> None:
+        """Remember a call let through until its final response comes back."""
+        pending = self._pending
+        while pending:
+            first = next(iter(pending))
+            if pending[first][0] > now and len(pending) < CALLS_MAX:
+                break
+            del pending[first]
+            self.stats["outcomes_never_came"] += 1
+        pending.pop(call_id, None)   # re-inserted at the back: the order stays the expiry order
+        pending[call_id] = (now + PENDING_TTL, caller, source)
+
+    def outcome(self, o: Outcome, now: float) -> None:
+        """What became of a call: update its record and feed the caller's score.
+
+        A repeated report (a retransmitted 200 OK or BYE) changes nothing.  A fault is counted
+        and logged, never raised: outcomes are scoring input only.
+        """
+        try:
+            self._outcome(o, now)
+        except Exception as exc:  # noqa: BLE001 - an outcome must never stop the decider
+            self.stats["faults"] += 1
+            log.error("outcome_failed", error=repr(exc), call_id=o.call_id, kind=o.kind)
+
+    def _outcome(self, o: Outcome, now: float) -> None:
+        when = o.time if abs(o.time - now) < CLOCK_SKEW else now
+        call_id = o.call_id
+        records = self.records
+        if o.kind == proto.OUTCOME_ANSWERED:
+            if call_id in self._dialogs:
+                self.stats["outcomes_repeated"] += 1
+                return
+            call = self._pending.pop(call_id, None)
+            self.stats["outcomes_answered"] += 1
+            if call is not None:
+                dialogs = self._dialogs
+                while dialogs:
+                    first = next(iter(dialogs))
+                    if dialogs[first][0] > now and len(dialogs) < CALLS_MAX:
+                        break
+                    del dialogs[first]
+                dialogs[call_id] = (now + DIALOG_LINGER, call[1], call[2], when)
+            if records is not None:
+                records.outcome(call_id, final_code=o.code, answered_at=when)
+        elif o.kind == proto.OUTCOME_FAILED:
+            call = self._pending.pop(call_id, None)
+            self.stats["outcomes_failed"] += 1
+            if call is not None:
+                self.guard.observe(call[1], False, 0.0, call[2] or None, when)
+            if records is not None:
+                records.outcome(call_id, final_code=o.code)
+        elif o.kind == proto.OUTCOME_ENDED:
+            dialog = self._dialogs.pop(call_id, None)
+            if dialog is None:
+                # A repeated BYE, or the dialog began before this decider started: nothing to score.
+                self.stats["outcomes_unknown_dialog"] += 1
+                return
+            self.stats["outcomes_ended"] += 1
+            self.guard.observe(dialog[1], True, max(0.0, when - dialog[3]), dialog[2] or None, when)
+            if records is not None:
+                records.outcome(call_id, ended_at=when)
+
+    def close(self) -> None:
+        """Write the queued records and close the store (the decider stops)."""
+        if self.records is not None:
+            self.records.close()
 
     def _remember(self, txkey: str, reply: CheckReply, now: float) -> None:
         tx = self._tx
@@ -164,7 +275,7 @@ class Decider:
             self._loading.start()
         else:
             self._load()
-            if self._pending is not None:
+            if self._pending_reload is not None:
                 self._apply_pending()
 
     def _load(self) -> None:
@@ -188,11 +299,11 @@ class Decider:
             log.error("reload_failed_keeping_old_config", config=self.config_path, error=repr(exc))
             return
         with self._lock:
-            self._pending = (cfg, lists, mtimes)
+            self._pending_reload = (cfg, lists, mtimes)
 
     def _apply_pending(self) -> None:
         with self._lock:
-            pending, self._pending = self._pending, None
+            pending, self._pending_reload = self._pending_reload, None
         if pending is None:
             return
         cfg, lists, mtimes = pending
@@ -207,7 +318,7 @@ class Decider:
         self.identity = IdentityPolicy(cfg)
         self._mtimes = mtimes
         self._failed_mtimes = None
-        self._tx.clear()
+        # self._tx is kept: a retransmission after a reload is still the same attempt, with the same verdict.
         self.generation += 1
         self.last_reload_error = ""
         self.stats["reloads"] += 1
@@ -216,7 +327,7 @@ class Decider:
 
     def poll(self, now: float) -> None:
         """Housekeeping between datagrams: swap in a finished reload, watch the files."""
-        if self._pending is not None:
+        if self._pending_reload is not None:
             self._apply_pending()
         if now >= self._next_watch:
             self._next_watch = now + WATCH_INTERVAL
@@ -224,12 +335,17 @@ class Decider:
 
     def snapshot_stats(self) -> dict[str, Any]:
         """Counters for the STATS command."""
+        store = self.records
+        records: dict[str, Any] = {"enabled": store is not None}
+        if store is not None:
+            records.update(path=store.path, written=store.written, dropped=store.dropped, pending=store.pending)
         with self._lock:
             loading = self._loading is not None and self._loading.is_alive()
             return {"generation": self.generation, "config": self.config_path, "pid": os.getpid(),
                     "implementation": self.guard.implementation, "uptime": round(time.time() - self.started, 3),
-                    "reloading": loading or self._pending is not None,
-                    "last_reload_error": self.last_reload_error, "counters": dict(self.stats)}
+                    "reloading": loading or self._pending_reload is not None,
+                    "last_reload_error": self.last_reload_error, "counters": dict(self.stats),
+                    "calls_pending": len(self._pending), "dialogs": len(self._dialogs), "records": records}
 
 
 # ---------------------------------------------------------------- the server
@@ -297,15 +413,22 @@ class DeciderServer:
     def handle(self, data: bytes, addr: Any, now: float) -> bytes:
         """One request datagram in, one reply datagram out."""
         version, op, rid = proto.parse_header(data)
-        if version != proto.VERSION:
+        if version not in proto.VERSIONS:
             self.decider.stats["protocol_errors"] += 1
             return proto.header(proto.OP_ERROR, rid) + f"protocol version {version} not supported; " \
                 f"this decider speaks {proto.VERSION}".encode()
         if op == proto.OP_CHECK:
             self.peers[str(addr)] += 1
-            r = self.decider.decide(proto.decode_check(data), now)
-            return proto.header(op, rid) + proto.encode_reply_body(r.code, r.rule, r.flags, r.score, r.reason,
-                                                                   r.trunk)
+            r = self.decider.decide(proto.decode_check(data, version), now)
+            # The reply carries the request's version: a version 1 worker checks it.
+            return proto.header_v(version, op, rid) + proto.encode_reply_body(r.code, r.rule, r.flags, r.score,
+                                                                              r.reason, r.trunk)
+        if op == proto.OP_OUTCOME:
+            try:
+                self.decider.outcome(proto.decode_outcome(data), now)
+            except proto.ProtocolError:
+                self.decider.stats["protocol_errors"] += 1   # one-way: nobody to tell
+            return b""
         if op == proto.OP_PING:
             return proto.encode_json(op, rid, {"version": proto.VERSION, "generation": self.decider.generation})
         if op == proto.OP_STATS:
@@ -389,32 +512,59 @@ def reload_and_wait(path: str, timeout: float = 60.0) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- entry points
+def open_records(cfg: Config) -> RecordStore | None:
+    """The call-record store of ``records`` in the config, or None when disabled or unusable.
+
+    A store that cannot be opened is logged, and the decider decides without records: calls
+    must keep flowing.
+    """
+    if not cfg.records.enabled:
+        return None
+    try:
+        return RecordStore(cfg.records.path, cfg.records.retention_days)
+    except CallguardError as exc:
+        log.error("records_failed", path=cfg.records.path, error=str(exc))
+        return None
+
+
 def decider_main(args: argparse.Namespace) -> int:
     """Run the decider in the foreground (``callguard decider``).
 
     ``args.config`` and ``args.socket`` are required; ``args.socket_mode`` (octal string,
-    default ``660``) is optional.  SIGHUP reloads, SIGTERM/SIGINT stop.  Returns the exit status.
+    default ``660``) is optional.  SIGHUP reloads, SIGTERM/SIGINT stop; on stop the queued
+    call records are written before the process exits.  Returns the exit status.
     """
     config_path = getattr(args, "config", None) or config_mod.default_config_path()
+    try:
+        cfg = config_mod.load(config_path)
+    except CallguardError as exc:
+        sys.stderr.write(f"callguard decider: {exc}\n")
+        return 2
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    global log
+    log = _get_log()   # bound after configure, so it renders as configured
     try:
         decider = Decider(config_path)
     except CallguardError as exc:
         sys.stderr.write(f"callguard decider: {exc}\n")
         return 2
-    cfg = decider.config
-    configure_logging(cfg.logging.level, cfg.logging.format)
-    global log
-    log = get_logger("callguard.decider")   # bound after configure, so it renders as configured
     try:
         server = DeciderServer(decider, args.socket, int(str(getattr(args, "socket_mode", None) or "660"), 8))
     except (CallguardError, OSError) as exc:
         sys.stderr.write(f"callguard decider: cannot listen on {args.socket}: {exc}\n")
         return 2
+    # Opened once the socket is ours: a second decider refused above never touches the store.
+    # The store keeps its path across reloads (a changed records.path needs a restart).
+    decider.records = open_records(decider.config)
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
     signal.signal(signal.SIGHUP, server.hangup)
-    server.serve_forever()
-    log.info("decider_stopped", counters=dict(decider.stats))
+    try:
+        server.serve_forever()
+    finally:
+        decider.close()
+    log.info("decider_stopped", counters=dict(decider.stats),
+             records_written=decider.records.written if decider.records is not None else 0)
     return 0
 
 

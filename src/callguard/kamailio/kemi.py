@@ -10,6 +10,13 @@ workers, see :mod:`callguard.kamailio.daemon`) or from a guard inside this worke
 (``socket`` empty: *embedded* mode, only correct with ``children=1``, since every worker
 would count on its own).
 
+For every INVITE it relays after a verdict, the plug-in arms ``ksr_onreply_route`` and
+``ksr_failure_route`` on the transaction: a 2xx final response (answered) or a negative
+one (failed, including tm's own timeout) is reported to the decider, and so is every BYE
+of a dialog passing through (record-route keeps BYEs on this path).  A report is one
+datagram that is never answered; when it cannot be sent it is counted in
+:attr:`CallguardKemi.outcomes_lost`, and the call goes on as if nothing happened.
+
 Nothing here lets a Python exception escape into Kamailio: an exception left set breaks
 the next call into the interpreter.  Any fault fails open (the call is relayed), is
 counted in :attr:`CallguardKemi.faults` and logged with ``KSR.err``.
@@ -25,10 +32,20 @@ from typing import Any
 from .. import config as config_mod
 from ..config import Config
 from .client import DeciderClient, DeciderUnavailable
-from .protocol import FLAG_FAILED_OPEN, FLAG_HIDE_REASON, CheckReply, CheckRequest
+from .protocol import (
+    FLAG_FAILED_OPEN,
+    FLAG_HIDE_REASON,
+    OUTCOME_ANSWERED,
+    OUTCOME_ENDED,
+    OUTCOME_FAILED,
+    CheckReply,
+    CheckRequest,
+    Outcome,
+)
 from .routing import pick_trunk, trunk_uri
 
 FAULT_LOG_INTERVAL = 10.0   # seconds between repeated fault log lines (the count is in every line)
+LOST_LOG_INTERVAL = 60.0    # seconds between log lines about lost outcome reports
 MAX_FORWARDS = 70
 
 
@@ -40,6 +57,23 @@ class PluginSettings:
     socket: str = ""
     timeout_ms: float = 100.0
     max_forwards: int = MAX_FORWARDS
+    record_route: bool | None = None   # None: follow sip.record_route in the YAML
+
+
+def parse_switch(text: str) -> bool | None:
+    """A cfg switch: ``1/yes/true/on`` -> True, ``0/no/false/off`` -> False, empty or ``auto`` -> None.
+
+    Raises:
+        ValueError: anything else.
+    """
+    t = text.strip().lower()
+    if t in ("", "auto"):
+        return None
+    if t in ("1", "yes", "true", "on"):
+        return True
+    if t in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected 1/0, yes/no, true/false, on/off or auto (got {text!r})")
 
 
 class LocalDecider:
@@ -54,6 +88,10 @@ class LocalDecider:
         now = time.time()
         self.decider.poll(now)   # at most one stat() round per second; a reload runs here, in this worker
         return self.decider.decide(req, now)
+
+    def outcome(self, kind: int, code: int, when: float, call_id: str) -> bool:
+        self.decider.outcome(Outcome(kind, code, when, call_id), time.time())
+        return True
 
 
 def _quote(text: str) -> str:
@@ -85,9 +123,12 @@ class CallguardKemi:
             self.decider = DeciderClient(settings.socket, settings.timeout_ms / 1000.0)
         else:
             self.decider = LocalDecider(settings.config)
+        self.record_route = self.config.sip.record_route if settings.record_route is None else settings.record_route
         self.faults = 0
         self.decisions = 0
+        self.outcomes_lost = 0
         self._last_fault_log = 0.0
+        self._last_lost_log = 0.0
         self._decider_down = False
 
     # ------------------------------------------------------------ Kamailio's entry points
@@ -107,11 +148,33 @@ class CallguardKemi:
         """Every reply; tm does the work, the method must exist once the script relays."""
         return 1
 
+    def ksr_onreply_route(self, msg: Any) -> int:
+        """A reply to an INVITE this plug-in relayed after a verdict (armed with ``t_on_reply``).
+
+        A 2xx is the answer; negative finals are reported from :meth:`ksr_failure_route`, which
+        also sees tm's own timeouts.  A retransmitted 200 is reported again; the decider knows.
+        """
+        try:
+            K = self.K
+            code = K.pv.get("$rs")
+            if code is not None and 200 <= int(code) < 300:
+                self._report(OUTCOME_ANSWERED, int(code), K.pv.gete("$ci"))
+        except Exception as exc:  # noqa: BLE001 - nothing may escape into Kamailio
+            self._fault("onreply_route", exc)
+        return 1
+
     def ksr_onsend_route(self, msg: Any) -> int:
         """Every message Kamailio sends; must exist once the script relays (see BENCH-NOTES)."""
         return 1
 
     def ksr_failure_route(self, msg: Any) -> int:
+        """The INVITE relayed after a verdict ended negatively (trunk's reply or tm's timeout); tm relays it."""
+        try:
+            K = self.K
+            code = K.pv.get("$T_reply_code")
+            self._report(OUTCOME_FAILED, int(code) if code is not None else 0, K.pv.gete("$ci"))
+        except Exception as exc:  # noqa: BLE001 - nothing may escape into Kamailio
+            self._fault("failure_route", exc)
         return 1
 
     def ksr_branch_route(self, msg: Any) -> int:
@@ -150,6 +213,9 @@ class CallguardKemi:
 
     def _in_dialog(self, method: str) -> None:
         K = self.K
+        if method == "BYE":
+            # Reported before relaying, whichever side hangs up; a retransmitted BYE changes nothing.
+            self._report(OUTCOME_ENDED, 0, K.pv.gete("$ci"))
         if K.rr.loose_route() > 0:
             K.tm.t_relay()
             return
@@ -169,8 +235,9 @@ class CallguardKemi:
     def _screen(self) -> None:
         K = self.K
         pv = K.pv
+        call_id = pv.gete("$ci")
         req = CheckRequest(pv.gete("$fu"), pv.gete("$ru"), pv.gete("$si"), pv.gete("$ai"),
-                           f'{pv.gete("$ci")}|{pv.gete("$cs")}|{pv.gete("$via0(branch)")}')
+                           f'{call_id}|{pv.gete("$cs")}|{pv.gete("$via0(branch)")}', call_id)
         try:
             reply = self.decider.check(req)
             if self._decider_down:
@@ -181,7 +248,7 @@ class CallguardKemi:
                 self._decider_down = True
                 K.err(f"callguard: decider unavailable, calls fail open: {exc}\n")
             self._fault("decider", exc, log=False)
-            self._relay(self._fallback_trunk(req))
+            self._relay(self._fallback_trunk(req), track=False)
             return
         self.decisions += 1
         if reply.flags & FLAG_FAILED_OPEN:
@@ -193,15 +260,32 @@ class CallguardKemi:
                 K.hdr.append_to_reply(f'Reason: SIP;cause={reply.code};text="{text}"\r\n')
             K.sl.sl_send_reply(reply.code, _phrase(reply.reason) or "Rejected")
             return
-        self._relay(reply.trunk or self._fallback_trunk(req))
+        self._relay(reply.trunk or self._fallback_trunk(req), track=True)
 
-    def _relay(self, trunk: str) -> None:
+    def _relay(self, trunk: str, track: bool) -> None:
+        """Relay the INVITE statefully; ``track`` arms the routes that report its outcome."""
         K = self.K
         K.setdsturi(trunk_uri(trunk))
-        if self.config.sip.record_route:
+        if self.record_route:
             K.rr.record_route()
+        if track:
+            K.tm.t_on_reply("ksr_onreply_route")
+            K.tm.t_on_failure("ksr_failure_route")
         if K.tm.t_relay() < 0:
             K.sl.sl_reply_error()
+
+    def _report(self, kind: int, code: int, call_id: str) -> None:
+        """Send one outcome to the decider; a lost report is counted (and logged now and then), never raised."""
+        if not call_id:
+            return
+        if self.decider.outcome(kind, code, time.time(), call_id):
+            return
+        self.outcomes_lost += 1
+        now = time.monotonic()
+        if self.outcomes_lost == 1 or now - self._last_lost_log >= LOST_LOG_INTERVAL:
+            self._last_lost_log = now
+            self.K.warn(f"callguard: outcome reports lost (pid {os.getpid()}, {self.outcomes_lost} so far): "
+                        f"the decider is unreachable; records and scores miss those outcomes\n")
 
     def _fallback_trunk(self, req: CheckRequest) -> str:
         """The trunk when no verdict came back: route on the callee's digits as they are."""
@@ -213,7 +297,7 @@ class CallguardKemi:
         try:
             K = self.K
             if K.pv.gete("$rm") == "INVITE" and K.siputils.has_totag() < 0:
-                self._relay(pick_trunk(self.config, ""))
+                self._relay(pick_trunk(self.config, ""), track=False)
         except Exception as exc:  # noqa: BLE001 - the last line of defence: count, log, stop
             self._fault("fail_open_relay", exc)
 

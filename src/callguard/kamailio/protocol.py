@@ -6,13 +6,20 @@ carries it back, so a late reply to a request that already timed out is recognis
 and dropped).  Strings are UTF-8 with a 2-byte little-endian length in front.
 
 ``CHECK`` request body: caller, callee, source, identity (P-Asserted-Identity, may be
-empty), transaction key (Call-ID + CSeq + Via branch, may be empty).
+empty), transaction key (Call-ID + CSeq + Via branch, may be empty) and, from version 2,
+the Call-ID (the key of the call record).  A version 1 CHECK (no Call-ID) is still
+decoded: its Call-ID is taken from the transaction key.  A reply carries the version of
+the request it answers, so a worker of either version understands it.
 ``CHECK`` reply body: ``<HBBf`` code (0: allow), rule index into ``RULE_NAMES``,
 flags, score; then the reason phrase and the trunk address (``udp:HOST:PORT``).
 Control operations (``PING``, ``STATS``, ``RELOAD``) carry a JSON object in the reply.
 An ``ERROR`` reply carries a UTF-8 message.
 
-A typical CHECK is about 80 bytes each way.
+``OUTCOME`` (version 2, one-way: never answered) tells the decider what became of a call
+it let through: ``<BHd`` kind (``ANSWERED``, ``FAILED``, ``ENDED``), final response code
+(0 for ``ENDED``), the worker's clock (epoch seconds); then the Call-ID.
+
+A typical CHECK is about 100 bytes each way; an OUTCOME about 40.
 """
 
 from __future__ import annotations
@@ -24,20 +31,27 @@ from typing import Any, NamedTuple
 from ..settings import RULE_NAMES
 
 MAGIC = b"CG"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)   # what a decider decodes: version 1 workers keep working during an upgrade
 
 OP_CHECK = 1
 OP_PING = 2
 OP_STATS = 3
 OP_RELOAD = 4
+OP_OUTCOME = 5
 OP_ERROR = 255
 
 FLAG_HIDE_REASON = 1   # the config asks to leave the Reason header out
 FLAG_FAILED_OPEN = 2   # the decision raised inside the decider and failed open
 
+OUTCOME_ANSWERED = 1   # a 2xx final response to the INVITE was relayed
+OUTCOME_FAILED = 2     # a negative final response (from the trunk or tm's own timeout) was relayed
+OUTCOME_ENDED = 3      # a BYE of the dialog passed
+
 _HEADER = struct.Struct("<2sBBI")
 _STR = struct.Struct("<H")
 _VERDICT = struct.Struct("<HBBf")
+_OUTCOME = struct.Struct("<BHd")
 HEADER_SIZE = _HEADER.size
 MAX_DATAGRAM = 65507
 MAX_FIELD = 4096   # longer fields are cut: a SIP URI longer than this is garbage anyway
@@ -55,6 +69,7 @@ class CheckRequest(NamedTuple):
     source: str
     identity: str
     txkey: str
+    call_id: str = ""
 
 
 class CheckReply(NamedTuple):
@@ -88,7 +103,7 @@ def _unpack_strs(data: bytes, offset: int, count: int) -> list[str]:
 
 
 def header(op: int, request_id: int) -> bytes:
-    """The 8-byte header of a datagram."""
+    """The 8-byte header of a datagram (this version)."""
     return _HEADER.pack(MAGIC, VERSION, op, request_id & 0xFFFFFFFF)
 
 
@@ -102,15 +117,56 @@ def parse_header(data: bytes) -> tuple[int, int, int]:
     return version, op, request_id
 
 
-def encode_check(request_id: int, req: CheckRequest) -> bytes:
-    """A CHECK request datagram."""
-    return b"".join((header(OP_CHECK, request_id), _pack_str(req.caller), _pack_str(req.callee),
-                     _pack_str(req.source), _pack_str(req.identity), _pack_str(req.txkey)))
+class Outcome(NamedTuple):
+    """What became of a call the decider let through."""
+
+    kind: int
+    code: int
+    time: float
+    call_id: str
 
 
-def decode_check(data: bytes) -> CheckRequest:
-    """The body of a CHECK request (header already checked)."""
-    return CheckRequest(*_unpack_strs(data, HEADER_SIZE, 5))
+def header_v(version: int, op: int, request_id: int) -> bytes:
+    """The header of a datagram of a given protocol version (a reply echoes its request's)."""
+    return _HEADER.pack(MAGIC, version, op, request_id & 0xFFFFFFFF)
+
+
+def encode_check(request_id: int, req: CheckRequest, version: int = VERSION) -> bytes:
+    """A CHECK request datagram (``version=1`` leaves the Call-ID out, for a decider that predates it)."""
+    parts = [header_v(version, OP_CHECK, request_id), _pack_str(req.caller), _pack_str(req.callee),
+             _pack_str(req.source), _pack_str(req.identity), _pack_str(req.txkey)]
+    if version >= 2:
+        parts.append(_pack_str(req.call_id))
+    return b"".join(parts)
+
+
+def call_id_of_txkey(txkey: str) -> str:
+    """The Call-ID inside a transaction key ``Call-ID|CSeq|branch`` (a Call-ID never contains ``|``)."""
+    return txkey.rsplit("|", 2)[0] if txkey.count("|") >= 2 else ""
+
+
+def decode_check(data: bytes, version: int = VERSION) -> CheckRequest:
+    """The body of a CHECK request of the given version (header already checked)."""
+    if version >= 2:
+        return CheckRequest(*_unpack_strs(data, HEADER_SIZE, 6))
+    caller, callee, source, identity, txkey = _unpack_strs(data, HEADER_SIZE, 5)
+    return CheckRequest(caller, callee, source, identity, txkey, call_id_of_txkey(txkey))
+
+
+def encode_outcome(kind: int, code: int, when: float, call_id: str) -> bytes:
+    """A one-way OUTCOME datagram (request id 0: nobody waits for an answer)."""
+    return header(OP_OUTCOME, 0) + _OUTCOME.pack(kind, code, when) + _pack_str(call_id)
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    """The body of an OUTCOME datagram (header already checked)."""
+    if len(data) < HEADER_SIZE + _OUTCOME.size:
+        raise ProtocolError("truncated outcome")
+    kind, code, when = _OUTCOME.unpack_from(data, HEADER_SIZE)
+    if kind not in (OUTCOME_ANSWERED, OUTCOME_FAILED, OUTCOME_ENDED):
+        raise ProtocolError(f"unknown outcome kind {kind}")
+    (call_id,) = _unpack_strs(data, HEADER_SIZE + _OUTCOME.size, 1)
+    return Outcome(kind, code, when, call_id)
 
 
 def rule_index(rule: str) -> int:
