@@ -910,3 +910,18 @@ def test_config_error_exits_2(tmp_path: Path) -> None:
     proc = _serve(bad)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2 and err.startswith("error: ") and "sip.listen" in err
+
+
+@pytest.mark.parametrize(("via", "stamped"), [
+    ("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa;rport", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa;rport=5070"
+     ";received=127.0.0.1"),
+    ("SIP/2.0/UDP 10.0.0.9:5070;branch=z9hG4bKa", "SIP/2.0/UDP 10.0.0.9:5070;branch=z9hG4bKa;received=127.0.0.1"),
+    ("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa"),
+    ("SIP/2.0/UDP [::1]:5070;branch=z9hG4bKa", "SIP/2.0/UDP [::1]:5070;branch=z9hG4bKa;received=127.0.0.1"),
+    ("SIP/2.0/UDP gw.example;branch=z9hG4bKa;received=10.1.1.1", "SIP/2.0/UDP gw.example;branch=z9hG4bKa"
+     ";received=10.1.1.1"),
+])
+def test_received_and_rport_stamping(via: str, stamped: str) -> None:
+    from callguard.sip.proxy import Proxy
+
+    assert Proxy._stamp_via(via, ("127.0.0.1", 5070)) == stamped

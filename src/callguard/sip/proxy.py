@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import heapq
 import ipaddress
+import itertools
 import re
 import socket
 import time
@@ -66,6 +68,15 @@ _TAG_RE = re.compile(r";\s*tag=", re.I)
 _SENT_BY_RE = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*[A-Za-z]+\s+([^\s;,]+)", re.I)
 _BRANCH_RE = re.compile(r";\s*branch\s*=\s*([^;\s,]+)", re.I)
 _CTRL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_RECEIVED_RE = re.compile(r";\s*received\s*=", re.I)
+TICK = 0.02                     # resolution of transaction timers (Timer A, trunk timeout, Timer C)
+K_RETRANS, K_TRUNK, K_TIMER_C = 0, 1, 2
+
+
+def via_branch(via: str) -> str:
+    """The branch parameter of one Via value ('' when absent)."""
+    b = _BRANCH_RE.search(via)
+    return b.group(1) if b is not None else ""
 
 
 def tx_key(msg: Any) -> tuple[Any, ...]:
@@ -193,9 +204,8 @@ class Tx:
     """A forwarded request: the caller side and the current attempt towards the next hop."""
 
     __slots__ = ("key", "msg", "is_invite", "up_ep", "up_addr", "branch", "out", "out_head", "dest_ep",
-                 "dest_addr", "trunk", "candidates", "attempt", "provisional", "final", "cancelled", "timer",
-                 "retrans", "interval", "last_resp", "to_tag", "caller", "callee", "source", "started",
-                 "branches", "expired")
+                 "dest_addr", "trunk", "candidates", "attempt", "provisional", "final", "cancelled", "interval",
+                 "last_resp", "to_tag", "caller", "callee", "source", "started", "branches", "expired")
 
     def __init__(self, key: Any, msg: Any, is_invite: bool, up_ep: Any, up_addr: Any) -> None:
         self.key = key
@@ -214,8 +224,6 @@ class Tx:
         self.provisional = False
         self.final = 0
         self.cancelled = False
-        self.timer: Any = None
-        self.retrans: Any = None
         self.interval = T1
         self.last_resp: bytes | None = None
         self.to_tag = ""
@@ -271,6 +279,11 @@ class Proxy:
         self.our_ports: set[int] = set()
         self.wildcard = False
         self._sweep_handle: Any = None
+        self._tick_handle: Any = None
+        # Transaction timers: one heap ticked every TICK seconds instead of a TimerHandle per timer.
+        # Entries are never cancelled; a stale one (the attempt moved on, a response came) is skipped.
+        self.timers: list[tuple[float, int, Tx, int, int]] = []
+        self._seq = itertools.count()
         self._trust: dict[str, tuple[bool, bool]] = {}
         self._local_for: dict[tuple[int, str], str] = {}
         self.apply_config(cfg)
@@ -319,6 +332,8 @@ class Proxy:
             self._add_ours(info)
         if self._sweep_handle is None:
             self._sweep_handle = self.loop.call_later(1.0, self._sweep)
+        if self._tick_handle is None:
+            self._tick_handle = self.loop.call_later(TICK, self._tick)
         for t in self.trunks:
             if t.keepalive > 0 and t.ka_handle is None:
                 t.ka_handle = self.loop.call_soon(self._keepalive, t)
@@ -333,6 +348,9 @@ class Proxy:
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         for t in self.trunks:
             if t.ka_handle is not None:
                 t.ka_handle.cancel()
@@ -676,7 +694,7 @@ class Proxy:
     def _forward_head(self, msg: Any, addr: Any) -> list[str]:
         """The forwarded request minus our Via: request line, the other headers, Max-Forwards - 1."""
         vias = list(msg.vias)
-        vias[0] = self._stamp_via(vias[0], parse_via(vias[0]), addr)
+        vias[0] = self._stamp_via(vias[0], addr)
         lines = [f"{msg.method} {msg.uri} SIP/2.0"]
         lines.extend("Via: " + v for v in vias)
         mf_seen = False
@@ -695,15 +713,22 @@ class Proxy:
         return lines
 
     @staticmethod
-    def _stamp_via(v: str, via: Any, addr: Any) -> str:
+    def _stamp_via(v: str, addr: Any) -> str:
         """RFC 3261 §18.2.1 received and RFC 3581 rport on the caller's top Via."""
         ip, port = addr[0], addr[1]
-        if "rport" in via.params:
-            if not via.rport:
-                v = _RPORT_RE.sub(f";rport={port}", v, count=1)
-            if via.received is None:
-                v += f";received={ip}"
-        elif via.host != ip and via.received is None:
+        if _RECEIVED_RE.search(v):
+            return v
+        if _RPORT_RE.search(v):
+            return _RPORT_RE.sub(f";rport={port}", v, count=1) + f";received={ip}"
+        if ";rport=" in v.replace(" ", "").lower():
+            return v + f";received={ip}"
+        m = _SENT_BY_RE.match(v)
+        host = m.group(1) if m else ""
+        if host.startswith("["):
+            host = host[1:host.find("]")]
+        else:
+            host = host.split(":", 1)[0]
+        if host != ip:
             v += f";received={ip}"
         return v
 
@@ -726,7 +751,6 @@ class Proxy:
 
     def _try_next(self, tx: Tx) -> None:
         """Send the INVITE to the next trunk that is up; 503 to the caller when none is left."""
-        self._cancel_timers(tx)
         while True:
             tx.attempt += 1
             if tx.attempt >= len(tx.candidates):
@@ -753,32 +777,36 @@ class Proxy:
         tx.dest_addr = trunk.addr
         self.ctx[branch] = tx
         self._send(ep, tx.out, trunk.addr, "INVITE")
-        tx.timer = self.loop.call_later(self.trunk_timeout, self._on_trunk_timeout, tx, tx.attempt)
+        now = self.loop.time()
+        heapq.heappush(self.timers, (now + self.trunk_timeout, next(self._seq), tx, tx.attempt, K_TRUNK))
         if ep.kind == "udp":
             tx.interval = T1
-            tx.retrans = self.loop.call_later(T1, self._retransmit, tx, tx.attempt)
+            heapq.heappush(self.timers, (now + T1, next(self._seq), tx, tx.attempt, K_RETRANS))
 
-    def _retransmit(self, tx: Tx, attempt: int) -> None:
-        """Timer A: retransmit the INVITE over UDP until a provisional or final response arrives."""
-        tx.retrans = None
-        if tx.attempt != attempt or tx.provisional or tx.final:
+    def _tick(self) -> None:
+        """Fire the transaction timers that are due."""
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+        timers = self.timers
+        if not timers:
             return
-        self._send(tx.dest_ep, tx.out, tx.dest_addr, "INVITE")
-        tx.interval *= 2
-        tx.retrans = self.loop.call_later(tx.interval, self._retransmit, tx, attempt)
+        now = self.loop.time()
+        while timers and timers[0][0] <= now:
+            _, _, tx, attempt, kind = heapq.heappop(timers)
+            if tx.final or tx.attempt != attempt:
+                continue
+            if kind == K_RETRANS:
+                # Timer A: retransmit the INVITE over UDP until a provisional or final response arrives.
+                if not tx.provisional:
+                    self._send(tx.dest_ep, tx.out, tx.dest_addr, "INVITE")
+                    tx.interval *= 2
+                    heapq.heappush(timers, (now + tx.interval, next(self._seq), tx, attempt, K_RETRANS))
+            elif kind == K_TRUNK:
+                if not tx.provisional:
+                    self._on_trunk_timeout(tx)
+            elif tx.provisional:
+                self._on_trunk_timeout(tx)
 
-    def _cancel_timers(self, tx: Tx) -> None:
-        if tx.timer is not None:
-            tx.timer.cancel()
-            tx.timer = None
-        if tx.retrans is not None:
-            tx.retrans.cancel()
-            tx.retrans = None
-
-    def _on_trunk_timeout(self, tx: Tx, attempt: int) -> None:
-        tx.timer = None
-        if tx.final or tx.attempt != attempt:
-            return
+    def _on_trunk_timeout(self, tx: Tx) -> None:
         try:
             if tx.provisional:
                 # Timer C: the call rang too long without a final answer.
@@ -810,8 +838,7 @@ class Proxy:
         self._finish(tx, code)
 
     def _finish(self, tx: Tx, code: int) -> None:
-        tx.final = code
-        self._cancel_timers(tx)
+        tx.final = code       # makes its pending timers stale
         self.in_flight -= 1
         now = time.time()
         if 200 <= code < 300:
@@ -858,7 +885,7 @@ class Proxy:
     def _send_ack(self, tx: Tx, resp: Any, ep: Any, addr: Any) -> None:
         """ACK a non-2xx final response hop by hop (RFC 3261 §17.1.1.3)."""
         m = tx.msg
-        branch = parse_via(resp.vias[0]).branch
+        branch = via_branch(resp.vias[0])
         via = tx.out.split(b"\r\n", 2)[1].decode("utf-8", "surrogateescape")
         if branch != tx.branch:
             via = re.sub(r"branch=[^;\s]+", f"branch={branch}", via)
@@ -990,7 +1017,7 @@ class Proxy:
         top = msg.vias[0]
         if OUR_MARK not in top:
             return  # not a transaction we created: dropped (no open relay of responses)
-        branch = parse_via(top).branch or ""
+        branch = via_branch(top)
         if branch.startswith(OUR_MARK + "ka"):
             self._keepalive_answer(branch)
             return
@@ -1017,12 +1044,8 @@ class Proxy:
         if code < 200:
             if not tx.provisional:
                 tx.provisional = True
-                if tx.retrans is not None:
-                    tx.retrans.cancel()
-                    tx.retrans = None
-                if tx.timer is not None:
-                    tx.timer.cancel()
-                tx.timer = self.loop.call_later(self.tx_timeout, self._on_trunk_timeout, tx, tx.attempt)
+                heapq.heappush(self.timers, (self.loop.time() + self.tx_timeout, next(self._seq), tx, tx.attempt,
+                                             K_TIMER_C))
                 if tx.cancelled:
                     self._send_cancel(tx)
             if code > 100 and not tx.final:
