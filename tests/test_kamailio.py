@@ -599,9 +599,54 @@ def test_version_1_worker_and_failed_outcome(tmp_path: Path) -> None:
         assert [(r["call_id"], r["rule"], r["final_code"], r["answered_at"]) for r in recs] == \
             [("v1call", "allow", 486, None)]
         assert decider.stats["outcomes_failed"] == 1
+        # Unanswered calls reach the caller's score once there are enough of them (score.min_outcomes = 5).
+        now = time.time()
+        for i in range(5):
+            server.handle(proto.encode_check(i, proto.CheckRequest("13912340404", f"0215000170{i}", "127.0.0.1", "",
+                                                                   f"u{i}|1|z9hG4bKu{i}", f"u{i}")), None, now)
+            server.handle(proto.encode_outcome(proto.OUTCOME_FAILED, 480, now, f"u{i}"), None, now)
+        v = decider.guard.check("13912340404", "02150001799", source="127.0.0.1", now=now)
+        assert dict(v.features).get("unanswered", 0.0) > 0.0, v.features
         # Version 3 is refused with a message, not misread.
         err = server.handle(proto.header_v(3, proto.OP_CHECK, 9), None, time.time())
         assert proto.parse_header(err)[1] == proto.OP_ERROR and b"version 3" in err
     finally:
         server.close()
         decider.close()
+
+
+def test_client_falls_back_to_a_version_1_decider(tmp_path: Path) -> None:
+    """A version 2 worker beside a decider that speaks only version 1: the refused CHECK is asked
+    again in version 1; outcomes, which version 1 lacks, are counted as lost instead of sent."""
+    from callguard.kamailio.client import DeciderClient
+
+    path = str(tmp_path / "old.sock")
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    old.bind(path)
+    old.settimeout(5)
+    seen: list[int] = []
+
+    def serve_v1() -> None:
+        for _ in range(2):
+            data, addr = old.recvfrom(65535)
+            version, op, rid = proto.parse_header(data)
+            seen.append(version)
+            if version != 1:
+                old.sendto(proto.header_v(1, proto.OP_ERROR, rid) + b"protocol version 2 not supported", addr)
+            else:
+                old.sendto(proto.header_v(1, op, rid) + proto.encode_reply_body(403, "banned", 0, 1.0, "No", ""),
+                           addr)
+
+    t = threading.Thread(target=serve_v1, daemon=True)
+    t.start()
+    client = DeciderClient(path, timeout=2.0)
+    try:
+        reply = client.check(proto.CheckRequest("a", "b", "127.0.0.1", "", "c|1|z9hG4bK1", "c"))
+        t.join(5)
+        assert seen == [2, 1] and client.version == 1
+        assert (reply.code, reply.rule, reply.reason) == (403, "banned", "No")
+        assert client.outcome(proto.OUTCOME_ENDED, 0, time.time(), "c") is False
+        assert client.outcome_failures == 1
+    finally:
+        client.close()
+        old.close()
