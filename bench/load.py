@@ -53,13 +53,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default 1000,10000 quick; 1000,10000,30000 full)")
     p.add_argument("--sipp-max-rate", type=float, default=35000, help="calls/s per SIPp instance; higher rates "
                    "are split over several instances on different ports")
-    p.add_argument("--probe-interval-ms", type=float, default=5.0, help="one latency probe INVITE every N ms")
+    p.add_argument("--probe-interval-ms", type=float, help="one latency probe INVITE every N ms (default 2 quick, "
+                   "5 full)")
     p.add_argument("--kamailio-children", type=int, default=1, help="Kamailio UDP workers (BENCH-NOTES anchors: 1)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="folder for the JSON result and the PNG plot")
     p.add_argument("--keep", action="store_true", help="keep the work folder (SIPp stats, system logs)")
     a = p.parse_args(argv)
     a.duration = a.duration or (3.0 if a.quick else 10.0)
+    a.probe_interval_ms = a.probe_interval_ms or (2.0 if a.quick else 5.0)
     a.bisect = a.bisect if a.bisect is not None else (1 if a.quick else 3)
     a.fixed_rates = a.fixed_rates or ([1000.0, 10000.0] if a.quick else [1000.0, 10000.0, 30000.0])
     a.mixes = (a.mixes or ("mixed" if a.quick else "mixed,reject")).split(",")
@@ -135,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if summaries:
         print(report.table(summaries, result["ratios_vs_native"], a.fixed_rates))
-        print("(gen): a SIPp instance was at >= 90 % of a core; (cores): both cores were full (the system competes "
-              "with its load generator); *: that point was not sustained")
+        print("(gen): a SIPp instance was at >= 90 % of a core; (cores): the cores were full (the system competes "
+              "with its load generator or other work); *: that point was not sustained; noisy pts: points during "
+              "which other processes on the machine used > 0.2 cores")
     for n, why in result["skipped"].items():
         print(f"skipped {n}: {why}")
     print(f"\nresult {json_path}\nplot   {png or '(matplotlib missing)'}\nelapsed {result['elapsed_s']:.0f} s")

@@ -22,6 +22,7 @@ import socket
 import struct
 import sys
 import time
+from typing import Any
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
@@ -52,7 +53,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-def run(port: int, duration: float, interval: float, kinds: list[str], banned: str, delay: float) -> dict:
+def run(port: int, duration: float, interval: float, kinds: list[str], banned: str, delay: float) -> dict[str, Any]:
     """Probe 127.0.0.1:port for ``duration`` seconds; return latency figures per kind (µs)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
@@ -133,7 +134,7 @@ def run(port: int, duration: float, interval: float, kinds: list[str], banned: s
             codes[kind][code] = codes[kind].get(code, 0) + 1
             s.sendto(_ack(port, lport, pn, caller, callee, f"z9hG4bK-probe-{os.getpid()}-{pn}", to_line), dest)
     s.close()
-    out: dict = {"interval_ms": interval * 1000, "kinds": {}}
+    out: dict[str, Any] = {"interval_ms": interval * 1000, "kinds": {}}
     for k in kinds:
         v = lat[k]
         out["kinds"][k] = {"sent": sent[k], "answered": len(v), "lost": sent[k] - len(v), "codes": codes[k],

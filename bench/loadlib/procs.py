@@ -11,9 +11,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -93,6 +93,53 @@ def tree_cpu(pids: Sequence[int]) -> dict[int, float]:
         if f is not None:
             out[-root] = (int(f[13]) + int(f[14])) / CLK_TCK
     return out
+
+
+def udp_drops() -> dict[int, int]:
+    """Datagrams the kernel dropped per bound local UDP port (receive buffer full), from /proc/net/udp."""
+    out: dict[int, int] = {}
+    try:
+        with open("/proc/net/udp") as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                port = int(f[1].rsplit(":", 1)[1], 16)
+                out[port] = out.get(port, 0) + int(f[-1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def kernel_threads(prefix: str = "ksoftirqd") -> list[int]:
+    """Pids of kernel threads whose name starts with ``prefix`` (softirq work on loopback runs there
+    when the machine is busy, and its CPU belongs to no process of the bench)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and comm(int(name)).startswith(prefix):
+            out.append(int(name))
+    return out
+
+
+def all_cpu() -> dict[int, float]:
+    """CPU seconds of every process on the machine (own time only)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            out[int(name)] = cpu_seconds(int(name), with_reaped_children=False)
+    return out
+
+
+def runqueue_wait(pids: Sequence[int]) -> float:
+    """Seconds the processes (all their threads) spent runnable but not running (/proc/PID/schedstat)."""
+    total = 0
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                    total += int(fh.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
 
 
 def comm(pid: int) -> str:
@@ -201,5 +248,5 @@ def options_ping(port: int, timeout: float = 0.5) -> int | None:
                     code = int(data[8:11])
                     if code >= 200:
                         return code
-        except (socket.timeout, ValueError):
+        except (TimeoutError, ValueError):
             return None

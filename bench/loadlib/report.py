@@ -24,6 +24,8 @@ def summarise(system: str, max_rates: dict[str, float | None], points: list[dict
         tried = [p for p in points if p["mix"] == mix and "stage" not in p]
         above = [p for p in tried if not p.get("sustained") and (best is None or p["rate"] > best)]
         s["limited_by"][mix] = (above[0].get("limited_by") or "error") if above else "max rate tried"
+    s["noisy_points"] = sum(1 for p in points if p.get("noisy"))
+    s["points"] = len(points)
     for path in ("reject", "forward"):
         for rate in fixed_rates:
             p = _at(points, path, rate)
@@ -67,14 +69,14 @@ def table(summaries: dict[str, dict[str, Any]], rat: dict[str, dict[str, float |
     for rate in fixed_rates:
         k = int(rate)
         head += [f"rej p50/p99 us @{k // 1000}k", f"cpu us/call rej@{k // 1000}k", f"fwd@{k // 1000}k"]
-    head += ["vs native (max, cpu rej)"]
+    head += ["vs native (max, cpu rej)", "noisy pts"]
     rows = [head]
     for name, s in summaries.items():
         row = [name]
         for m in mixes:
             best = s["max_sustained"].get(m)
             lim = s["limited_by"].get(m)
-            tag = {"generator": " (gen)", "machine": " (cores)", "system": "", "error": " (err)"}.get(lim or "", "")
+            tag = {"generator": " (gen)", "machine": " (cores)", "error": " (err)"}.get(lim or "", "")
             row.append(_f(best) + tag)
         for rate in fixed_rates:
             k = int(rate)
@@ -91,6 +93,7 @@ def table(summaries: dict[str, dict[str, Any]], rat: dict[str, dict[str, float |
         if len(fixed_rates) > 1 and r.get(f"cpu_us_per_call.reject@{int(fixed_rates[1])}"):
             cp = r.get(f"cpu_us_per_call.reject@{int(fixed_rates[1])}")
         row.append(f"{_f(mx, '{:.2f}')}x, {_f(cp, '{:.2f}')}x")
+        row.append(f"{s.get('noisy_points', 0)}/{s.get('points', 0)}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]

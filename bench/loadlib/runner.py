@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import mix, procs, sipp
 from .systems import Context, System
@@ -21,6 +22,8 @@ MAX_FAILED_SHARE = 0.001
 MAX_RETRANS_SHARE = 0.001
 #: A SIPp process at this share of one core is taken as the limit of the load generator.
 GENERATOR_BUSY = 0.90
+#: Other processes on the machine using more than this many cores make a point "noisy".
+NOISY_OTHERS = 0.2
 
 
 @dataclass
@@ -77,18 +80,45 @@ class Bench:
             running = system.start(ctx)
             time.sleep(0.3)   # let a just-started system settle (lazy imports, first allocations)
             cpu0 = procs.tree_cpu(running.pids())
+            ksoft = procs.kernel_threads()
+            ksoft0 = sum(procs.cpu_seconds(k) for k in ksoft)
+            server_tree = [q for r in running.pids() for q in procs.tree(r)]
+            rq0 = procs.runqueue_wait(server_tree)
+            all0 = procs.all_cpu()
+            loadavg0 = os.getloadavg()[0]
             uas_cpu0 = procs.cpu_seconds(uas.pid) if uas else 0.0
             kinds = "reject" if mix_name == "reject" else ("forward" if mix_name == "forward" else "reject,forward")
-            probe_time = max(1.0, o.duration - 1.0)
+            # Probe the steady part only: SIPp needs a moment to read its injection file and may
+            # create a catch-up burst while it starts, which is not the system's latency.
+            probe_delay = min(1.0, o.duration / 4)
+            probe_time = max(1.0, o.duration - probe_delay - 0.5)
             prober = subprocess.Popen([sys.executable, str(Path(__file__).with_name("prober.py")), "--port",
-                                       str(port), "--duration", f"{probe_time}", "--delay", "0.5",
+                                       str(port), "--duration", f"{probe_time}", "--delay", f"{probe_delay}",
                                        "--interval-ms", str(o.probe_interval_ms), "--kinds", kinds,
                                        "--banned", self.banned_probe],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             t0 = time.monotonic()
             uac = sipp.UacRun(port, rates, o.duration, injections, pdir)
             uac.start()
+            # CPU shares over the load phase itself (call creation), not the drain afterwards:
+            # a saturated worker shows here as ~1.0 even when retransmissions stretch the run.
+            time.sleep(o.duration)
+            load_wall = time.monotonic() - t0
+            cpu_mid = procs.tree_cpu(running.pids())
+            sipp_mid = [procs.cpu_seconds(p.pid) for p in uac.procs]
+            uas_mid = procs.cpu_seconds(uas.pid) if uas else 0.0
+            ksoft_mid = sum(procs.cpu_seconds(k) for k in ksoft)
+            rq_mid = procs.runqueue_wait(server_tree)
+            all_mid = procs.all_cpu()
+            ours = set(server_tree) | {q.pid for q in uac.procs} | {os.getpid(), prober.pid} | set(ksoft)
+            if uas:
+                ours.add(uas.pid)
+            # Everything else on the machine (other work sharing the cores makes a point noisy).
+            others = sum(v - all0.get(q, 0.0) for q, v in all_mid.items() if q not in ours)
             results = uac.wait()
+            drops = procs.udp_drops()
+            res["udp_drops"] = {"system": drops.get(port, 0), "uas": drops.get(trunk_port, 0) if uas else 0,
+                                "sipp": sum(drops.get(p, 0) for p in uac.ports)}
             wall = time.monotonic() - t0
             cpu1 = procs.tree_cpu(running.pids())
             names = {p: f"{procs.comm(p)}" for p in cpu1 if p > 0}
@@ -104,6 +134,32 @@ class Bench:
                 probe = {"error": str(exc)}
             res.update(self._judge(results, cpu0, cpu1, wall, probe, uas_cpu1 - uas_cpu0, alive))
             res["server_cpu_by_process"] = procs.cpu_by_name(cpu0, cpu1, names)
+            per_proc = {p: cpu_mid.get(p, 0.0) - cpu0.get(p, 0.0) for p in cpu_mid if p > 0}
+            res["load_phase"] = {
+                "seconds": round(load_wall, 2),
+                "server_share": round(procs.cpu_delta(cpu0, cpu_mid) / load_wall, 3),
+                "busiest_server_process_share": round(max(per_proc.values(), default=0.0) / load_wall, 3),
+                "sipp_share": [round(x / load_wall, 3) for x in sipp_mid],
+                "uas_share": round((uas_mid - uas_cpu0) / load_wall, 3),
+                "ksoftirqd_share": round((ksoft_mid - ksoft0) / load_wall, 3),
+                # Runnable but not running: the system waited for a core (contention or steal).
+                "server_runqueue_wait_share": round((rq_mid - rq0) / load_wall, 3),
+                "other_processes_share": round(others / load_wall, 3),
+                "loadavg_1min_before": round(loadavg0, 2),
+            }
+            lp = res["load_phase"]
+            res["noisy"] = lp["other_processes_share"] > NOISY_OTHERS
+            lp["cores_busy"] = round(lp["server_share"] + sum(lp["sipp_share"]) + lp["uas_share"]
+                                     + lp["ksoftirqd_share"] + lp["other_processes_share"], 2)
+            if not res.get("sustained"):
+                if max(lp["sipp_share"], default=0) >= GENERATOR_BUSY:
+                    res["limited_by"] = "generator"
+                elif lp["cores_busy"] >= 0.95 * (os.cpu_count() or 1):
+                    res["limited_by"] = "machine"
+                elif lp["busiest_server_process_share"] >= GENERATOR_BUSY:
+                    res["limited_by"] = "system (a server process at a full core)"
+                else:
+                    res["limited_by"] = "system"
         except Exception as exc:  # noqa: BLE001 - one broken point must not end the whole bench
             res.update({"sustained": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
         finally:
@@ -131,17 +187,8 @@ class Bench:
         base = max(created, 1)
         sustained = (alive and min_share >= MIN_RATE_SHARE and failed / base <= MAX_FAILED_SHARE
                      and retrans / base <= MAX_RETRANS_SHARE and created >= planned)
-        # Cores in use by everything the bench started (the prober is negligible): when the
-        # machine is full, the system under test competes with its own load generator.
-        cores_busy = sum(r.cpu_s for r in results) / wall + server_cpu / wall + uas_cpu / wall if wall else 0.0
-        limit = None
-        if not sustained:
-            if max(sipp_busy, default=0) >= GENERATOR_BUSY:
-                limit = "generator"
-            elif cores_busy >= 0.95 * (os.cpu_count() or 1):
-                limit = "machine"
-            else:
-                limit = "system"
+        # Refined from the load-phase CPU shares by the caller (see ``point``).
+        limit = None if sustained else "system"
         return {
             "sustained": sustained, "limited_by": limit, "alive": alive,
             "calls_planned": planned, "calls_created": created, "calls_ok": ok, "calls_failed": failed,
@@ -149,10 +196,11 @@ class Bench:
             "failed_share": failed / base, "retrans_share": retrans / base,
             "responses": dict(sorted(responses.items())), "unexpected_msgs": sum(r.unexpected for r in results),
             "dead_call_msgs": sum(r.dead_call_msgs for r in results),
-            "server_cpu_s": round(server_cpu, 4), "server_cpu_share": round(server_cpu / wall, 3) if wall else None,
+            "server_cpu_s": round(server_cpu, 4),
             "server_cpu_us_per_call": round(server_cpu * 1e6 / (created + probes), 2) if created else None,
-            "sipp_cpu_share": [round(x, 3) for x in sipp_busy], "cores_busy": round(cores_busy, 2), "uas_cpu_share": round(uas_cpu / wall, 3) if wall
-            else None, "wall_s": round(wall, 2), "probe": probe,
+            "sipp_cpu_share_whole_run": [round(x, 3) for x in sipp_busy],
+            "uas_cpu_share_whole_run": round(uas_cpu / wall, 3) if wall else None,
+            "wall_s": round(wall, 2), "probe": probe,
             "sipp_exit_codes": [r.exit_code for r in results],
             "sipp_errors": [r.errors_tail[:300] for r in results if r.errors_tail][:2],
         }
@@ -197,9 +245,12 @@ class Bench:
         if "error" in p:
             self.opts.log(f"  {p['system']:<17} {p['mix']:<8} {p['rate']:>8.0f}/s  ERROR {p['error'][:300]}")
         else:
-            self.opts.log(f"  {p['system']:<17} {p['mix']:<8} {p['rate']:>8.0f}/s  "
-                          f"{'ok  ' if p['sustained'] else 'FAIL'} held {p['min_rate_share']:.3f} "
-                          f"failed {p['failed_share']:.4f} retrans {p['retrans_share']:.4f} "
-                          f"cpu {p['server_cpu_us_per_call'] or 0:.1f}us/call sipp {p['sipp_cpu_share']} {lat} "
-                          f"resp {p['responses']}")
+            lp = p.get("load_phase", {})
+            verdict = ("ok  " if p["sustained"] else "FAIL") + (" NOISY" if p.get("noisy") else "")
+            self.opts.log(f"  {p['system']:<17} {p['mix']:<8} {p['rate']:>8.0f}/s  {verdict} "
+                          f"held {p['min_rate_share']:.3f} failed {p['failed_share']:.4f} "
+                          f"retrans {p['retrans_share']:.4f} cpu {p['server_cpu_us_per_call'] or 0:.1f}us/call | "
+                          f"cores: server {lp.get('server_share')} sipp {lp.get('sipp_share')} "
+                          f"uas {lp.get('uas_share')} others {lp.get('other_processes_share')} | "
+                          f"drops {p.get('udp_drops', {}).get('system')} | {lat} | {p['responses']}")
         return p

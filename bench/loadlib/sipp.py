@@ -132,9 +132,11 @@ class UacRun:
         self.procs: list[procs.Proc] = []
         self.planned: list[int] = []
         self.started = 0.0
+        self.ports: list[int] = []
 
     def start(self) -> None:
         ports = procs.free_udp_ports(len(self.rates))
+        self.ports = ports
         self.started = time.monotonic()
         for i, (rate, port, inf) in enumerate(zip(self.rates, ports, self.injections)):
             calls = max(1, int(round(rate * self.duration)))
@@ -144,7 +146,8 @@ class UacRun:
             argv = [sipp_binary() or "sipp", f"127.0.0.1:{self.target_port}", "-sf", str(SCENARIOS / "uac.xml"),
                     "-inf", str(inf), "-i", "127.0.0.1", "-p", str(port), "-t", "u1", "-buff_size", BUFF,
                     "-nostdin", "-r", f"{rate:.0f}", "-rp", "1000", "-m", str(calls),
-                    "-l", str(max(1000, int(rate * 4))),   # calls in flight: 4 s of load; reaching it shows as a rate drop
+                    # Calls in flight: 4 s of load; reaching the limit shows as a rate drop.
+                    "-l", str(max(1000, int(rate * 4))),
                     "-timeout", f"{int(self.duration + 40)}s", "-timeout_error",
                     "-trace_stat", "-stf", str(d / "stat.csv"), "-fd", "1", "-trace_counts",
                     "-trace_err", "-error_file", str(d / "errors.log"), "-error_overwrite", "true"]

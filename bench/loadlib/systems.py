@@ -14,9 +14,9 @@ import re
 import shutil
 import site
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import procs
 
@@ -135,8 +135,8 @@ def cfg_defines(cfg: Path) -> dict[str, str]:
 
 def _kamailio_argv(cfg: Path, ctx: Context, defines: dict[str, str]) -> list[str]:
     """Kamailio in the foreground with the TLSF allocator (BENCH-NOTES: the strong anchor)."""
-    argv = [kamailio_binary() or "kamailio", "-f", str(cfg), "-DD", "-E", "-x", "tlsf", "-m", KAMAILIO_SHM_MB, "-M", "64",
-            "-b", "4194304", "-P", str(ctx.workdir / "kamailio.pid"), "-Y", str(ctx.workdir), "-w",
+    argv = [kamailio_binary() or "kamailio", "-f", str(cfg), "-DD", "-E", "-x", "tlsf", "-m", KAMAILIO_SHM_MB,
+            "-M", "64", "-b", "4194304", "-P", str(ctx.workdir / "kamailio.pid"), "-Y", str(ctx.workdir), "-w",
             str(ctx.workdir)]
     for k, v in defines.items():
         argv += ["-A", f"{k}={v}"]
