@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import structlog
+from structlog._config import BoundLoggerLazyProxy
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -48,4 +49,6 @@ def get_logger(name: str = "callguard") -> Any:
     The logger is a lazy proxy: binding happens on first use, so a module-level
     logger created at import time still renders as :func:`configure` later sets up.
     """
-    return structlog.get_logger(logger=name)
+    # ``logger`` is also wrap_logger()'s own parameter name, so the initial value goes
+    # through the lazy proxy's initial_values rather than as a keyword.
+    return BoundLoggerLazyProxy(None, initial_values={"logger": name}, logger_factory_args=())

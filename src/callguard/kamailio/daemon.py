@@ -51,13 +51,7 @@ from .routing import IdentityPolicy, pick_trunk
 
 
 def _get_log() -> Any:
-    """The decider's logger (plain structlog, bound now, when the shared lazy set-up is unusable)."""
-    try:
-        return get_logger("callguard.decider")
-    except TypeError:
-        import structlog
-
-        return structlog.get_logger().bind(logger="callguard.decider")
+    return get_logger("callguard.decider")
 
 
 log = _get_log()
