@@ -33,11 +33,6 @@ cdef struct Decision:
     double parts[9]
 
 
-cdef struct Callee:
-    u128 key
-    int64_t t
-
-
 cdef struct Track:
     u128 key
     int64_t last
@@ -48,9 +43,11 @@ cdef struct Track:
     int32_t thead
     int32_t tcount
     int32_t tcap
+    int32_t desc            # places where the ring goes back in time (0: sorted, binary search works)
     int32_t ccount
     int32_t ccap
-    Callee* callees         # distinct callees in insertion order
+    u128* ckeys             # distinct callees in insertion order: keys ...
+    int64_t* ctimes         # ... and last times (one allocation, keys first)
 
 
 cdef struct Table:
@@ -163,7 +160,7 @@ cdef class Core:
                         bint* expired) noexcept
     cdef int _filing_rule(self, Num* cr, double now) noexcept
     cdef bint _allowlisted(self, Num* cr) noexcept
-    cdef int _rates(self, u128* keys, bint* has, int64_t t, double* rate_ratio, double* distinct_ratio) noexcept
+    cdef int _rates(self, Track** trs, int64_t t, double* rate_ratio, double* distinct_ratio) noexcept
     cdef double _score(self, int kind, bint listed, double p_max, int complaints, bint expired, double rate_ratio,
                        double distinct_ratio, bint has_outcome, int64_t total, int64_t answered, int64_t short_,
                        Decision* dec) noexcept nogil

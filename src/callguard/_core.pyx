@@ -29,6 +29,7 @@ from .settings import FEATURES, RULE_NAMES, resolve_source
 cnp.import_array()
 
 cdef extern from *:
+    void __builtin_prefetch(const void* addr) nogil
     bint __builtin_mul_overflow(uint64_t a, uint64_t b, uint64_t* res) nogil
     bint __builtin_add_overflow(uint64_t a, uint64_t b, uint64_t* res) nogil
 
@@ -239,9 +240,10 @@ cdef void _track_free(Track* tr) noexcept nogil:
     if tr.times != NULL:
         free(tr.times)
         tr.times = NULL
-    if tr.callees != NULL:
-        free(tr.callees)
-        tr.callees = NULL
+    if tr.ckeys != NULL:
+        free(tr.ckeys)
+        tr.ckeys = NULL
+        tr.ctimes = NULL
 
 
 cdef void _table_clear(Table* tb) noexcept nogil:
@@ -406,8 +408,12 @@ cdef int _times_push(Track* tr, int64_t t, int ring) except -1 nogil:
     cdef int32_t ncap, k
     cdef int64_t* grown
     if tr.tcount >= ring and tr.tcount > 0:
+        if tr.tcount >= 2 and tr.times[(tr.thead + 1) % tr.tcap] < tr.times[tr.thead]:
+            tr.desc -= 1
         tr.thead = (tr.thead + 1) % tr.tcap
         tr.tcount -= 1
+    if tr.tcount > 0 and t < tr.times[(tr.thead + tr.tcount - 1) % tr.tcap]:
+        tr.desc += 1
     if tr.tcount >= tr.tcap:
         # grow (and unroll) the ring on demand so most callers cost little
         ncap = tr.tcap * 2 if tr.tcap else 4
@@ -429,33 +435,88 @@ cdef int _times_push(Track* tr, int64_t t, int ring) except -1 nogil:
     return 0
 
 
+cdef inline int32_t _upper(const Track* tr, int64_t v) noexcept nogil:
+    """In a sorted ring: how many times are <= v."""
+    cdef int32_t lo = 0, hi = tr.tcount, mid, k
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        k = tr.thead + mid
+        if k >= tr.tcap:
+            k -= tr.tcap
+        if tr.times[k] <= v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline int64_t _count_times(const Track* tr, int64_t lo, int64_t t) noexcept nogil:
+    """Attempts in (lo, t]: binary search while the ring is in time order, else a scan."""
+    cdef int64_t count = 0, x
+    cdef int32_t k, end = tr.thead + tr.tcount
+    cdef const int64_t* times = tr.times
+    if tr.desc == 0:
+        if lo >= t:
+            return 0
+        return _upper(tr, t) - _upper(tr, lo)
+    if end <= tr.tcap:
+        for k in range(tr.thead, end):
+            x = times[k]
+            count += (lo < x) & (x <= t)
+    else:
+        for k in range(tr.thead, tr.tcap):
+            x = times[k]
+            count += (lo < x) & (x <= t)
+        for k in range(end - tr.tcap):
+            x = times[k]
+            count += (lo < x) & (x <= t)
+    return count
+
+
+cdef int _callee_reserve(Track* tr, int32_t need) except -1 nogil:
+    cdef int32_t ncap
+    cdef u128* keys
+    cdef int64_t* times
+    if need <= tr.ccap:
+        return 0
+    ncap = tr.ccap * 2 if tr.ccap else 4
+    if ncap < need:
+        ncap = need
+    keys = <u128*>malloc(ncap * (sizeof(u128) + sizeof(int64_t)))
+    if keys == NULL:
+        with gil:
+            raise MemoryError()
+    times = <int64_t*>(keys + ncap)
+    if tr.ccount:
+        memcpy(keys, tr.ckeys, tr.ccount * sizeof(u128))
+        memcpy(times, tr.ctimes, tr.ccount * sizeof(int64_t))
+    if tr.ckeys != NULL:
+        free(tr.ckeys)
+    tr.ckeys = keys
+    tr.ctimes = times
+    tr.ccap = ncap
+    return 0
+
+
 cdef int _callee_seen(Track* tr, u128 callee, int64_t t, int cap) except -1 nogil:
-    cdef int32_t j, oldest, ncap
-    cdef Callee* grown
+    """The twin's distinct-callee update: refresh a known callee, else evict the oldest when full."""
+    cdef int32_t j, oldest
     for j in range(tr.ccount):
-        if tr.callees[j].key == callee:
-            if t > tr.callees[j].t:
-                tr.callees[j].t = t
+        if tr.ckeys[j] == callee:
+            if t > tr.ctimes[j]:
+                tr.ctimes[j] = t
             return 0
     if tr.ccount >= cap and tr.ccount > 0:
         oldest = 0
         for j in range(1, tr.ccount):
-            if tr.callees[j].t < tr.callees[oldest].t:
+            if tr.ctimes[j] < tr.ctimes[oldest]:
                 oldest = j
-        memmove(&tr.callees[oldest], &tr.callees[oldest + 1], (tr.ccount - oldest - 1) * sizeof(Callee))
+        memmove(&tr.ckeys[oldest], &tr.ckeys[oldest + 1], (tr.ccount - oldest - 1) * sizeof(u128))
+        memmove(&tr.ctimes[oldest], &tr.ctimes[oldest + 1], (tr.ccount - oldest - 1) * sizeof(int64_t))
         tr.ccount -= 1
-    if tr.ccount >= tr.ccap:
-        ncap = tr.ccap * 2 if tr.ccap else 4
-        if ncap < tr.ccount + 1:
-            ncap = tr.ccount + 1
-        grown = <Callee*>realloc(tr.callees, ncap * sizeof(Callee))
-        if grown == NULL:
-            with gil:
-                raise MemoryError()
-        tr.callees = grown
-        tr.ccap = ncap
-    tr.callees[tr.ccount].key = callee
-    tr.callees[tr.ccount].t = t
+    _callee_reserve(tr, tr.ccount + 1)
+    tr.ckeys[tr.ccount] = callee
+    tr.ctimes[tr.ccount] = t
     tr.ccount += 1
     return 0
 
@@ -937,7 +998,8 @@ cdef class Core:
     cdef int _blocklist(self, Num* cr, double now, int* ban, bint* listed, double* p_max, int* complaints,
                         bint* expired) noexcept:
         cdef uint64_t pk[BUF]
-        cdef int n = cr.n, fit, L
+        cdef int cand[BUF]
+        cdef int n = cr.n, fit, L, c, ncand = 0
         cdef Py_ssize_t i, j
         cdef KeyIndex idx = self._bl
         cdef uint64_t key
@@ -951,18 +1013,16 @@ cdef class Core:
         if idx.n == 0:
             return 0
         fit = _prefix_keys(cr, pk)
-        L = n
-        while L >= 1:
+        # the lengths that can match, their index slots fetched together so the misses overlap
+        for L in range(n, 0, -1):
             if L > fit or L > 31:
-                L -= 1
                 continue
-            if L == n:
-                if not (idx.len_any >> L) & 1:
-                    L -= 1
-                    continue
-            elif not (idx.len_prefix >> L) & 1:
-                L -= 1
-                continue
+            if (idx.len_any if L == n else idx.len_prefix) >> L & 1:
+                cand[ncand] = L
+                ncand += 1
+                __builtin_prefetch(&idx.table[_mix64(pk[L]) & idx.mask])
+        for c in range(ncand):
+            L = cand[c]
             key = pk[L]
             i = idx.find(key)
             if i >= 0:
@@ -990,7 +1050,6 @@ cdef class Core:
                     if ban[0] < 0:
                         ban[0] = <int>j
                     j += 1
-            L -= 1
         return 0
 
     cdef int _filing_rule(self, Num* cr, double now) noexcept:
@@ -1041,7 +1100,7 @@ cdef class Core:
                 L -= 1
         return False
 
-    cdef int _rates(self, u128* keys, bint* has, int64_t t, double* rate_ratio, double* distinct_ratio) noexcept:
+    cdef int _rates(self, Track** trs, int64_t t, double* rate_ratio, double* distinct_ratio) noexcept:
         cdef int i, kind, fired = -1
         cdef Py_ssize_t e
         cdef Track* tr
@@ -1052,20 +1111,11 @@ cdef class Core:
         rate_ratio[0] = 0.0
         distinct_ratio[0] = 0.0
         for i in range(self.n_limits):
-            kind = self.l_kind[i]
-            if not has[kind]:
+            tr = trs[self.l_kind[i]]
+            if tr == NULL:
                 continue
-            tb = &self.state.tables[kind]
-            e = _table_find(tb, keys[kind])
-            if e < 0:
-                continue
-            tr = &tb.entries[e]
             lo = t - self.l_window[i]
-            attempts = 0
-            for k in range(tr.tcount):
-                x = tr.times[(tr.thead + k) % tr.tcap]
-                if lo < x <= t:
-                    attempts += 1
+            attempts = _count_times(tr, lo, t)
             if self.l_calls[i]:
                 if attempts >= self.l_calls[i] and fired < 0:
                     fired = i
@@ -1076,9 +1126,8 @@ cdef class Core:
             if self.l_distinct[i]:
                 distinct = 0
                 for k in range(tr.ccount):
-                    x = tr.callees[k].t
-                    if lo < x <= t:
-                        distinct += 1
+                    x = tr.ctimes[k]
+                    distinct += (lo < x) & (x <= t)
                 if distinct >= self.l_distinct[i] and fired < 0:
                     fired = i
                 if attempts >= self.min_attempts:
@@ -1166,7 +1215,8 @@ cdef class Core:
         cdef bint listed = False, expired = False, has_outcome = False
         cdef double p_max = -1.0, rate_ratio = 0.0, distinct_ratio = 0.0, score
         cdef int64_t o_total = 0, o_answered = 0, o_short = 0
-        cdef Table* t0
+        cdef Table* tb
+        cdef Track* trs[3]
         cdef Py_ssize_t e
         if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:
             raise OverflowError(f"time out of range: {now!r}")
@@ -1218,14 +1268,20 @@ cdef class Core:
         callee_key = _full_key(ce) if ce.kind != HIDDEN else 0
         self._keys(caller_key, src, keys, has)
         self._blocklist(cr, now, &ban, &listed, &p_max, &complaints, &expired)
-        fired = self._rates(keys, has, t, &rate_ratio, &distinct_ratio)
-        t0 = &self.state.tables[0]
-        e = _table_find(t0, caller_key)
-        if e >= 0:
+        # each key's track is looked up once; _record below may move tracks, so read them first
+        for i in range(3):
+            trs[i] = NULL
+            if has[i]:
+                tb = &self.state.tables[i]
+                e = _table_find(tb, keys[i])
+                if e >= 0:
+                    trs[i] = &tb.entries[e]
+        fired = self._rates(trs, t, &rate_ratio, &distinct_ratio)
+        if trs[0] != NULL:
             has_outcome = True
-            o_total = t0.entries[e].total
-            o_answered = t0.entries[e].answered
-            o_short = t0.entries[e].short_
+            o_total = trs[0].total
+            o_answered = trs[0].answered
+            o_short = trs[0].short_
         if src != SOURCE_UNTRUSTED:
             self._record(keys, has, callee_key, t)
         score = self._score(cr.kind, listed, p_max, complaints, expired, rate_ratio, distinct_ratio, has_outcome,
@@ -1399,7 +1455,7 @@ cdef class Core:
             for i in range(tb.n):
                 tr = &tb.entries[i]
                 times = [tr.times[(tr.thead + k) % tr.tcap] for k in range(tr.tcount)]
-                callees = [[_u128_to_py(tr.callees[k].key), tr.callees[k].t] for k in range(tr.ccount)]
+                callees = [[_u128_to_py(tr.ckeys[k]), tr.ctimes[k]] for k in range(tr.ccount)]
                 rows.append([_u128_to_py(tr.key), tr.last, times, callees, tr.total, tr.answered, tr.short_])
             tables.append(rows)
         return {"version": 1, "tracks": tables}
@@ -1444,20 +1500,11 @@ cdef class Core:
 
 
 cdef int _callee_append(Track* tr, u128 key, int64_t t) except -1:
-    cdef int32_t ncap
-    cdef Callee* grown
-    if tr.ccount >= tr.ccap:
-        ncap = tr.ccap * 2 if tr.ccap else 4
-        grown = <Callee*>realloc(tr.callees, ncap * sizeof(Callee))
-        if grown == NULL:
-            raise MemoryError()
-        tr.callees = grown
-        tr.ccap = ncap
-    tr.callees[tr.ccount].key = key
-    tr.callees[tr.ccount].t = t
+    _callee_reserve(tr, tr.ccount + 1)
+    tr.ckeys[tr.ccount] = key
+    tr.ctimes[tr.ccount] = t
     tr.ccount += 1
     return 0
-
 
 
 # ====================================================================== fast blocklist loader
@@ -1465,6 +1512,9 @@ cdef int _callee_append(Track* tr, u128 key, int64_t t) except -1:
 # of goes through lists.blocklist_row (so messages and values cannot drift), and any CSV
 # feature it does not handle hands the whole file back to the Python reader.
 
+import os
+
+from cython cimport view
 from libc.math cimport rint
 from libc.stdlib cimport strtod
 from libc.string cimport memchr
@@ -1702,9 +1752,12 @@ cdef class BlocklistReader:
         self.reason = NULL
 
     cdef int _grow(self) except -1:
-        # realloc of large blocks remaps pages instead of copying, so doubling stays cheap
-        cdef Py_ssize_t cap = self.cap * 2 if self.cap else 65536
+        return self._reserve(self.cap * 2 if self.cap else 65536)
+
+    cdef int _reserve(self, Py_ssize_t cap) except -1:
         cdef void* q
+        if cap <= self.cap:
+            return 0
         q = realloc(self.keys, cap * 8)
         if q == NULL:
             raise MemoryError()
@@ -2038,6 +2091,12 @@ cdef class BlocklistReader:
         except OSError:
             return None
         with handle:
+            try:
+                # every stored row takes at least a dozen bytes of the file: reserve once, so the
+                # columns never move (untouched reserved pages cost no memory)
+                self._reserve(os.fstat(handle.fileno()).st_size // 12 + 1024)
+            except MemoryError:
+                pass
             data = handle.read(CHUNK)
             if data.startswith(b"\xef\xbb\xbf"):
                 data = data[3:]
@@ -2078,68 +2137,67 @@ cdef class BlocklistReader:
 
     cdef object _finish(self):
         from .lists import Blocklist
-        cdef Py_ssize_t n = self.n, i
+        cdef Py_ssize_t n = self.n
         cdef uint32_t* order = _argsort(self.keys, n)
         try:
-            keys = np.empty(n, dtype=np.uint64)
-            self._gather8(keys, order)
-            prefix = np.empty(n, dtype=np.bool_)
-            self._gather1(prefix, order, self.prefix)
-            free(self.prefix)
-            self.prefix = NULL
-            source = np.empty(n, dtype=np.uint8)
-            self._gather1(source, order, self.source)
-            free(self.source)
-            self.source = NULL
-            expires = np.empty(n, dtype=np.uint32)
-            self._gather4(expires, order, self.expires)
-            free(self.expires)
-            self.expires = NULL
-            reason = np.empty(n, dtype=np.uint32)
-            self._gather4(reason, order, self.reason)
-            free(self.reason)
-            self.reason = NULL
-            p = np.empty(n, dtype=np.uint16)
-            self._gather2(p, order, self.p)
-            free(self.p)
-            self.p = NULL
-            complaints = np.empty(n, dtype=np.uint16)
-            self._gather2(complaints, order, self.complaints)
+            # one column at a time, so at most one small column is doubled at any moment
+            _gather(<void**>&self.prefix, 1, order, n)
+            _gather(<void**>&self.source, 1, order, n)
+            _gather(<void**>&self.expires, 4, order, n)
+            _gather(<void**>&self.reason, 4, order, n)
+            _gather(<void**>&self.p, 2, order, n)
+            _gather(<void**>&self.complaints, 2, order, n)
         finally:
             free(order)
-            self._free()
+        keys = _own(<void**>&self.keys, n, 8, "Q", np.uint64)
+        keys.sort()             # in place; equal keys are equal values, so stability does not matter here
+        prefix = _own(<void**>&self.prefix, n, 1, "?", np.bool_)
+        source = _own(<void**>&self.source, n, 1, "B", np.uint8)
+        expires = _own(<void**>&self.expires, n, 4, "I", np.uint32)
+        p = _own(<void**>&self.p, n, 2, "H", np.uint16)
+        complaints = _own(<void**>&self.complaints, n, 2, "H", np.uint16)
+        reason = _own(<void**>&self.reason, n, 4, "I", np.uint32)
+        self._free()
         return Blocklist(keys=keys, prefix=prefix, source=source, expires=expires, p=p, complaints=complaints,
                          reason=reason, reasons=self.reasons), self.problems
 
-    cdef void _gather8(self, cnp.ndarray out, const uint32_t* order) noexcept:
-        cdef uint64_t* o = <uint64_t*>cnp.PyArray_DATA(out)
-        cdef Py_ssize_t i
-        with nogil:
-            for i in range(self.n):
-                o[i] = self.keys[order[i]]
-        free(self.keys)
-        self.keys = NULL
 
-    cdef void _gather4(self, cnp.ndarray out, const uint32_t* order, const uint32_t* src) noexcept:
-        cdef uint32_t* o = <uint32_t*>cnp.PyArray_DATA(out)
-        cdef Py_ssize_t i
-        with nogil:
-            for i in range(self.n):
-                o[i] = src[order[i]]
+cdef int _gather(void** slot, int size, const uint32_t* order, Py_ssize_t n) except -1:
+    """Replace a column by column[order] (a new exact-size buffer; the old one is freed)."""
+    cdef char* src = <char*>slot[0]
+    cdef char* out = <char*>malloc(n * size + 1)
+    cdef Py_ssize_t i
+    if out == NULL:
+        raise MemoryError()
+    with nogil:
+        if size == 1:
+            for i in range(n):
+                out[i] = src[order[i]]
+        elif size == 2:
+            for i in range(n):
+                (<uint16_t*>out)[i] = (<uint16_t*>src)[order[i]]
+        else:
+            for i in range(n):
+                (<uint32_t*>out)[i] = (<uint32_t*>src)[order[i]]
+    free(src)
+    slot[0] = out
+    return 0
 
-    cdef void _gather2(self, cnp.ndarray out, const uint32_t* order, const uint16_t* src) noexcept:
-        cdef uint16_t* o = <uint16_t*>cnp.PyArray_DATA(out)
-        cdef Py_ssize_t i
-        with nogil:
-            for i in range(self.n):
-                o[i] = src[order[i]]
 
-    cdef void _gather1(self, cnp.ndarray out, const uint32_t* order, const uint8_t* src) noexcept:
-        cdef uint8_t* o = <uint8_t*>cnp.PyArray_DATA(out)
-        cdef Py_ssize_t i
-        with nogil:
-            for i in range(self.n):
-                o[i] = src[order[i]]
+cdef object _own(void** slot, Py_ssize_t n, int size, str fmt, object dtype):
+    """A numpy array that takes over a malloc'd column (freed with the array)."""
+    cdef view.array arr
+    cdef void* q
+    if n == 0:
+        return np.empty(0, dtype=dtype)
+    q = realloc(slot[0], n * size)          # give back the unused reservation
+    if q != NULL:
+        slot[0] = q
+    arr = view.array(shape=(n,), itemsize=size, format=fmt, mode="c", allocate_buffer=False)
+    arr.data = <char*>slot[0]
+    arr.callback_free_data = free
+    slot[0] = NULL
+    return np.asarray(arr)
 
 
 def load_blocklist(str path, bint strict=False, tz=None):
