@@ -151,6 +151,8 @@ class BatchUdpListener:
                     continue
                 for data, addr in items:
                     self.handler(data, addr, self)
+                # Answers leave after each batch, not after the whole wake-up: latency stays one batch.
+                self._flush()
                 if len(items) < self.MAX_BATCH:
                     break
         finally:
