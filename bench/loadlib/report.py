@@ -110,7 +110,7 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5), sharey=True)
     systems = sorted({p["system"] for p in points})
     colors = {s: c for s, c in zip(systems, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"))}
     for ax, kind in zip(axes, ("reject", "forward")):
@@ -135,9 +135,15 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> Path | None:
         ax.set_title(f"{kind} probe: INVITE to final response")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("latency (us, kernel timestamps)")
-    axes[1].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    seen = set(labels)
+    for h, lab in zip(*axes[1].get_legend_handles_labels()):
+        if lab not in seen:
+            handles.append(h)
+            labels.append(lab)
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
     fig.suptitle(title + "  (x: point not sustained)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
