@@ -138,7 +138,7 @@ def time_checks(guard: object, names: list[str], reps: int) -> dict[str, float]:
     clock = time.perf_counter_ns
     samples = []
     now = T0
-    for r in range(reps):
+    for _ in range(reps):
         for name in names:
             now += 0.013
             a = clock()
@@ -170,7 +170,6 @@ def main() -> None:
 
     import numpy as np
 
-    from callguard import lists
     from callguard._corepy import CorePy
     from callguard.guard import Guard
 
@@ -186,7 +185,8 @@ def main() -> None:
     twin = time_checks(twin_guard, names[:args.twin_calls], 1)
     print(f"compiled core : median {fast['median_ns']:8.0f} ns  p99 {fast['p99_ns']:8.0f} ns  "
           f"({fast['calls']:,} calls; timer overhead {fast['timer_overhead_ns']:.0f} ns subtracted)")
-    print(f"python twin   : median {twin['median_ns']:8.0f} ns  p99 {twin['p99_ns']:8.0f} ns  ({twin['calls']:,} calls)")
+    print(f"python twin   : median {twin['median_ns']:8.0f} ns  p99 {twin['p99_ns']:8.0f} ns  "
+          f"({twin['calls']:,} calls)")
     print(f"ratio         : {twin['median_ns'] / fast['median_ns']:.1f}x (median)")
 
     print("\n## check_batch")

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from callguard import config as config_mod
+from callguard._corepy import CorePy
+from callguard._corepy import Verdict as VerdictPy
 from callguard.lists import NEVER, P_ABSENT, SOURCES, Allowlist, Blocklist, Filings, Lists, make_allowlist
 from callguard.numbers import key_of
 from callguard.settings import RULE_NAMES, compile_settings
-
-from callguard._corepy import CorePy, Verdict as VerdictPy
 
 _core = pytest.importorskip("callguard._core")
 Core = _core.Core

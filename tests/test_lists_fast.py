@@ -173,7 +173,7 @@ def test_big_file_in_chunks(tmp_path: Any) -> None:
     for i in range(300_000):
         n = int(rng.integers(0, 5000))
         rows.append(f"1380{n:07d},exact,{lists.SOURCES[i % 6]},reason {i % 17},2026-01-01,"
-                    f"{'2027-01-01' if i % 3 else ''},{'0.%04d' % (i % 10000) if i % 6 == 4 else ''},{i % 9}")
+                    f"{'2027-01-01' if i % 3 else ''},{f'0.{i % 10000:04d}' if i % 6 == 4 else ''},{i % 9}")
     path = tmp_path / "big.csv"
     path.write_text("\n".join(rows) + "\n")
     got = _same(str(path))

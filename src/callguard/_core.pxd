@@ -33,6 +33,14 @@ cdef struct Decision:
     double parts[9]
 
 
+cdef struct SrcInfo:
+    int customer
+    int alen                # len(area)
+    bint exotic             # the area has non-ASCII digits
+    bint has_ranges
+    char area[8]            # the area as ASCII digits (decimal values of its characters)
+
+
 cdef struct Track:
     u128 key
     int64_t last
@@ -140,16 +148,16 @@ cdef class Core:
     cdef int64_t min_outcomes
     cdef double short_call_ms
     cdef int n_sources
-    cdef int* src_customer
-    cdef list _src_area             # per source: (ascii area bytes, area str, ascii?)
+    cdef SrcInfo* srcs
+    cdef list _src_area             # per source: the area str
     cdef list _src_name
     cdef list _src_detail
     cdef list _src_ranges           # per source: tuple of str
     cdef list _src_ranges_ascii     # per source: tuple of bytes or None when not all ASCII
     cdef object _emergency          # frozenset of str
-    cdef list _src_exotic           # per source: area has non-ASCII digits
     cdef int n_emergency
     cdef u128* emergency_keys
+    cdef uint64_t emergency_lens    # bit L: an emergency number has L digits
     cdef str _cr_s                  # digits of the last decision (set by _decide)
     cdef str _ce_s
 

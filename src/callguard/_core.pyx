@@ -18,6 +18,7 @@ from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
+cimport cython
 cimport numpy as cnp
 
 import numpy as np
@@ -41,6 +42,7 @@ cdef extern from "Python.h":
     Py_UCS4 PyUnicode_READ(int kind, const void* data, Py_ssize_t index) nogil
     bint Py_UNICODE_ISSPACE(Py_UCS4 ch) nogil
     object PyUnicode_FromKindAndData(int kind, const void* buffer, Py_ssize_t size)
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
     int PyUnicode_1BYTE_KIND
 
 
@@ -94,6 +96,8 @@ cdef tuple _SLOTS = ("verdict", "code", "rule", "reason", "detail", "score", "ca
 
 
 # ====================================================================== Verdict
+@cython.freelist(64)
+@cython.no_gc                   # holds only strings and tuples of them: no cycles, so no GC tracking
 cdef class Verdict:
     """The decision on one call."""
 
@@ -807,7 +811,9 @@ cdef inline str _digits_str(const Num* num, str area):
     if num.default_area and not area.isascii():
         return area + <str>PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, num.d + num.area_len,
                                                      num.n - num.area_len)
-    return <str>PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, num.d, num.n)
+    cdef str out = <str>PyUnicode_New(num.n, 127)
+    memcpy(PyUnicode_DATA(out), num.d, num.n)
+    return out
 
 
 # ====================================================================== the core
@@ -819,7 +825,7 @@ cdef class Core:
         self.l_window = NULL
         self.l_calls = NULL
         self.l_distinct = NULL
-        self.src_customer = NULL
+        self.srcs = NULL
         self.emergency_keys = NULL
 
     def __dealloc__(self):
@@ -827,7 +833,7 @@ cdef class Core:
         PyMem_Free(self.l_window)
         PyMem_Free(self.l_calls)
         PyMem_Free(self.l_distinct)
-        PyMem_Free(self.src_customer)
+        PyMem_Free(self.srcs)
         PyMem_Free(self.emergency_keys)
 
     def __init__(self, settings, lists):
@@ -872,19 +878,24 @@ cdef class Core:
         self.min_outcomes = s.min_outcomes
         self.short_call_ms = s.short_call_ms
         self.n_sources = len(s.sources)
-        self.src_customer = <int*>PyMem_Malloc(max(self.n_sources, 1) * sizeof(int))
-        if self.src_customer == NULL:
+        self.srcs = <SrcInfo*>PyMem_Malloc(max(self.n_sources, 1) * sizeof(SrcInfo))
+        if self.srcs == NULL:
             raise MemoryError()
         self._src_area = []
-        self._src_exotic = []
         self._src_name = []
         self._src_detail = []
         self._src_ranges = []
         self._src_ranges_ascii = []
         for i, src in enumerate(s.sources):
-            self.src_customer[i] = src.customer
-            self._src_area.append((_area_bytes(src.area), src.area))
-            self._src_exotic.append(not src.area.isascii())
+            area_b = _area_bytes(src.area)
+            if len(area_b) > 7:
+                raise ValueError(f"source {src.name}: area too long: {src.area!r}")
+            self.srcs[i].customer = src.customer
+            self.srcs[i].alen = len(area_b)
+            self.srcs[i].exotic = not src.area.isascii()
+            self.srcs[i].has_ranges = bool(src.ranges)
+            memcpy(self.srcs[i].area, <const char*>area_b, len(area_b))
+            self._src_area.append(src.area)
             self._src_name.append(src.name)
             self._src_detail.append(f"source {src.name}")
             ranges = tuple(src.ranges)
@@ -898,8 +909,11 @@ cdef class Core:
         self.emergency_keys = <u128*>PyMem_Malloc(max(self.n_emergency, 1) * sizeof(u128))
         if self.emergency_keys == NULL:
             raise MemoryError()
+        self.emergency_lens = 0
         for i, e in enumerate(ascii_em):
             self.emergency_keys[i] = _py_to_u128(int("1" + e))
+            if len(e) < 64:
+                self.emergency_lens |= (<uint64_t>1) << len(e)
         self.set_lists(lists)
 
     # ------------------------------------------------------------ lists
@@ -1174,7 +1188,7 @@ cdef class Core:
     cdef bint _in_ranges(self, int src, str cr_digits, Num* cr) except -1:
         cdef object ranges_ascii = self._src_ranges_ascii[src]
         cdef bytes r
-        if ranges_ascii is not None and not (cr.default_area and self._src_exotic[src]):
+        if ranges_ascii is not None and not (cr.default_area and self.srcs[src].exotic):
             for r in ranges_ascii:
                 if len(r) <= cr.n and memcmp(<const char*>r, cr.d, len(r)) == 0:
                     return True
@@ -1191,6 +1205,8 @@ cdef class Core:
             return False
         if ce.default_area and exotic:
             return self._ce_s in self._emergency
+        if ce.n >= 64 or not (self.emergency_lens >> ce.n) & 1:
+            return False
         k = _full_key(ce)
         for i in range(self.n_emergency):
             if self.emergency_keys[i] == k:
@@ -1203,7 +1219,6 @@ cdef class Core:
         cdef int64_t t
         cdef double tf = now * 1000.0
         cdef int src, fired, rule, i
-        cdef bytes area_b
         cdef str area_s = _NOTHING
         cdef const char* area = b""
         cdef int alen = 0
@@ -1224,10 +1239,11 @@ cdef class Core:
         src = self._source(source)
         src_out[0] = src
         if src >= 0:
-            area_b, area_s = self._src_area[src]
-            area = area_b
-            alen = len(area_b)
-            exotic = self._src_exotic[src]
+            area = self.srcs[src].area
+            alen = self.srcs[src].alen
+            exotic = self.srcs[src].exotic
+            if exotic:
+                area_s = self._src_area[src]
         _normalize(callee, area, alen, ce)
         _normalize(caller, area, alen, cr)
         self._cr_s = None
@@ -1306,7 +1322,7 @@ cdef class Core:
                 dec.shadow[dec.nshadow] = rule
                 dec.nshadow += 1
         # 8. caller ID outside the numbers allocated to the source
-        if src >= 0 and self._src_ranges[src]:
+        if src >= 0 and self.srcs[src].has_ranges:
             if self._cr_s is None:
                 self._cr_s = _digits_str(cr, area_s)
             if not self._in_ranges(src, self._cr_s, cr):
@@ -1338,7 +1354,7 @@ cdef class Core:
         has[0] = True
         if src >= 0:
             keys[1] = <u128>src
-            keys[2] = <u128>self.src_customer[src]
+            keys[2] = <u128>self.srcs[src].customer
             has[1] = True
             has[2] = True
         else:
@@ -1419,13 +1435,13 @@ cdef class Core:
     def observe(self, caller, answered, double duration, source, double now):
         """Feed the outcome of a finished call (answered? how long?) into the caller's score."""
         cdef int src = self._source(source)
-        cdef bytes area_b = b""
         cdef Num cr
         cdef Track* tr
         cdef double tf = now * 1000.0
         if src >= 0:
-            area_b = self._src_area[src][0]
-        _normalize(caller, area_b, len(area_b), &cr)
+            _normalize(caller, self.srcs[src].area, self.srcs[src].alen, &cr)
+        else:
+            _normalize(caller, b"", 0, &cr)
         if cr.kind == HIDDEN:
             return
         if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:

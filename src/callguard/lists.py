@@ -257,7 +257,7 @@ def _fast_loader_enabled() -> bool:
     return not os.environ.get("CALLGUARD_NO_EXTENSIONS")
 
 
-def load_blocklist(path: str, strict: bool = False, tz: dt.tzinfo = dt.timezone.utc) -> tuple[Blocklist, list[RowProblem]]:
+def load_blocklist(path: str, strict: bool = False, tz: dt.tzinfo = dt.UTC) -> tuple[Blocklist, list[RowProblem]]:
     """Load a blocklist CSV into arrays sorted by key; broken rows are reported and skipped.
 
     The compiled loader (``callguard._core``) reads the file in big chunks and gives the same
@@ -280,7 +280,7 @@ def load_blocklist(path: str, strict: bool = False, tz: dt.tzinfo = dt.timezone.
 
 
 def load_blocklist_py(path: str, strict: bool = False,
-                      tz: dt.tzinfo = dt.timezone.utc) -> tuple[Blocklist, list[RowProblem]]:
+                      tz: dt.tzinfo = dt.UTC) -> tuple[Blocklist, list[RowProblem]]:
     """The Python blocklist loader (the reference of the compiled one)."""
     keys: list[int] = []
     prefix: list[bool] = []
