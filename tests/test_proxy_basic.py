@@ -476,6 +476,14 @@ def test_malformed_datagram_gets_400_and_is_not_forwarded(start: Any, peers: Any
     assert trunk.silent(0.3)
 
 
+def test_oversized_datagram_gets_513_and_is_not_forwarded(start: Any, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port], sip={"max_message_size": 1024})
+    caller.send(request("INVITE", caller.port, port, body="a=x\r\n" * 300), port)
+    assert status(caller.recv()) == 513
+    assert trunk.silent(0.2)
+
+
 def test_cancel_is_answered_and_forwarded(start: Any, peers: Any) -> None:
     caller, trunk = peers(), peers()
     _, port = start([trunk.port])

@@ -28,7 +28,6 @@ import itertools
 import re
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..config import Config, parse_address
@@ -205,7 +204,7 @@ class Tx:
 
     __slots__ = ("key", "msg", "is_invite", "up_ep", "up_addr", "branch", "out", "out_head", "dest_ep",
                  "dest_addr", "trunk", "candidates", "attempt", "provisional", "final", "cancelled", "interval",
-                 "last_resp", "to_tag", "caller", "callee", "source", "started", "branches", "expired")
+                 "last_resp", "to_tag", "caller", "callee", "source", "started", "branches")
 
     def __init__(self, key: Any, msg: Any, is_invite: bool, up_ep: Any, up_addr: Any) -> None:
         self.key = key
@@ -232,7 +231,6 @@ class Tx:
         self.source = ""
         self.started = 0.0
         self.branches: list[str] = []
-        self.expired = False
 
 
 class Dialog:
@@ -1152,5 +1150,3 @@ class Proxy:
         """Transactions still waiting for a final response."""
         return self.in_flight
 
-
-Sender = Callable[[bytes, Any], None]
