@@ -20,7 +20,12 @@ from hypothesis import strategies as st
 from callguard import lists
 from callguard.errors import ListError
 
-_core = pytest.importorskip("callguard._core")
+try:
+    from callguard import _core
+except ImportError:
+    if os.environ.get("CI"):
+        raise  # in CI the compiled core must be there: never skip it silently
+    pytest.skip("compiled core not built", allow_module_level=True)
 
 TZ = lists.parse_tz("+08:00")
 COLUMNS = ("keys", "prefix", "source", "expires", "p", "complaints", "reason")
