@@ -63,7 +63,7 @@ def run(port: int, duration: float, interval: float, kinds: list[str], banned: s
     lport = s.getsockname()[1]
     dest = ("127.0.0.1", port)
     pending: dict[str, tuple[int, int, str, str, str]] = {}   # Call-ID -> (n, sent_ns, kind, caller, callee)
-    done: set[str] = set()
+    done: dict[str, bytes] = {}                                # Call-ID -> our ACK, for retransmitted finals
     lat: dict[str, list[float]] = {k: [] for k in kinds}
     codes: dict[str, dict[str, int]] = {k: {} for k in kinds}
     sent = dict.fromkeys(kinds, 0)
@@ -126,13 +126,14 @@ def run(port: int, duration: float, interval: float, kinds: list[str], banned: s
             entry = pending.pop(cid, None)
             if entry is None:
                 if cid in done:  # a retransmitted final: our ACK was lost, send it again
-                    pass
+                    s.sendto(done[cid], dest)
                 continue
             pn, t0, kind, caller, callee = entry
-            done.add(cid)
             lat[kind].append((t1 - t0) / 1000.0)
             codes[kind][code] = codes[kind].get(code, 0) + 1
-            s.sendto(_ack(port, lport, pn, caller, callee, f"z9hG4bK-probe-{os.getpid()}-{pn}", to_line), dest)
+            ack = _ack(port, lport, pn, caller, callee, f"z9hG4bK-probe-{os.getpid()}-{pn}", to_line)
+            done[cid] = ack
+            s.sendto(ack, dest)
     s.close()
     out: dict[str, Any] = {"interval_ms": interval * 1000, "kinds": {}}
     for k in kinds:

@@ -25,6 +25,12 @@ def summarise(system: str, max_rates: dict[str, float | None], points: list[dict
         above = [p for p in tried if not p.get("sustained") and (best is None or p["rate"] > best)]
         s["limited_by"][mix] = (above[0].get("limited_by") or "error") if above else "max rate tried"
     s["noisy_points"] = sum(1 for p in points if p.get("noisy"))
+    # How the calls ended at the first sustained point of each mix (a check of the decisions).
+    s["response_shares"] = {}
+    for mix in max_rates:
+        first = next((p for p in points if p["mix"] == mix and p.get("sustained")), None)
+        if first is not None:
+            s["response_shares"][mix] = first.get("response_shares")
     s["points"] = len(points)
     for path in ("reject", "forward"):
         for rate in fixed_rates:

@@ -75,6 +75,8 @@ class Bench:
                                "sipp_instances": n_inst}
         uas = None
         running = None
+        prober: subprocess.Popen[str] | None = None
+        uac: sipp.UacRun | None = None
         try:
             uas = sipp.start_uas(trunk_port, pdir) if mix_name != "reject" else None
             running = system.start(ctx)
@@ -163,6 +165,11 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - one broken point must not end the whole bench
             res.update({"sustained": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
         finally:
+            if uac is not None:
+                uac.stop()
+            if prober is not None and prober.poll() is None:
+                prober.kill()
+                prober.wait()
             if running is not None:
                 running.stop()
             procs.stop(uas)
@@ -194,7 +201,10 @@ class Bench:
             "calls_planned": planned, "calls_created": created, "calls_ok": ok, "calls_failed": failed,
             "retransmissions": retrans, "min_rate_share": round(min_share, 4),
             "failed_share": failed / base, "retrans_share": retrans / base,
-            "responses": dict(sorted(responses.items())), "unexpected_msgs": sum(r.unexpected for r in results),
+            "responses": dict(sorted(responses.items())),
+            "response_shares": {k: round(v / max(1, sum(responses.values())), 4)
+                                for k, v in sorted(responses.items()) if v},
+            "unexpected_msgs": sum(r.unexpected for r in results),
             "dead_call_msgs": sum(r.dead_call_msgs for r in results),
             "server_cpu_s": round(server_cpu, 4),
             "server_cpu_us_per_call": round(server_cpu * 1e6 / (created + probes), 2) if created else None,
