@@ -326,3 +326,22 @@ def test_source_index_and_errors() -> None:
 def _empty_lists() -> Lists:
     from callguard.lists import empty_blocklist, empty_filings
     return Lists(empty_blocklist(), empty_filings(), make_allowlist([], [], []), [])
+
+
+def test_unsorted_lists_are_indexed_like_the_twin() -> None:
+    # the loaders sort by key; a list built by hand in any order must still decide the same
+    keys = [key_of("13800138000"), key_of("138"), key_of("13800138000"), key_of("139")]
+    bl = Blocklist(keys=np.array(keys, dtype=np.uint64), prefix=np.array([False, True, False, True]),
+                   source=np.array([1, 0, 5, 4], dtype=np.uint8),
+                   expires=np.array([int(NOW) - 1, NEVER, NEVER, NEVER], dtype=np.uint32),
+                   p=np.array([P_ABSENT, P_ABSENT, P_ABSENT, 9000], dtype=np.uint16),
+                   complaints=np.array([5, 0, 1, 0], dtype=np.uint16), reason=np.array([0, 1, 2, 0], dtype=np.uint32),
+                   reasons=["a", "b", "c"])
+    lists = _empty_lists()
+    lists.blocklist = bl
+    s = compile_settings(config_mod.from_mapping({}))
+    fast, slow = Core(s, lists), CorePy(s, lists)
+    for caller in ["13800138000", "13800138001", "13912345678", "02150001234"]:
+        a = fast.check(caller, "02150001234", "127.0.0.1", NOW).as_dict()
+        assert a == slow.check(caller, "02150001234", "127.0.0.1", NOW).as_dict()
+    assert fast.check("13800138000", "1", "127.0.0.1", NOW).detail == "manual: c"  # first exact, unexpired entry

@@ -817,6 +817,28 @@ cdef inline str _digits_str(const Num* num, str area):
 
 
 # ====================================================================== the core
+class _Columns:
+    """Sorted copies of a list's columns (for lists handed over unsorted)."""
+
+    def __init__(self, src, names, order):
+        for name in names:
+            setattr(self, name, np.asarray(getattr(src, name))[order])
+        self.reasons = getattr(src, "reasons", None)
+
+
+def _by_key(table, names):
+    """The list itself when its keys are sorted (the loaders sort), else stably sorted copies.
+
+    The indexes find an equal-key run by its first entry; a stable sort keeps the twin's
+    first-in-array-order semantics among equal keys.
+    """
+    keys = np.asarray(table.keys, dtype=np.uint64)
+    n = keys.shape[0]
+    if n < 2 or not (keys[1:n] < keys[0:n - 1]).any():
+        return table
+    return _Columns(table, names, np.argsort(keys, kind="stable"))
+
+
 cdef class Core:
     """Decision core (compiled); see ``_core.pyi``."""
 
@@ -919,7 +941,7 @@ cdef class Core:
     # ------------------------------------------------------------ lists
     def set_lists(self, lists):
         """Swap the lists (a reload); rate-limit state is kept."""
-        bl = lists.blocklist
+        bl = _by_key(lists.blocklist, ("keys", "prefix", "source", "expires", "p", "complaints", "reason"))
         arrays = []
 
         def col(a, dtype):
@@ -937,13 +959,13 @@ cdef class Core:
         cdef cnp.ndarray a_p = col(bl.p, np.uint16)
         cdef cnp.ndarray a_compl = col(bl.complaints, np.uint16)
         cdef cnp.ndarray a_reason = col(bl.reason, np.uint32)
-        fl = lists.filings
+        fl = _by_key(lists.filings, ("keys", "outbound", "valid_from", "valid_until"))
         cdef KeyIndex fli = KeyIndex()
         fli.build(fl.keys, None)
         cdef cnp.ndarray f_out = np.ascontiguousarray(fl.outbound, dtype=np.bool_)
         cdef cnp.ndarray f_from = np.ascontiguousarray(fl.valid_from, dtype=np.float64)
         cdef cnp.ndarray f_until = np.ascontiguousarray(fl.valid_until, dtype=np.float64)
-        al = lists.allowlist
+        al = _by_key(lists.allowlist, ("keys", "prefix"))
         cdef KeyIndex ali = KeyIndex()
         ali.build(al.keys, al.prefix)
         cdef cnp.ndarray a_alp = np.ascontiguousarray(al.prefix, dtype=np.bool_)
