@@ -278,19 +278,22 @@ def _uvloop_available() -> bool:
 NEED_UVLOOP = pytest.mark.skipif(not _uvloop_available(), reason="uvloop not installed")
 
 
-@pytest.fixture(params=["asyncio", pytest.param("uvloop", marks=NEED_UVLOOP),
-                        pytest.param("uvloop-plain-udp", marks=NEED_UVLOOP)])
+@pytest.fixture(params=["asyncio", "asyncio-plain-udp", pytest.param("uvloop", marks=NEED_UVLOOP),
+                        pytest.param("uvloop-batch-udp", marks=NEED_UVLOOP)])
 def start(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
           ) -> Iterator[Callable[..., tuple[InProcess, int]]]:
     """start(trunks=[port,...], **config overrides) -> (running proxy, its UDP port).
 
-    Runs on the stdlib loop and on uvloop (UDP batched with recvmmsg/sendmmsg when the
-    extension is built), and on uvloop with the plain asyncio datagram listener.
+    Runs on the stdlib loop (UDP batched with recvmmsg/sendmmsg when the extension is built) and
+    on uvloop (plain datagram listener), each also with the other UDP listener.
     """
     loop_kind = str(request.param)
     if loop_kind.endswith("-plain-udp"):
         monkeypatch.setenv("CALLGUARD_NO_UDP_BATCH", "1")
         loop_kind = loop_kind.removesuffix("-plain-udp")
+    if loop_kind.endswith("-batch-udp"):
+        monkeypatch.setenv("CALLGUARD_UDP_BATCH", "1")
+        loop_kind = loop_kind.removesuffix("-batch-udp")
     running: list[InProcess] = []
 
     def run(trunk_ports: list[int], listen: list[str] | None = None, trunks: list[dict[str, Any]] | None = None,
@@ -546,6 +549,24 @@ def test_failover_on_timeout_then_503_when_all_fail(start: Any, peers: Any) -> N
     t2.recv(match=is_method("INVITE"), timeout=3)
     final = caller.recv(match=lambda m: status(m) >= 200, timeout=3)
     assert status(final) == 503
+
+
+def test_failover_on_icmp_port_unreachable(start: Any, peers: Any) -> None:
+    caller, alive = peers(), peers()
+    dead = free_port()   # nothing listens: the kernel answers ICMP port unreachable
+    ip, port = start([], trunks=[{"name": "dead", "address": f"udp:127.0.0.1:{dead}"},
+                                 {"name": "alive", "address": f"udp:127.0.0.1:{alive.port}"}],
+                     sip={"trunk_timeout": 30})
+    if not ip.proxy.udp[0].recverr:
+        pytest.skip("ICMP errors are not read on this listener (batched UDP on uvloop)")
+    caller.send(request("INVITE", caller.port, port), port)
+    # Long before the 30 s trunk timeout: the ICMP error moved the call on.
+    fwd = alive.recv(match=is_method("INVITE"), timeout=5)
+    alive.send(answer(fwd, 486, "Busy Here"), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 486
+    # The listener still serves after the error.
+    caller.send(request("OPTIONS", caller.port, port, uri=f"sip:127.0.0.1:{port}"), port)
+    assert status(caller.recv(match=lambda m: "OPTIONS" in headers(m, "CSeq")[0])) == 200
 
 
 def test_longest_prefix_picks_the_trunk(start: Any, peers: Any) -> None:

@@ -820,6 +820,21 @@ class Proxy:
         except Exception as exc:  # noqa: BLE001 - a timer callback must not die silently
             self._fault(exc, None, None, None)
 
+    def on_unreachable(self, addr: Any) -> None:
+        """An ICMP error for a UDP destination: fail over the INVITEs waiting on it, mark a pinged trunk down."""
+        dest = (addr[0], addr[1])
+        for trunk in self.trunks:
+            if trunk.addr == dest and trunk.ka_pending is not None:
+                trunk.ka_pending = None
+                self._set_trunk(trunk, False)
+        for tx in [t for t in self.ctx.values() if t.dest_addr == dest]:
+            if tx.is_invite and not tx.final and not tx.provisional and tx.dest_ep is not None \
+                    and tx.dest_ep.kind == "udp" and tx.dest_addr == dest:
+                if self.log is not None:
+                    self.log.warning("trunk_unreachable", trunk=tx.trunk.name if tx.trunk else None,
+                                     address=f"{dest[0]}:{dest[1]}", call_id=tx.msg.call_id)
+                self._try_next(tx)
+
     def on_connect_failed(self, addr: tuple[str, int]) -> None:
         """A TCP connection towards a next hop failed: fail over what was waiting on it."""
         for tx in list(self.ctx.values()):

@@ -162,6 +162,7 @@ class Server:
                 transport, host, port = parse_address(spec)
                 if transport == "udp":
                     ep = await open_udp(loop, proxy.handle, host, port)
+                    ep.on_unreachable = proxy.on_unreachable
                     self.udp.append(ep)
                     proxy.udp.append(ep)
                 else:

@@ -10,9 +10,15 @@ arrive, TCP byte streams cut into messages by Content-Length (``frame_stream`` o
 
 UDP has two implementations behind the same interface: :class:`BatchUdpListener` reads and
 writes with recvmmsg/sendmmsg through the compiled ``_sipcore.UdpBatch`` (one system call for
-up to 64 datagrams each way), and :class:`UdpListener` is the plain asyncio datagram protocol,
-the reference used when the extension is not built, under ``CALLGUARD_NO_EXTENSIONS=1`` or
-with ``CALLGUARD_NO_UDP_BATCH=1``.
+up to 64 datagrams each way), and :class:`UdpListener`, the plain asyncio datagram protocol and
+the reference.  The batched one serves the stdlib loop when the extension is built.  On uvloop
+the plain one serves by default: uvloop's own UDP path is already lean, and uvloop stops a
+file-descriptor watcher for good on POLLERR, which a socket with queued ICMP errors raises --
+so batched I/O on uvloop (``CALLGUARD_UDP_BATCH=1``) goes without ICMP-driven trunk failover.
+``CALLGUARD_NO_UDP_BATCH=1`` or ``CALLGUARD_NO_EXTENSIONS=1`` always selects the plain one.
+
+ICMP errors (port or host unreachable) are read from the socket's error queue (IP_RECVERR),
+which names the destination that failed; the proxy fails the INVITEs waiting on it over.
 """
 
 from __future__ import annotations
@@ -52,6 +58,40 @@ class ListenerInfo:
         return f"{self.transport}:{self.sent_by}"
 
 
+# Linux: ICMP errors for an unconnected UDP socket are queued with the destination that failed.
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+Unreachable = Callable[[Any], None]
+
+
+def enable_recverr(sock: socket.socket) -> bool:
+    """Ask the kernel to queue ICMP errors (port/host unreachable) with the address they concern."""
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        return True
+    except OSError:  # not Linux: trunk timeouts still cover a dead next hop
+        return False
+
+
+def drain_errors(sock: socket.socket, on_unreachable: Unreachable | None) -> int:
+    """Read the socket's error queue; report each destination an ICMP error named."""
+    n = 0
+    while n < 1024:
+        try:
+            _, _, _, addr = sock.recvmsg(1, 1024, socket.MSG_ERRQUEUE)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        n += 1
+        if on_unreachable is not None and addr:
+            on_unreachable(addr)
+    return n
+
+
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -72,9 +112,12 @@ class UdpListener(asyncio.DatagramProtocol):
 
     kind = "udp"
 
-    def __init__(self, handler: Handler, listener: ListenerInfo) -> None:
+    def __init__(self, handler: Handler, listener: ListenerInfo, sock: socket.socket | None = None) -> None:
         self.handler = handler
         self.listener = listener
+        self.sock = sock
+        self.on_unreachable: Unreachable | None = None
+        self.recverr = False
         self.transport: asyncio.DatagramTransport | None = None
         self.errors = 0
 
@@ -89,8 +132,10 @@ class UdpListener(asyncio.DatagramProtocol):
         self.handler(data, addr, self)
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP errors on an unconnected socket carry no peer address; trunk timeouts cover them.
+        # An ICMP error: the exception names no peer, the error queue does (IP_RECVERR).
         self.errors += 1
+        if self.sock is not None:
+            drain_errors(self.sock, self.on_unreachable)
 
     def send(self, data: bytes, addr: Any) -> None:
         if self.transport is not None:
@@ -101,9 +146,15 @@ class UdpListener(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-def _batch_class() -> Any:
+def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
+    return type(loop).__module__.startswith("uvloop")
+
+
+def _batch_class(loop: asyncio.AbstractEventLoop) -> Any:
     """``_sipcore.UdpBatch`` when it may be used, else None."""
     if os.environ.get("CALLGUARD_NO_EXTENSIONS") or os.environ.get("CALLGUARD_NO_UDP_BATCH"):
+        return None
+    if _is_uvloop(loop) and not os.environ.get("CALLGUARD_UDP_BATCH"):
         return None
     try:
         from ._sipcore import UdpBatch
@@ -137,18 +188,24 @@ class BatchUdpListener:
         self.errors = 0
         self.send_drops = 0
         self.closed = False
+        self.on_unreachable: Unreachable | None = None
+        self.recverr = False
         loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
         self.in_batch = True
         try:
-            for _ in range(self.MAX_ROUNDS):
+            for round_ in range(self.MAX_ROUNDS):
                 try:
                     items = self.batch.recv(self.MAX_BATCH)
                 except OSError:
-                    # ICMP errors surface here on Linux; they name no peer, trunk timeouts cover them.
+                    # An ICMP error; the error queue names the destination that failed.
                     self.errors += 1
+                    drain_errors(self.sock, self.on_unreachable)
                     continue
+                if not items and round_ == 0:
+                    # Woken with nothing to read: a queued error keeps the socket signalled.
+                    drain_errors(self.sock, self.on_unreachable)
                 for data, addr in items:
                     self.handler(data, addr, self)
                 # Answers leave after each batch, not after the whole wake-up: latency stays one batch.
@@ -370,12 +427,18 @@ async def open_udp(loop: asyncio.AbstractEventLoop, handler: Handler, host: str,
     except OSError:
         sock.close()
         raise
-    batch_cls = _batch_class()
+    batch_cls = _batch_class(loop)
     if batch_cls is not None:
+        # uvloop would stop watching the socket at the first queued ICMP error (POLLERR).
+        recverr = not _is_uvloop(loop) and enable_recverr(sock)
         _tune(sock)
         info.port = sock.getsockname()[1]
-        return BatchUdpListener(loop, handler, info, sock, batch_cls)
-    proto = UdpListener(handler, info)
+        batch = BatchUdpListener(loop, handler, info, sock, batch_cls)
+        batch.recverr = recverr
+        return batch
+    recverr = enable_recverr(sock)
+    proto = UdpListener(handler, info, sock)
+    proto.recverr = recverr
     await loop.create_datagram_endpoint(lambda: proto, sock=sock)
     return proto
 
