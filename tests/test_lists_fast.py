@@ -151,8 +151,10 @@ def test_random_files(text: str, strict: bool) -> None:
     b"number,match,source,reason,added,expires,p\n13800138000,exact,regulator,a,,,",
     b"number,match,source,reason,added,expires,p\n13800138000,exact,big_data,a,,,\n13800138001,exact,manual,a,,,\n",
     b"number,match,source,reason,added,expires,p,complaints\n" + b"13800138000,exact,regulator,r,,,,99999\n" * 3,
+    b"number,match,source,reason,added,expires,p\n1,exact,regulator,a,,,\n13800138000,exact,regulator,\xff,,,\n",
 ], ids=["quoted-newline", "cr-only", "bad-utf8", "text-after-quote", "quoted-header", "empty", "bom-only",
-        "missing-columns", "blank-header", "no-final-newline", "big-data-without-p", "complaints-capped"])
+        "missing-columns", "blank-header", "no-final-newline", "big-data-without-p", "complaints-capped",
+        "broken-row-then-bad-utf8"])
 @pytest.mark.parametrize("strict", [False, True], ids=["lenient", "strict"])
 def test_edge_files(data: bytes, strict: bool) -> None:
     path = _write(data)

@@ -1550,6 +1550,7 @@ cdef int _callee_append(Track* tr, u128 key, int64_t t) except -1:
 # of goes through lists.blocklist_row (so messages and values cannot drift), and any CSV
 # feature it does not handle hands the whole file back to the Python reader.
 
+import codecs
 import os
 
 from cython cimport view
@@ -1576,6 +1577,10 @@ cdef struct Field:
 
 class _Fallback(Exception):
     """The file uses a CSV feature the compiled loader leaves to the Python reader."""
+
+
+class _StrictStop(Exception):
+    """Strict mode met a broken row (raised as ListError once the rest of the file is known to decode)."""
 
 
 cdef inline bint _ascii_space(char c) noexcept nogil:
@@ -1846,7 +1851,7 @@ cdef class BlocklistReader:
         from .errors import ListError
         from .lists import RowProblem
         if self.strict:
-            raise ListError(self.path, line, message)
+            raise _StrictStop(line, message)
         self.problems.append(RowProblem(self.path, line, message))
         return 0
 
@@ -2104,7 +2109,7 @@ cdef class BlocklistReader:
     def run(self, str path, bint strict, tz, row_parser):
         cdef bytes data, leftover = b""
         cdef const char* s
-        cdef Py_ssize_t n, start, lineno = 1
+        cdef Py_ssize_t n, start = 0, lineno = 1
         cdef const char* nl
         import datetime as dt
         from .lists import SOURCES
@@ -2171,6 +2176,21 @@ cdef class BlocklistReader:
                     leftover = data[start:]
             except _Fallback:
                 return None
+            except _StrictStop as stop:
+                # The Python reader decodes ahead of the row it parses, so invalid UTF-8 further on
+                # can surface before this row's error: leave such files to it.
+                decoder = codecs.getincrementaldecoder("utf-8")("strict")
+                try:
+                    decoder.decode(data[start:])
+                    while True:
+                        chunk = handle.read(CHUNK)
+                        decoder.decode(chunk, final=not chunk)
+                        if not chunk:
+                            break
+                except UnicodeDecodeError:
+                    return None
+                from .errors import ListError
+                raise ListError(self.path, stop.args[0], stop.args[1]) from None
         return self._finish()
 
     cdef object _finish(self):
