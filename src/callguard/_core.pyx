@@ -1305,8 +1305,8 @@ cdef class Core:
         caller_key = _full_key(cr)
         callee_key = _full_key(ce) if ce.kind != HIDDEN else 0
         self._keys(caller_key, src, keys, has)
-        self._blocklist(cr, now, &ban, &listed, &p_max, &complaints, &expired)
-        # each key's track is looked up once; _record below may move tracks, so read them first
+        # Each key's track is looked up once (_record below may move tracks, so read them first),
+        # and its ring is fetched while the blocklist probes wait on memory: both are pure reads.
         for i in range(3):
             trs[i] = NULL
             if has[i]:
@@ -1314,6 +1314,12 @@ cdef class Core:
                 e = _table_find(tb, keys[i])
                 if e >= 0:
                     trs[i] = &tb.entries[e]
+                    if trs[i].tcount:
+                        __builtin_prefetch(&trs[i].times[trs[i].thead])
+                        __builtin_prefetch(&trs[i].times[(trs[i].thead + trs[i].tcount // 2) % trs[i].tcap])
+                    if trs[i].ccount:
+                        __builtin_prefetch(trs[i].ctimes)
+        self._blocklist(cr, now, &ban, &listed, &p_max, &complaints, &expired)
         fired = self._rates(trs, t, &rate_ratio, &distinct_ratio)
         if trs[0] != NULL:
             has_outcome = True
