@@ -374,7 +374,7 @@ def test_hide_reason_omits_the_reason_header(start: Any, peers: Any) -> None:
 
 def test_retransmitted_invite_gets_same_response_and_is_not_a_new_attempt(start: Any, peers: Any) -> None:
     caller, trunk = peers(), peers()
-    _, port = start([trunk.port], rate_limits=[{"name": "one", "window": 60, "max_calls": 1}])
+    ip, port = start([trunk.port], rate_limits=[{"name": "one", "window": 60, "max_calls": 1}])
     # First attempt: allowed and forwarded; the trunk rejects it.
     inv1 = request("INVITE", caller.port, port, callee="02150001111")
     caller.send(inv1, port)
@@ -395,6 +395,8 @@ def test_retransmitted_invite_gets_same_response_and_is_not_a_new_attempt(start:
     # ACK to our rejection: absorbed, never forwarded.
     caller.send(ack_for(inv2, first, caller.port, port), port)
     caller.send(ack_for(inv1, busy, caller.port, port), port)
+    # Both transactions are now kept only for Timer I, not 64*T1.
+    wait_until(lambda: len(ip.proxy.expiry_acked) >= 3, 3, "the ACKed transactions to be scheduled early")
     assert trunk.silent(0.3, lambda m: m.startswith("ACK ") or m.startswith("INVITE "))
 
 
@@ -589,6 +591,12 @@ def test_keepalive_marks_trunk_down_and_calls_skip_it(start: Any, peers: Any) ->
     caller.send(request("INVITE", caller.port, port), port)
     assert alive.recv(match=is_method("INVITE"))
     assert dead.silent(0.2, is_method("INVITE"))
+    # It answers its next ping: up again, and it takes calls.
+    ping = dead.recv(match=is_method("OPTIONS"))
+    dead.send(answer(ping, 200, "OK"), port)
+    wait_until(lambda: ip.proxy.trunks[0].up, 3, "the trunk to be marked up")
+    caller.send(request("INVITE", caller.port, port), port)
+    assert dead.recv(match=is_method("INVITE"))
 
 
 def test_overload_gets_503_with_retry_after(start: Any, peers: Any) -> None:

@@ -51,6 +51,7 @@ BRANCH_MAGIC = "z9hG4bK"
 OUR_MARK = "z9hG4bKcg"          # every branch we create starts with this
 T1 = 0.5                        # RFC 3261 Timer T1
 TX_LINGER = 32.0                # 64*T1: how long a finished transaction absorbs retransmissions
+T4 = 5.0                        # once the ACK to a non-2xx final came: RFC 3261 Timer I
 DIALOG_LINGER = 12 * 3600.0     # answered calls without a BYE seen are forgotten after this
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, MESSAGE, NOTIFY, REFER, SUBSCRIBE"
 
@@ -204,7 +205,7 @@ class Tx:
 
     __slots__ = ("key", "msg", "is_invite", "up_ep", "up_addr", "branch", "out", "out_head", "dest_ep",
                  "dest_addr", "trunk", "candidates", "attempt", "provisional", "final", "cancelled", "interval",
-                 "last_resp", "to_tag", "caller", "callee", "source", "started", "branches")
+                 "last_resp", "to_tag", "caller", "callee", "source", "started", "branches", "expired_soon")
 
     def __init__(self, key: Any, msg: Any, is_invite: bool, up_ep: Any, up_addr: Any) -> None:
         self.key = key
@@ -231,6 +232,7 @@ class Tx:
         self.source = ""
         self.started = 0.0
         self.branches: list[str] = []
+        self.expired_soon = False
 
 
 class Dialog:
@@ -268,7 +270,9 @@ class Proxy:
         self.stx: dict[Any, Any] = {}
         self.ctx: dict[str, Tx] = {}
         self.dialogs: dict[str, Dialog] = {}
+        # Two queues, each in deadline order: TX_LINGER after a final, T4 after the ACK to it.
         self.expiry: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
+        self.expiry_acked: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
         self.dialog_expiry: collections.deque[tuple[float, str, Dialog]] = collections.deque()
         self.in_flight = 0
         self.draining = False
@@ -528,7 +532,11 @@ class Proxy:
         elif method == "ACK":
             prev = self.stx.get(key)
             if prev is not None and (type(prev) is bytes or (prev.final >= 300 or not prev.final)):
-                return  # the ACK to a non-2xx final we sent or ACKed ourselves: absorbed
+                # The ACK to a non-2xx final we sent or ACKed ourselves: absorbed, and the
+                # transaction is forgotten after Timer I instead of 64*T1 (memory at high rates).
+                if type(prev) is bytes or prev.final:
+                    self._acked(key, prev)
+                return
             if msg.to_tag:
                 self._in_dialog(msg, key, ep, addr, ip)
         elif method == "CANCEL":
@@ -1144,17 +1152,27 @@ class Proxy:
     def _expire(self, table: dict[Any, Any], key: Any, value: Any, after: float) -> None:
         self.expiry.append((self.loop.time() + after, table, key, value))
 
+    def _acked(self, key: Any, value: Any) -> None:
+        if type(value) is Tx and value.expired_soon:
+            return
+        deadline = self.loop.time() + T4
+        self.expiry_acked.append((deadline, self.stx, key, value))
+        if type(value) is Tx:
+            value.expired_soon = True
+            for b in value.branches:
+                self.expiry_acked.append((deadline, self.ctx, b, value))
+
     def _sweep(self) -> None:
         """Forget finished transactions and stale dialogs (once a second)."""
         self._sweep_handle = self.loop.call_later(1.0, self._sweep)
         now = self.loop.time()
-        exp = self.expiry
-        while exp and exp[0][0] <= now:
-            _, table, key, value = exp.popleft()
-            if table.get(key) is value:
-                if type(value) is Tx and value.is_invite and not value.final:
-                    continue  # still running (its own timers end it)
-                del table[key]
+        for exp in (self.expiry, self.expiry_acked):
+            while exp and exp[0][0] <= now:
+                _, table, key, value = exp.popleft()
+                if table.get(key) is value:
+                    if type(value) is Tx and value.is_invite and not value.final:
+                        continue  # still running (its own timers end it)
+                    del table[key]
         dexp = self.dialog_expiry
         while dexp and dexp[0][0] <= now:
             _, cid, d = dexp.popleft()
