@@ -823,11 +823,19 @@ def test_internal_fault_fails_open(start: Any, peers: Any) -> None:
 
 
 # ---------------------------------------------------------------- reload and stop (subprocess)
+def _serve_env() -> dict[str, str]:
+    """The subprocess imports callguard from where this test did (installed package or source tree)."""
+    import callguard
+
+    pkg_parent = str(Path(callguard.__file__).resolve().parent.parent)
+    return dict(os.environ, PYTHONPATH=pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 class Served:
     """``python -m callguard serve`` as a subprocess; its stderr log lines are collected by a thread."""
 
     def __init__(self, config: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = _serve_env()
         self.proc = subprocess.Popen([sys.executable, "-m", "callguard", "serve", "--config", str(config)],
                                      cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.lines: list[str] = []
@@ -936,7 +944,7 @@ def test_corrupt_snapshot_is_ignored(tmp_path: Path, peers: Any) -> None:
 
 
 def _serve(config: Path) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _serve_env()
     return subprocess.Popen([sys.executable, "-m", "callguard", "serve", "--config", str(config)],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
