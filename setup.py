@@ -29,7 +29,7 @@ if DEBUG:
     cflags = ["-O0", "-g"]
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
 
-MODULES = ["callguard._core", "callguard.sip._sipcore"]
+MODULES = ["callguard._core", "callguard.sip._sipcore", "callguard.sip._fastpath"]
 
 extensions = []
 for name in MODULES:
