@@ -260,8 +260,8 @@ class SipSettings:
                                      between(0.1, 600))
     max_in_flight: int = opt(10000, "transactions in flight before new INVITEs get 503", between(1, 10_000_000))
     retry_after: int = opt(5, "Retry-After seconds sent with an overload 503", between(0, 3600))
-    transaction_timeout: float = opt(32.0, "seconds an unanswered forwarded transaction is kept (Timer C/B)",
-                                     between(1, 600))
+    transaction_timeout: float = opt(180.0, "seconds a forwarded INVITE may go without a final response before "
+                                     "the caller gets 408 (Timer C, > 3 min by RFC 3261)", between(1, 600))
     trunk_timeout: float = opt(4.0, "seconds without a provisional or final response before failing over "
                                "to the next trunk", between(0.1, 60))
     user_agent: str = opt("callguard", "Server header of responses the proxy generates")
