@@ -1,5 +1,6 @@
 # Declarations of the compiled decision core (see _core.pyx, _core.pyi for the API).
 
+from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
@@ -64,6 +65,13 @@ cdef struct Table:
     Py_ssize_t cap
     int32_t* index          # open addressing: entry index + 1, 0 = empty
     Py_ssize_t icap
+
+
+cdef struct FeatEntry:
+    int nfeat
+    int feat[9]
+    double value[9]
+    PyObject* features      # the features tuple for exactly these values (owned reference)
 
 
 cdef class Verdict:
@@ -158,6 +166,7 @@ cdef class Core:
     cdef int n_emergency
     cdef u128* emergency_keys
     cdef uint64_t emergency_lens    # bit L: an emergency number has L digits
+    cdef FeatEntry fcache[64]       # recent features tuples: the values repeat (ratios of small counts)
     cdef str _cr_s                  # digits of the last decision (set by _decide)
     cdef str _ce_s
 
@@ -177,3 +186,4 @@ cdef class Core:
     cdef int _decide(self, object caller, object callee, object source, double now, Decision* dec,
                      Num* cr, Num* ce, int* src_out, bint make_strings) except -1
     cdef void _keys(self, u128 caller_key, int src, u128* keys, bint* has) noexcept
+    cdef tuple _features(self, Decision* dec)

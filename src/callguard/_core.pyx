@@ -10,7 +10,7 @@ list arrays, and rate-limit state lives in C memory.  API docs: ``_core.pyi``.
 from cpython.dict cimport PyDict_GetItem
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_Check
 from libc.math cimport isfinite
@@ -851,6 +851,10 @@ cdef class Core:
         self.emergency_keys = NULL
 
     def __dealloc__(self):
+        cdef int i
+        for i in range(64):
+            Py_XDECREF(self.fcache[i].features)
+            self.fcache[i].features = NULL
         PyMem_Free(self.l_kind)
         PyMem_Free(self.l_window)
         PyMem_Free(self.l_calls)
@@ -1377,6 +1381,39 @@ cdef class Core:
         dec.rule = R_ALLOW
         return 0
 
+    cdef tuple _features(self, Decision* dec):
+        """The features tuple, shared with an earlier verdict when the values are the same."""
+        cdef uint64_t h = <uint64_t>dec.nfeat, bits
+        cdef int i, f
+        cdef FeatEntry* e
+        cdef double x
+        cdef tuple features
+        for i in range(dec.nfeat):
+            x = dec.parts[dec.feat[i]]
+            memcpy(&bits, &x, 8)
+            h = _mix64(h ^ bits ^ (<uint64_t>dec.feat[i] << 59))
+        e = &self.fcache[h & 63]
+        if e.features != NULL and e.nfeat == dec.nfeat:
+            for i in range(dec.nfeat):
+                f = dec.feat[i]
+                if e.feat[i] != f or e.value[i] != dec.parts[f]:
+                    break
+            else:
+                return <tuple>e.features
+        features = PyTuple_New(dec.nfeat)
+        for i in range(dec.nfeat):
+            pair = (_FEATURES[dec.feat[i]], dec.parts[dec.feat[i]])
+            Py_INCREF(pair)
+            PyTuple_SET_ITEM(features, i, pair)
+        Py_XDECREF(e.features)
+        Py_INCREF(features)
+        e.features = <PyObject*>features
+        e.nfeat = dec.nfeat
+        for i in range(dec.nfeat):
+            e.feat[i] = dec.feat[i]
+            e.value[i] = dec.parts[dec.feat[i]]
+        return features
+
     cdef void _keys(self, u128 caller_key, int src, u128* keys, bint* has) noexcept:
         keys[0] = caller_key
         has[0] = True
@@ -1421,12 +1458,7 @@ cdef class Core:
         else:
             v.shadowed = _EMPTY
         if dec.nfeat and rule != R_EMERGENCY and rule != R_UNTRUSTED and rule != R_ANONYMOUS:
-            features = PyTuple_New(dec.nfeat)
-            for i in range(dec.nfeat):
-                pair = (_FEATURES[dec.feat[i]], dec.parts[dec.feat[i]])
-                Py_INCREF(pair)
-                PyTuple_SET_ITEM(features, i, pair)
-            v.features = features
+            v.features = self._features(&dec)
         else:
             v.features = _EMPTY
         if rule == R_BANNED:
