@@ -20,6 +20,8 @@ cdef struct Num:
     bint default_area       # d starts with the source's default area
     char d[BUF]             # ASCII digits (a non-ASCII default area is stored by its decimal values)
     char area[8]            # Number.area (ASCII)
+    int fit                 # pk[1..fit] are set: key_of(digits[:L]) while it fits in 64 bits
+    uint64_t pk[BUF]
 
 
 cdef struct Decision:
@@ -173,8 +175,9 @@ cdef class Core:
     cdef int _source(self, object address) except -3
     cdef Track* _track(self, int kind, u128 key, int64_t t) except NULL
     cdef int _record(self, u128* keys, bint* has, u128 callee_key, int64_t t) except -1
-    cdef int _blocklist(self, Num* cr, double now, int* ban, bint* listed, double* p_max, int* complaints,
-                        bint* expired) noexcept
+    cdef int _bl_candidates(self, Num* cr, int* cand) noexcept
+    cdef int _blocklist(self, Num* cr, int* cand, int ncand, double now, int* ban, bint* listed, double* p_max,
+                        int* complaints, bint* expired) noexcept
     cdef int _filing_rule(self, Num* cr, double now) noexcept
     cdef bint _allowlisted(self, Num* cr) noexcept
     cdef int _rates(self, Track** trs, int64_t t, double* rate_ratio, double* distinct_ratio) noexcept

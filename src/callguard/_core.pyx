@@ -1035,11 +1035,25 @@ cdef class Core:
                 _callee_seen(tr, callee_key, t, self.callee_cap[kind])
         return 0
 
-    cdef int _blocklist(self, Num* cr, double now, int* ban, bint* listed, double* p_max, int* complaints,
-                        bint* expired) noexcept:
-        cdef uint64_t pk[BUF]
-        cdef int cand[BUF]
-        cdef int n = cr.n, fit, L, c, ncand = 0
+    cdef int _bl_candidates(self, Num* cr, int* cand) noexcept:
+        """Prefix lengths that can match, longest first; their index slots are prefetched."""
+        cdef int n = cr.n, L, ncand = 0
+        cdef KeyIndex idx = self._bl
+        if idx.n == 0:
+            return 0
+        for L in range(n, 0, -1):
+            if L > cr.fit or L > 31:
+                continue
+            if (idx.len_any if L == n else idx.len_prefix) >> L & 1:
+                cand[ncand] = L
+                ncand += 1
+                __builtin_prefetch(&idx.table[_mix64(cr.pk[L]) & idx.mask])
+        return ncand
+
+    cdef int _blocklist(self, Num* cr, int* cand, int ncand, double now, int* ban, bint* listed, double* p_max,
+                        int* complaints, bint* expired) noexcept:
+        """The twin's _blocklist over the candidate lengths."""
+        cdef int n = cr.n, L, c
         cdef Py_ssize_t i, j
         cdef KeyIndex idx = self._bl
         cdef uint64_t key
@@ -1050,20 +1064,9 @@ cdef class Core:
         p_max[0] = -1.0
         complaints[0] = 0
         expired[0] = False
-        if idx.n == 0:
-            return 0
-        fit = _prefix_keys(cr, pk)
-        # the lengths that can match, their index slots fetched together so the misses overlap
-        for L in range(n, 0, -1):
-            if L > fit or L > 31:
-                continue
-            if (idx.len_any if L == n else idx.len_prefix) >> L & 1:
-                cand[ncand] = L
-                ncand += 1
-                __builtin_prefetch(&idx.table[_mix64(pk[L]) & idx.mask])
         for c in range(ncand):
             L = cand[c]
-            key = pk[L]
+            key = cr.pk[L]
             i = idx.find(key)
             if i >= 0:
                 j = i
@@ -1093,14 +1096,13 @@ cdef class Core:
         return 0
 
     cdef int _filing_rule(self, Num* cr, double now) noexcept:
-        cdef uint64_t pk[BUF]
         cdef int n = cr.n, fit, L, stop = cr.area_len + 2
         cdef Py_ssize_t i
-        fit = _prefix_keys(cr, pk)
+        fit = cr.fit
         L = n
         while L >= stop:
             if L <= fit and self._fl.n:
-                i = self._fl.find(pk[L])
+                i = self._fl.find(cr.pk[L])
                 if i >= 0:
                     if not (self._fl_from[i] <= now < self._fl_until[i]):
                         return R_EXPIRED
@@ -1111,18 +1113,17 @@ cdef class Core:
         return R_UNFILED
 
     cdef bint _allowlisted(self, Num* cr) noexcept:
-        cdef uint64_t pk[BUF]
         cdef int n = cr.n, fit, L
         cdef Py_ssize_t i, j
         cdef KeyIndex idx = self._al
         if idx.n == 0:
             return False
-        fit = _prefix_keys(cr, pk)
+        fit = cr.fit
         if fit == n and (idx.len_any >> n) & 1:
-            i = idx.find(pk[n])
+            i = idx.find(cr.pk[n])
             if i >= 0:
                 j = i
-                while j < idx.n and idx.keys[j] == pk[n]:
+                while j < idx.n and idx.keys[j] == cr.pk[n]:
                     if not self._al_prefix[j]:
                         return True
                     j += 1
@@ -1130,10 +1131,10 @@ cdef class Core:
             L = n
             while L >= 1:
                 if L <= fit and L <= 31 and (idx.len_prefix >> L) & 1:
-                    i = idx.find(pk[L])
+                    i = idx.find(cr.pk[L])
                     if i >= 0:
                         j = i
-                        while j < idx.n and idx.keys[j] == pk[L]:
+                        while j < idx.n and idx.keys[j] == cr.pk[L]:
                             if self._al_prefix[j]:
                                 return True
                             j += 1
@@ -1258,6 +1259,8 @@ cdef class Core:
         cdef int64_t o_total = 0, o_answered = 0, o_short = 0
         cdef Table* tb
         cdef Track* trs[3]
+        cdef int cand[BUF]
+        cdef int ncand
         cdef Py_ssize_t e
         if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:
             raise OverflowError(f"time out of range: {now!r}")
@@ -1308,6 +1311,8 @@ cdef class Core:
             return 0
         caller_key = _full_key(cr)
         callee_key = _full_key(ce) if ce.kind != HIDDEN else 0
+        cr.fit = _prefix_keys(cr, cr.pk)
+        ncand = self._bl_candidates(cr, cand)
         self._keys(caller_key, src, keys, has)
         # Each key's track is looked up once (_record below may move tracks, so read them first),
         # and its ring is fetched while the blocklist probes wait on memory: both are pure reads.
@@ -1323,7 +1328,7 @@ cdef class Core:
                         __builtin_prefetch(&trs[i].times[(trs[i].thead + trs[i].tcount // 2) % trs[i].tcap])
                     if trs[i].ccount:
                         __builtin_prefetch(trs[i].ctimes)
-        self._blocklist(cr, now, &ban, &listed, &p_max, &complaints, &expired)
+        self._blocklist(cr, cand, ncand, now, &ban, &listed, &p_max, &complaints, &expired)
         fired = self._rates(trs, t, &rate_ratio, &distinct_ratio)
         if trs[0] != NULL:
             has_outcome = True
