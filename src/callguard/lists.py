@@ -267,7 +267,7 @@ def load_blocklist(path: str, strict: bool = False, tz: dt.tzinfo = dt.UTC) -> t
     Raises:
         ListError: the file cannot be read, has no usable header, or (strict) has a broken row.
     """
-    if _fast_loader_enabled():
+    if isinstance(path, str) and _fast_loader_enabled():
         try:
             from . import _core
         except ImportError:
