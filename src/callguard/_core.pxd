@@ -65,7 +65,7 @@ cdef struct Table:
     Track* entries          # in insertion order (like a dict)
     Py_ssize_t n
     Py_ssize_t cap
-    int32_t* index          # open addressing: entry index + 1, 0 = empty
+    uint64_t* index         # open addressing: hash tag << 32 | entry index + 1; 0 = empty
     Py_ssize_t icap
 
 

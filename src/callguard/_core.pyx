@@ -265,43 +265,53 @@ cdef void _table_clear(Table* tb) noexcept nogil:
     tb.icap = 0
 
 
+cdef inline uint64_t _slot(uint64_t h, Py_ssize_t i) noexcept nogil:
+    """An index slot: entry index + 1 below, 32 bits of the key's hash above (skips most entry reads)."""
+    return (h & <uint64_t>0xFFFFFFFF00000000ULL) | <uint64_t>(i + 1)
+
+
 cdef int _table_reindex(Table* tb, Py_ssize_t want) except -1 nogil:
     """(Re)build the hash index for at least ``want`` entries."""
     cdef Py_ssize_t cap = 16, i
-    cdef uint64_t pos
+    cdef uint64_t pos, h
     while cap < want * 2:
         cap <<= 1
     if cap != tb.icap:
         if tb.index != NULL:
             free(tb.index)
-        tb.index = <int32_t*>malloc(cap * sizeof(int32_t))
+        tb.index = <uint64_t*>malloc(cap * sizeof(uint64_t))
         if tb.index == NULL:
             tb.icap = 0
             with gil:
                 raise MemoryError()
         tb.icap = cap
-    memset(tb.index, 0, cap * sizeof(int32_t))
+    memset(tb.index, 0, cap * sizeof(uint64_t))
     for i in range(tb.n):
-        pos = _mix128(tb.entries[i].key) & <uint64_t>(cap - 1)
+        h = _mix128(tb.entries[i].key)
+        pos = h & <uint64_t>(cap - 1)
         while tb.index[pos] != 0:
             pos = (pos + 1) & <uint64_t>(cap - 1)
-        tb.index[pos] = <int32_t>(i + 1)
+        tb.index[pos] = _slot(h, i)
     return 0
 
 
 cdef inline Py_ssize_t _table_find(Table* tb, u128 key) noexcept nogil:
-    cdef uint64_t pos, m
-    cdef int32_t s
+    cdef uint64_t pos, m, h, s, tag
+    cdef Py_ssize_t i
     if tb.n == 0:
         return -1
     m = <uint64_t>(tb.icap - 1)
-    pos = _mix128(key) & m
+    h = _mix128(key)
+    tag = h & <uint64_t>0xFFFFFFFF00000000ULL
+    pos = h & m
     while True:
         s = tb.index[pos]
         if s == 0:
             return -1
-        if tb.entries[s - 1].key == key:
-            return s - 1
+        if (s & <uint64_t>0xFFFFFFFF00000000ULL) == tag:
+            i = <Py_ssize_t>(s & <uint64_t>0xFFFFFFFFULL) - 1
+            if tb.entries[i].key == key:
+                return i
         pos = (pos + 1) & m
 
 
@@ -309,7 +319,7 @@ cdef Py_ssize_t _table_add(Table* tb, u128 key, int64_t t) except -1 nogil:
     """Append a new (absent) key; returns its entry index."""
     cdef Py_ssize_t ncap
     cdef Track* grown
-    cdef uint64_t pos, m
+    cdef uint64_t pos, m, h
     cdef Track* tr
     if tb.n >= tb.cap:
         ncap = tb.cap * 2 if tb.cap else 64
@@ -328,10 +338,11 @@ cdef Py_ssize_t _table_add(Table* tb, u128 key, int64_t t) except -1 nogil:
         _table_reindex(tb, tb.n)
     else:
         m = <uint64_t>(tb.icap - 1)
-        pos = _mix128(key) & m
+        h = _mix128(key)
+        pos = h & m
         while tb.index[pos] != 0:
             pos = (pos + 1) & m
-        tb.index[pos] = <int32_t>tb.n
+        tb.index[pos] = _slot(h, tb.n - 1)
     return tb.n - 1
 
 
