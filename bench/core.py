@@ -158,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entries", type=int, default=1_000_000, help="blocklist size for the check benchmark")
     ap.add_argument("--calls", type=int, default=200_000, help="timed Guard.check calls (compiled core)")
-    ap.add_argument("--twin-calls", type=int, default=20_000, help="timed Guard.check calls (twin)")
+    ap.add_argument("--twin-calls", type=int, default=10_000, help="timed Guard.check calls (twin, at most 10000)")
     ap.add_argument("--batch", type=int, default=1_000_000, help="check_batch size (compiled core)")
     ap.add_argument("--sizes", default="1000000,10000000", help="blocklist sizes for the load benchmark")
     ap.add_argument("--python-max", type=int, default=1_000_000, help="largest size the Python loader runs")
