@@ -106,7 +106,7 @@ def _networks(v: Any) -> str | None:
 
 def _digits_list(v: Any) -> str | None:
     for item in v:
-        if not str(item).isdigit():
+        if not (str(item).isascii() and str(item).isdigit()):
             return f"expected digit strings, got {item!r}"
     return None
 
@@ -116,7 +116,7 @@ def _sip_code(v: Any) -> str | None:
 
 
 def _area(v: Any) -> str | None:
-    return None if v == "" or re.fullmatch(r"0\d{2,3}", v) else f"expected an area code like 0391 (got {v!r})"
+    return None if v == "" or re.fullmatch(r"0[0-9]{2,3}", v) else f"expected an area code like 0391 (got {v!r})"
 
 
 def _utc_offset(v: Any) -> str | None:

@@ -24,7 +24,7 @@ if NO_EXTENSIONS:
     from ._corepy import Verdict
 else:
     try:
-        from ._core import Core, Verdict  # type: ignore[no-redef]
+        from ._core import Core, Verdict  # type: ignore[assignment]
     except ImportError as exc:  # pragma: no cover - a broken install
         raise ImportError(f"callguard's compiled core is missing ({exc}); reinstall with `pip install .` "
                           "or set CALLGUARD_NO_EXTENSIONS=1 for the pure-Python core") from exc

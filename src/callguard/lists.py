@@ -14,8 +14,8 @@ import csv
 import datetime as dt
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -321,7 +321,7 @@ def load_blocklist_py(path: str, strict: bool = False,
     return blocklist, problems
 
 
-def load_filings(path: str, strict: bool = False, tz: dt.tzinfo = dt.timezone.utc) -> tuple[Filings, list[RowProblem]]:
+def load_filings(path: str, strict: bool = False, tz: dt.tzinfo = dt.UTC) -> tuple[Filings, list[RowProblem]]:
     keys: list[int] = []
     inbound: list[bool] = []
     outbound: list[bool] = []
@@ -405,7 +405,7 @@ def empty_filings() -> Filings:
 
 
 def load_lists(blocklist: str, service_numbers: str, allowlist: str, extra_allow: Iterable[str] = (),
-               strict: bool = False, tz: dt.tzinfo = dt.timezone.utc) -> Lists:
+               strict: bool = False, tz: dt.tzinfo = dt.UTC) -> Lists:
     """Load the three lists; an empty path means an empty list.
 
     ``extra_allow`` are exact allowlist numbers from the config (``allowlist_numbers``).
