@@ -23,7 +23,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,25 @@ def _row_of(record: dict[str, Any]) -> tuple[Any, ...]:
         v = record.get(name)
         out.append(_DEFAULTS[name] if v is None else v)
     return tuple(out)
+
+
+class _Rows:
+    """Queued decision rows (tuples in RECORD_FIELDS order) from one add_many call."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        self.rows = rows
+
+
+_NFIELDS = len(RECORD_FIELDS)
+
+
+def _row_of_tuple(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    out = row[:_NFIELDS]
+    if None in out:
+        out = tuple(_DEFAULTS[name] if v is None else v for name, v in zip(RECORD_FIELDS, out))
+    return out
 
 
 class _Outcome:
@@ -218,6 +237,21 @@ class RecordStore:
             return
         self._queue.append(record)
 
+    def add_many(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Queue many decision records at once; never blocks.
+
+        Each row holds the values of ``RECORD_FIELDS`` in that order (items after them are ignored);
+        the whole list becomes one queue item, turned into insert parameters by the writer thread.
+        The list is taken over: the caller must not change it afterwards.
+        """
+        if not rows:
+            return
+        if self._closed or len(self._queue) >= self.queue_max:
+            for _ in rows:
+                self._drop()
+            return
+        self._queue.append(_Rows(rows))
+
     def outcome(self, call_id: str, final_code: int | None = None, answered_at: float | None = None,
                 ended_at: float | None = None) -> None:
         """Queue the outcome of a call: its final response, when it was answered, when it ended.
@@ -277,6 +311,8 @@ class RecordStore:
                 n += 1
                 if isinstance(item, dict):
                     inserts.append(_row_of(item))
+                elif isinstance(item, _Rows):
+                    inserts.extend(map(_row_of_tuple, item.rows))
                 elif isinstance(item, _Outcome):
                     updates.append(item.params)
                 elif isinstance(item, threading.Event):

@@ -25,6 +25,7 @@ import hashlib
 import heapq
 import ipaddress
 import itertools
+import os
 import re
 import socket
 import time
@@ -249,6 +250,22 @@ class Dialog:
         self.dest_ep = dest_ep
 
 
+class _Allowed:
+    """The part of a Verdict that forwarding reads, for a call the fast path allowed."""
+
+    __slots__ = ("caller", "callee", "shadowed")
+    verdict = "allow"
+
+    def __init__(self, caller: str, callee: str, shadowed: tuple[str, ...]) -> None:
+        self.caller = caller
+        self.callee = callee
+        self.shadowed = shadowed
+
+
+# The fast path's decision rows: the call-record fields in RecordStore order, then the shadowed rules.
+_ROW_FIELDS = ("time", "call_id", "source", "caller", "callee", "rule", "verdict", "code", "score", "latency_us")
+
+
 # ---------------------------------------------------------------- the proxy
 class Proxy:
     """Screens INVITEs and forwards SIP traffic between callers and trunks.
@@ -288,6 +305,8 @@ class Proxy:
         self._seq = itertools.count()
         self._trust: dict[str, tuple[bool, bool]] = {}
         self._local_for: dict[tuple[int, str], str] = {}
+        # Per-decision log lines of fast-path batches: skipped when info is filtered out anyway.
+        self._log_decisions = cfg.logging.level in ("debug", "info")
         self.apply_config(cfg)
 
     # ------------------------------------------------------------ configuration
@@ -330,6 +349,9 @@ class Proxy:
         """Start timers (transaction sweep, trunk keepalives); call once listeners are bound."""
         for ep in self.udp:
             self._add_ours(ep.listener)
+            fast = getattr(ep, "fast", None)
+            if fast is not None:
+                self._configure_fast(fast)
         for info in self.tcp_infos:
             self._add_ours(info)
         if self._sweep_handle is None:
@@ -451,6 +473,76 @@ class Proxy:
             lines.append(f"{name}: {clean(value)}")
         lines.append(self._server_line)
         return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode("utf-8", "surrogateescape")
+
+    # ------------------------------------------------------------ the compiled fast path
+    def _configure_fast(self, fast: Any) -> None:
+        """Hand the compiled fast path the core and this config's response texts (at start and reload)."""
+        core = getattr(self.guard, "core", None)
+        settings = getattr(core, "settings", None)
+        if settings is None or os.environ.get("CALLGUARD_NO_FAST_PATH"):
+            fast.configure(None, (), (), (), True, "", 0, None)
+            return
+        from ..settings import RULE_NAMES
+
+        fast.configure(core, RULE_NAMES, settings.codes, settings.reasons, self.hide_reason, self._server_line,
+                       self.max_size, self._trust_identity)
+
+    def _trust_identity(self, ip: str) -> bool:
+        return self._trust_of(ip)[1]
+
+    def fast_headroom(self) -> int:
+        """INVITEs the fast path may still hand over for forwarding (0: draining or at max_in_flight)."""
+        if self.draining:
+            return 0
+        return self.max_in_flight - self.in_flight
+
+    def fast_allowed(self, data: bytes, addr: Any, ep: Any, caller: str, callee: str,
+                     shadowed: tuple[str, ...]) -> None:
+        """An INVITE the fast path decided to allow: parse it and go on as after ``guard.check``."""
+        msg = None
+        try:
+            msg = parse_message(data, datagram=True)
+            self._after_check(msg, tx_key(msg), ep, addr, _Allowed(caller, callee, shadowed))
+        except Exception as exc:  # noqa: BLE001 - one bad message must never stop the proxy
+            self._fault(exc, msg, ep, addr)
+
+    def on_batch(self, fast: Any) -> None:
+        """After each fast-path batch: records, metrics and decision logs of the batch, at once."""
+        rows = fast.decisions
+        if fast.invites_in:
+            self._count(self.metrics.message_in, "INVITE", fast.invites_in)
+            fast.invites_in = 0
+        if fast.acks_in:
+            self._count(self.metrics.message_in, "ACK", fast.acks_in)
+            fast.acks_in = 0
+        if fast.out_codes:
+            for code, n in fast.out_codes.items():
+                self._count(self.metrics.message_out, code, n)
+            fast.out_codes.clear()
+        if not rows:
+            return
+        fast.decisions = []
+        metrics = self.metrics
+        for r in rows:
+            metrics.decision(r[5], r[9] / 1e6)
+        add_many = getattr(self.records, "add_many", None)
+        if add_many is not None:
+            add_many(rows)
+        else:
+            for r in rows:
+                self.records.add(dict(zip(_ROW_FIELDS, r)))
+        if self.log is not None and self._log_decisions:
+            for r in rows:
+                self.log.info("decision", call_id=r[1], caller=r[3], callee=r[4], rule=r[5], code=r[7],
+                              score=round(r[8], 4), latency_us=r[9], source=r[2], shadowed=list(r[10]) or None)
+
+    @staticmethod
+    def _count(fn: Any, label: Any, n: int) -> None:
+        try:
+            fn(label, n)
+        except TypeError:   # a metrics object that counts one at a time
+            for _ in range(n):
+                fn(label)
 
     # ------------------------------------------------------------ entry point
     def handle(self, data: bytes, addr: Any, ep: Any) -> None:
@@ -623,6 +715,10 @@ class Proxy:
         self.records.add({"time": now, "call_id": msg.call_id, "source": ip, "caller": v.caller, "callee": v.callee,
                           "rule": v.rule, "verdict": v.verdict, "code": v.code, "score": v.score,
                           "latency_us": latency_us})
+        self._after_check(msg, key, ep, addr, v)
+
+    def _after_check(self, msg: Any, key: Any, ep: Any, addr: Any, v: Any) -> None:
+        """Answer or forward an INVITE once decided (``v``: a Verdict, or the fast path's decision)."""
         if v.verdict == "reject":
             extra: tuple[Any, ...] = ()
             if not self.hide_reason:

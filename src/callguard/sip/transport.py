@@ -17,6 +17,12 @@ file-descriptor watcher for good on POLLERR, which a socket with queued ICMP err
 so batched I/O on uvloop (``CALLGUARD_UDP_BATCH=1``) goes without ICMP-driven trunk failover.
 ``CALLGUARD_NO_UDP_BATCH=1`` or ``CALLGUARD_NO_EXTENSIONS=1`` always selects the plain one.
 
+When the compiled fast path (``_fastpath.FastPath``) is built, :class:`FastUdpListener` serves
+UDP on either loop: plain INVITEs are scanned, decided and rejected in C within the batch, and
+the rest goes to the proxy as before (see ``_fastpath.pyx``).  On uvloop it keeps IP_RECVERR and
+re-arms its watcher after each error, so ICMP-driven failover works there too.
+``CALLGUARD_NO_FAST_PATH=1`` selects the listeners above instead.
+
 ICMP errors (port or host unreachable) are read from the socket's error queue (IP_RECVERR),
 which names the destination that failed; the proxy fails the INVITEs waiting on it over.
 """
@@ -150,6 +156,18 @@ def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
     return type(loop).__module__.startswith("uvloop")
 
 
+def _fast_class() -> Any:
+    """``_fastpath.FastPath`` when it may be used, else None."""
+    if os.environ.get("CALLGUARD_NO_EXTENSIONS") or os.environ.get("CALLGUARD_NO_UDP_BATCH") \
+            or os.environ.get("CALLGUARD_NO_FAST_PATH"):
+        return None
+    try:
+        from ._fastpath import FastPath
+    except ImportError:
+        return None
+    return FastPath
+
+
 def _batch_class(loop: asyncio.AbstractEventLoop) -> Any:
     """``_sipcore.UdpBatch`` when it may be used, else None."""
     if os.environ.get("CALLGUARD_NO_EXTENSIONS") or os.environ.get("CALLGUARD_NO_UDP_BATCH"):
@@ -245,6 +263,94 @@ class BatchUdpListener:
             self.closed = True
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
+
+
+class _PlainOwner:
+    """What FastPath.run needs from a proxy, for a plain handler: every datagram to the handler."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handle = handler
+        self.stx: dict[Any, Any] = {}
+        self.expiry: list[Any] = []
+        self.expiry_acked: list[Any] = []
+
+    def fast_headroom(self) -> int:
+        return 0
+
+    def on_batch(self, fast: Any) -> None:
+        fast.decisions.clear()
+
+
+class FastUdpListener(BatchUdpListener):
+    """A batched UDP listener whose batches go through the compiled fast path first.
+
+    ``FastPath.run`` receives a batch, answers what it can in C and calls the proxy for the
+    rest in arrival order; the proxy drains the batch's decisions (records, metrics, logs)
+    once per batch through ``on_batch``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler: Handler, listener: ListenerInfo,
+                 sock: socket.socket, fast_cls: Any) -> None:
+        self.loop = loop
+        self.handler = handler
+        self.listener = listener
+        self.sock = sock
+        self.batch = fast_cls(sock.fileno(), self.MAX_BATCH)
+        self.fast = self.batch
+        # The proxy whose handle() is the handler also drains the batches; any other handler
+        # gets every datagram through the slow path (the fast path stays disabled).
+        owner = getattr(handler, "__self__", None)
+        self.proxy: Any = owner if hasattr(owner, "on_batch") else _PlainOwner(handler)
+        self.out = []
+        self.flush_pending = False
+        self.in_batch = False
+        self.errors = 0
+        self.send_drops = 0
+        self.closed = False
+        self.on_unreachable = None
+        self.recverr = False
+        self.uvloop = _is_uvloop(loop)
+        self.rearm_pending = False
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        proxy = self.proxy
+        self.in_batch = True
+        fast = self.fast
+        errored = False
+        try:
+            for round_ in range(self.MAX_ROUNDS):
+                try:
+                    got = fast.run(proxy, self, proxy.stx, proxy.expiry, proxy.expiry_acked, self.loop.time(),
+                                   proxy.fast_headroom(), self.MAX_BATCH)
+                except OSError:
+                    self.errors += 1
+                    errored = True
+                    drain_errors(self.sock, self.on_unreachable)
+                    continue
+                if got == 0 and round_ == 0:
+                    errored = True
+                    drain_errors(self.sock, self.on_unreachable)
+                rest = fast.flush()
+                if rest:
+                    self.out.extend(rest)
+                proxy.on_batch(fast)
+                self._flush()
+                if got < self.MAX_BATCH:
+                    break
+        finally:
+            self.in_batch = False
+            self._flush()
+            if errored and self.uvloop and not self.rearm_pending and not self.closed:
+                # uvloop stops a watcher for good once it reported POLLERR: start a new one.
+                self.rearm_pending = True
+                self.loop.call_soon(self._rearm)
+
+    def _rearm(self) -> None:
+        self.rearm_pending = False
+        if not self.closed:
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
 
 # ---------------------------------------------------------------- TCP
@@ -415,7 +521,7 @@ class TcpManager:
 
 # ---------------------------------------------------------------- opening listeners
 async def open_udp(loop: asyncio.AbstractEventLoop, handler: Handler, host: str, port: int
-                   ) -> UdpListener | BatchUdpListener:
+                   ) -> UdpListener | BatchUdpListener | FastUdpListener:
     """Bind a UDP listener (IPv4 or IPv6), batched when the compiled extension allows."""
     info = ListenerInfo("udp", host, port, _family(host))
     sock = socket.socket(info.family, socket.SOCK_DGRAM)
@@ -427,6 +533,14 @@ async def open_udp(loop: asyncio.AbstractEventLoop, handler: Handler, host: str,
     except OSError:
         sock.close()
         raise
+    fast_cls = _fast_class()
+    if fast_cls is not None:
+        recverr = enable_recverr(sock)
+        _tune(sock)
+        info.port = sock.getsockname()[1]
+        fast = FastUdpListener(loop, handler, info, sock, fast_cls)
+        fast.recverr = recverr
+        return fast
     batch_cls = _batch_class(loop)
     if batch_cls is not None:
         # uvloop would stop watching the socket at the first queued ICMP error (POLLERR).

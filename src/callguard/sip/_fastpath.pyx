@@ -1,0 +1,1082 @@
+# cython: freethreading_compatible = False
+"""The compiled hot path of ``callguard serve``: receive, scan, decide, answer, in batches.
+
+A :class:`FastPath` reads up to ``capacity`` datagrams with one ``recvmmsg``.  Each one is
+scanned once by a strict grammar that recognises exactly two kinds of message:
+
+* a plain initial INVITE (no To tag, single-valued Via lines with an RFC 3261 branch, long
+  header names, one Content-Length matching the body, Max-Forwards >= 1, no Proxy-Require,
+  nothing that looks like our own Via), and
+* an ACK whose transaction we answered with a final response of our own.
+
+Such an INVITE is decided with the compiled core's C entry point (``Core._decide``: the
+same rules and the same rate-limit state as ``check``, no Verdict object).  A rejection is
+answered here: the response is assembled byte for byte as the proxy's Python path builds
+it, stored in the proxy's server-transaction table (so a retransmission gets the same
+bytes and the ACK is absorbed, with the same expiry queues) and sent with ``sendmmsg`` at
+the end of the batch.  An allowed call is handed to the proxy (``Proxy.fast_allowed``) with
+its decision, to be forwarded there.  Everything else -- responses, other methods, compact
+headers, folding, a To tag, anything the scan is unsure of -- goes, in arrival order, to
+the proxy's ordinary ``handle``: the Python path stays the reference.
+
+Per decision the fast path only appends one tuple (a call-record row plus the shadowed
+rules); the proxy drains them once per batch into records, metrics and logs.
+
+The syntax checks below are those of ``_sipcore`` (the parser's Cython twin), repeated
+here so that nothing the fast path accepts could be refused by the parser.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdlib cimport free, malloc
+from libc.string cimport memchr, memcpy, memset, strlen
+
+from callguard._core cimport Core, Decision, Num
+
+import hashlib
+
+cdef extern from "<errno.h>" nogil:
+    int EWOULDBLOCK
+
+cdef extern from "<string.h>" nogil:
+    void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec* ts)
+    int CLOCK_REALTIME
+    int CLOCK_MONOTONIC
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
+    struct sockaddr_storage:
+        sa_family_t ss_family
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+    struct msghdr:
+        void* msg_name
+        socklen_t msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int recvmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags, void* timeout)
+    int sendmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags)
+    int getsockname(int fd, sockaddr* addr, socklen_t* len)
+    int AF_INET
+    int AF_INET6
+    int MSG_DONTWAIT
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        unsigned int s_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in:
+        sa_family_t sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        unsigned short sin6_port
+        unsigned int sin6_flowinfo
+        in6_addr sin6_addr
+        unsigned int sin6_scope_id
+    unsigned short ntohs(unsigned short)
+    unsigned int ntohl(unsigned int)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
+    int inet_pton(int af, const char* src, void* dst)
+    unsigned short htons(unsigned short)
+    unsigned int htonl(unsigned int)
+
+
+cdef int _fill_addr(int family, object addr, sockaddr_storage* ss, socklen_t* length) except -1:
+    cdef sockaddr_in* a4
+    cdef sockaddr_in6* a6
+    host = addr[0].encode("ascii")
+    port = int(addr[1])
+    if not 0 <= port <= 65535:
+        raise ValueError(f"bad port {port}")
+    memset(ss, 0, sizeof(sockaddr_storage))
+    if family == AF_INET:
+        a4 = <sockaddr_in*>ss
+        a4.sin_family = AF_INET
+        a4.sin_port = htons(port)
+        if inet_pton(AF_INET, host, &a4.sin_addr) != 1:
+            raise ValueError(f"not an IPv4 address: {addr[0]!r}")
+        length[0] = sizeof(sockaddr_in)
+    else:
+        a6 = <sockaddr_in6*>ss
+        a6.sin6_family = AF_INET6
+        a6.sin6_port = htons(port)
+        if inet_pton(AF_INET6, host, &a6.sin6_addr) != 1:
+            raise ValueError(f"not an IPv6 address: {addr[0]!r}")
+        if len(addr) >= 4:
+            a6.sin6_flowinfo = htonl(int(addr[2]))
+            a6.sin6_scope_id = int(addr[3])
+        length[0] = sizeof(sockaddr_in6)
+    return 0
+
+
+# ---------------------------------------------------------------- character classes (as _sipcore)
+cdef bint TOKEN[256]
+cdef bint HOSTC[256]
+cdef bint SCHEME_START[256]
+cdef bint SCHEME_C[256]
+cdef bint HEXC[256]
+cdef bint USERC[256]      # Request-URI user characters the fast path takes as they are
+cdef bint VALC[256]       # header value bytes the fast path accepts (printable ASCII and HT)
+
+
+cdef void _init_tables():
+    cdef int c
+    for c in range(256):
+        TOKEN[c] = False
+        HOSTC[c] = False
+        SCHEME_START[c] = False
+        SCHEME_C[c] = False
+        HEXC[c] = False
+        USERC[c] = False
+        VALC[c] = 32 <= c <= 126 or c == 9
+    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~":
+        TOKEN[c] = True
+    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._":
+        HOSTC[c] = True
+    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        SCHEME_START[c] = True
+        SCHEME_C[c] = True
+    for c in b"0123456789+-.":
+        SCHEME_C[c] = True
+    for c in b"0123456789abcdefABCDEF:.":
+        HEXC[c] = True
+    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._!~*#":
+        USERC[c] = True
+
+
+_init_tables()
+
+
+cdef inline bint is_ws(unsigned char c) noexcept nogil:
+    return c == 32 or c == 9
+
+
+cdef inline Py_ssize_t skip_ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (s[i] == 32 or s[i] == 9):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t token_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and TOKEN[s[i]]:
+        i += 1
+    return i
+
+
+cdef Py_ssize_t quoted_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    i += 1
+    while i < n:
+        if s[i] == 92:
+            i += 2
+            continue
+        if s[i] == 34:
+            return i + 1
+        i += 1
+    return -1
+
+
+cdef int check_uri(const unsigned char* s, Py_ssize_t n, bint bare) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n == 0 or not SCHEME_START[s[0]]:
+        return -1
+    i = 1
+    while i < n and SCHEME_C[s[i]]:
+        i += 1
+    if i >= n - 1 or s[i] != 58:
+        return -1
+    for i in range(n):
+        c = s[i]
+        if c <= 32 or c == 60 or c == 62 or c == 34 or c == 127:
+            return -1
+        if bare and (c == 63 or c == 44):
+            return -1
+    return 0
+
+
+cdef int parse_params(const unsigned char* s, Py_ssize_t i, Py_ssize_t n,
+                      Py_ssize_t* tag_s, Py_ssize_t* tag_e) noexcept nogil:
+    cdef Py_ssize_t j, name_s, name_e, vs, ve
+    cdef const unsigned char* p
+    while True:
+        i = skip_ws(s, i, n)
+        if i >= n:
+            return 0
+        if s[i] != 59:
+            return -1
+        i = skip_ws(s, i + 1, n)
+        j = token_end(s, i, n)
+        if j == i:
+            return -1
+        name_s = i
+        name_e = j
+        i = skip_ws(s, j, n)
+        vs = -1
+        ve = -1
+        if i < n and s[i] == 61:
+            i = skip_ws(s, i + 1, n)
+            if i < n and s[i] == 34:
+                j = quoted_end(s, i, n)
+                if j < 0:
+                    return -1
+            elif i < n and s[i] == 91:
+                p = <const unsigned char*>memchr(s + i, 93, n - i)
+                if p == NULL:
+                    return -1
+                j = (p - s) + 1
+            else:
+                j = i
+                while j < n and (TOKEN[s[j]] or s[j] == 58):
+                    j += 1
+                if j == i:
+                    return -1
+            vs = i
+            ve = j
+            i = j
+        if tag_s != NULL and tag_s[0] == -2 and name_e - name_s == 3 and (s[name_s] | 32) == 116 \
+                and (s[name_s + 1] | 32) == 97 and (s[name_s + 2] | 32) == 103:
+            tag_s[0] = vs
+            tag_e[0] = ve
+
+
+cdef int parse_addr(const unsigned char* s, Py_ssize_t n, Py_ssize_t* tag_s, Py_ssize_t* tag_e) noexcept nogil:
+    cdef Py_ssize_t i, j, k, angle = -1
+    cdef const unsigned char* p
+    i = skip_ws(s, 0, n)
+    if i >= n:
+        return -1
+    if s[i] == 34:
+        j = quoted_end(s, i, n)
+        if j < 0:
+            return -1
+        i = skip_ws(s, j, n)
+        if i >= n or s[i] != 60:
+            return -1
+        angle = i
+    else:
+        j = i
+        while j < n and (TOKEN[s[j]] or is_ws(s[j])):
+            j += 1
+        if j < n and s[j] == 60:
+            angle = j
+        elif j < n and s[j] == 58 and j > i and not is_ws(s[j - 1]):
+            for k in range(i, j):
+                if is_ws(s[k]):
+                    return -1
+        else:
+            return -1
+    if angle >= 0:
+        p = <const unsigned char*>memchr(s + angle + 1, 62, n - angle - 1) if angle + 1 < n else NULL
+        if p == NULL:
+            return -1
+        k = p - s
+        if check_uri(s + angle + 1, k - angle - 1, False) < 0:
+            return -1
+        i = k + 1
+    else:
+        j = i
+        while j < n and s[j] != 59 and not is_ws(s[j]):
+            j += 1
+        if check_uri(s + i, j - i, True) < 0:
+            return -1
+        i = j
+    return parse_params(s, i, n, tag_s, tag_e)
+
+
+cdef int check_via(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i, j, k
+    cdef Py_ssize_t ps[3]
+    cdef Py_ssize_t pe[3]
+    cdef const unsigned char* p
+    cdef long port
+    i = skip_ws(s, 0, n)
+    for k in range(3):
+        j = token_end(s, i, n)
+        if j == i:
+            return -1
+        ps[k] = i
+        pe[k] = j
+        i = skip_ws(s, j, n)
+        if k < 2:
+            if i >= n or s[i] != 47:
+                return -1
+            i = skip_ws(s, i + 1, n)
+    if pe[0] - ps[0] != 3 or (s[ps[0]] | 32) != 115 or (s[ps[0] + 1] | 32) != 105 or (s[ps[0] + 2] | 32) != 112:
+        return -1
+    if pe[1] - ps[1] != 3 or s[ps[1]] != 50 or s[ps[1] + 1] != 46 or s[ps[1] + 2] != 48:
+        return -1
+    if i == 0 or i >= n or not is_ws(s[i - 1]):
+        return -1
+    if s[i] == 91:
+        p = <const unsigned char*>memchr(s + i, 93, n - i)
+        if p == NULL:
+            return -1
+        j = p - s
+        if j == i + 1:
+            return -1
+        for k in range(i + 1, j):
+            if not HEXC[s[k]]:
+                return -1
+        j += 1
+    else:
+        j = i
+        while j < n and HOSTC[s[j]]:
+            j += 1
+        if j == i:
+            return -1
+    i = skip_ws(s, j, n)
+    if i < n and s[i] == 58:
+        i = skip_ws(s, i + 1, n)
+        j = i
+        port = 0
+        while j < n and 48 <= s[j] <= 57:
+            if j - i < 6:
+                port = port * 10 + (s[j] - 48)
+            j += 1
+        if j == i or j - i > 5 or port > 65535:
+            return -1
+        i = j
+    return parse_params(s, i, n, NULL, NULL)
+
+
+# ---------------------------------------------------------------- the strict scan
+cdef enum:
+    M_OTHER = 0
+    M_INVITE = 1
+    M_ACK = 2
+    MAX_VIAS = 16
+
+
+cdef struct Scan:
+    int method
+    Py_ssize_t uri_s, uri_e
+    Py_ssize_t user_s, user_e
+    int nvia
+    Py_ssize_t via_s[MAX_VIAS]
+    Py_ssize_t via_e[MAX_VIAS]
+    Py_ssize_t sent_s, sent_e          # sent-by of the top Via
+    Py_ssize_t br_s, br_e              # its branch
+    bint sent_upper                    # sent-by has upper-case letters (the key is lower-cased)
+    Py_ssize_t from_s, from_e, ftag_s, ftag_e
+    Py_ssize_t to_s, to_e
+    bint to_tag
+    Py_ssize_t cid_s, cid_e
+    Py_ssize_t cseq_s, cseq_e          # the digits
+    Py_ssize_t pai_s, pai_e
+    int mf
+
+
+cdef inline bint _name_is(const unsigned char* s, Py_ssize_t n, const char* lower, Py_ssize_t ln) noexcept nogil:
+    cdef Py_ssize_t i
+    if n != ln:
+        return False
+    for i in range(n):
+        if (s[i] | 32) != <unsigned char>lower[i]:
+            return False
+    return True
+
+
+cdef int _top_via(const unsigned char* p, Py_ssize_t vs, Py_ssize_t ve, Scan* sc) noexcept nogil:
+    """Sent-by and branch of the top Via, the way proxy.tx_key finds them; -1: leave it to Python."""
+    cdef Py_ssize_t i = vs, j, ns, ne
+    # "SIP/2.0/XXX" then one space: anything looser goes to the slow path.
+    if ve - vs < 12 or p[i] != 83 or p[i + 1] != 73 or p[i + 2] != 80 or p[i + 3] != 47 or p[i + 4] != 50 \
+            or p[i + 5] != 46 or p[i + 6] != 48 or p[i + 7] != 47:
+        return -1
+    i += 8
+    while i < ve and ((65 <= p[i] <= 90) or (97 <= p[i] <= 122)):
+        i += 1
+    if i >= ve or p[i] != 32:
+        return -1
+    i += 1
+    sc.sent_s = i
+    sc.sent_upper = False
+    while i < ve and p[i] != 59 and not is_ws(p[i]) and p[i] != 44:
+        if 65 <= p[i] <= 90:
+            sc.sent_upper = True
+        i += 1
+    sc.sent_e = i
+    if i == sc.sent_s:
+        return -1
+    sc.br_s = -1
+    # params: no whitespace at all (the regexes allow it; the scan does not need to)
+    while i < ve:
+        if p[i] != 59:
+            return -1
+        i += 1
+        ns = i
+        while i < ve and p[i] != 61 and p[i] != 59:
+            if is_ws(p[i]):
+                return -1
+            i += 1
+        ne = i
+        if i < ve and p[i] == 61:
+            i += 1
+            j = i
+            while i < ve and p[i] != 59:
+                if is_ws(p[i]):
+                    return -1
+                i += 1
+            if sc.br_s < 0 and _name_is(p + ns, ne - ns, "branch", 6):
+                if not (ne - ns == 6 and p[ns] == 98):   # any other spelling: leave it to Python
+                    return -1
+                sc.br_s = j
+                sc.br_e = i
+        elif _name_is(p + ns, ne - ns, "branch", 6):
+            return -1
+    if sc.br_s < 0 or sc.br_e - sc.br_s < 8:
+        return -1
+    if memcmp7(p + sc.br_s):
+        return 0
+    return -1
+
+
+cdef inline bint memcmp7(const unsigned char* s) noexcept nogil:
+    return s[0] == 122 and s[1] == 57 and s[2] == 104 and s[3] == 71 and s[4] == 52 and s[5] == 98 and s[6] == 75
+
+
+cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
+    """Fill ``sc`` for a plain INVITE or ACK; returns the method, M_OTHER for anything else."""
+    cdef Py_ssize_t i, le, ls, colon, ne, vs, ve, body, k, at
+    cdef const unsigned char* q
+    cdef Py_ssize_t tag_s, tag_e
+    cdef int method
+    cdef bint seen_cl = False, seen_mf = False
+    cdef long long num
+    if n < 64:
+        return M_OTHER
+    if p[0] == 73 and p[1] == 78 and p[2] == 86 and p[3] == 73 and p[4] == 84 and p[5] == 69 and p[6] == 32:
+        method = M_INVITE
+        i = 7
+    elif p[0] == 65 and p[1] == 67 and p[2] == 75 and p[3] == 32:
+        method = M_ACK
+        i = 4
+    else:
+        return M_OTHER
+    # the message head ends at the first empty line; our own Via anywhere in it: the loop check, in Python
+    q = <const unsigned char*>memmem(p, n, b"\r\n\r\n", 4)
+    if q == NULL:
+        return M_OTHER
+    body = (q - p) + 4
+    if memmem(p, body, b"z9hG4bKcg", 9) != NULL:
+        return M_OTHER
+    # Request-URI: "sip:user@host..." (a user part as it is, no escapes), then " SIP/2.0"
+    sc.uri_s = i
+    while i < body and p[i] != 32:
+        if p[i] <= 32 or p[i] >= 127 or p[i] == 60 or p[i] == 62 or p[i] == 34:
+            return M_OTHER
+        i += 1
+    sc.uri_e = i
+    if sc.uri_e - sc.uri_s < 6 or p[sc.uri_s] != 115 or p[sc.uri_s + 1] != 105 or p[sc.uri_s + 2] != 112 \
+            or p[sc.uri_s + 3] != 58:
+        return M_OTHER
+    # check_request_uri: the host part follows the last '@'; no '?'
+    at = sc.uri_e - 1
+    while at > sc.uri_s + 3 and p[at] != 64:
+        at -= 1
+    if at <= sc.uri_s + 3 or at + 1 >= sc.uri_e or p[at + 1] == 59 or p[at + 1] == 58:
+        return M_OTHER
+    for k in range(sc.uri_s, sc.uri_e):
+        if p[k] == 63:
+            return M_OTHER
+    # parse_uri_user: userinfo up to that '@', the user ends at the first ':'
+    sc.user_s = sc.uri_s + 4
+    k = sc.user_s
+    while k < at and p[k] != 58:
+        if not USERC[p[k]]:
+            return M_OTHER
+        k += 1
+    sc.user_e = k
+    if sc.user_e == sc.user_s:
+        return M_OTHER
+    if i + 9 > body or p[i + 1] != 83 or p[i + 2] != 73 or p[i + 3] != 80 or p[i + 4] != 47 or p[i + 5] != 50 \
+            or p[i + 6] != 46 or p[i + 7] != 48 or p[i + 8] != 13 or p[i + 9] != 10:
+        return M_OTHER
+    i += 10
+    sc.nvia = 0
+    sc.from_s = sc.to_s = sc.cid_s = sc.cseq_s = sc.pai_s = -1
+    sc.mf = -1
+    # header lines: "Name: value" with CRLF, no folding, no compact names, printable ASCII only
+    while i < body - 2:
+        ls = i
+        q = <const unsigned char*>memchr(p + i, 13, body - i)
+        le = q - p
+        if p[le + 1] != 10 or is_ws(p[ls]):
+            return M_OTHER
+        colon = -1
+        for k in range(ls, le):
+            if not VALC[p[k]]:
+                return M_OTHER
+            if colon < 0 and p[k] == 58:
+                colon = k
+        if colon < 0:
+            return M_OTHER
+        ne = colon - ls
+        if ne < 2:
+            return M_OTHER
+        for k in range(ls, colon):
+            if not TOKEN[p[k]]:
+                return M_OTHER
+        vs = skip_ws(p, colon + 1, le)
+        ve = le
+        if ve == vs or is_ws(p[ve - 1]):
+            return M_OTHER
+        i = le + 2
+        if _name_is(p + ls, ne, "via", 3):
+            if sc.nvia >= MAX_VIAS or memchr(p + vs, 44, ve - vs) != NULL or check_via(p + vs, ve - vs) < 0:
+                return M_OTHER
+            if sc.nvia == 0 and _top_via(p, vs, ve, sc) < 0:
+                return M_OTHER
+            sc.via_s[sc.nvia] = vs
+            sc.via_e[sc.nvia] = ve
+            sc.nvia += 1
+        elif _name_is(p + ls, ne, "from", 4):
+            if sc.from_s >= 0:
+                return M_OTHER
+            tag_s = tag_e = -2
+            if parse_addr(p + vs, ve - vs, &tag_s, &tag_e) < 0 or tag_s == -1:
+                return M_OTHER
+            sc.from_s, sc.from_e = vs, ve
+            sc.ftag_s = vs + tag_s if tag_s >= 0 else -1
+            sc.ftag_e = vs + tag_e if tag_s >= 0 else -1
+        elif _name_is(p + ls, ne, "to", 2):
+            if sc.to_s >= 0:
+                return M_OTHER
+            tag_s = tag_e = -2
+            if parse_addr(p + vs, ve - vs, &tag_s, &tag_e) < 0 or tag_s == -1:
+                return M_OTHER
+            sc.to_s, sc.to_e = vs, ve
+            sc.to_tag = tag_s >= 0
+        elif _name_is(p + ls, ne, "call-id", 7):
+            if sc.cid_s >= 0:
+                return M_OTHER
+            for k in range(vs, ve):
+                if is_ws(p[k]):
+                    return M_OTHER
+            sc.cid_s, sc.cid_e = vs, ve
+        elif _name_is(p + ls, ne, "cseq", 4):
+            if sc.cseq_s >= 0:
+                return M_OTHER
+            # canonical "digits METHOD": the proxy writes the number back as an int
+            k = vs
+            while k < ve and 48 <= p[k] <= 57:
+                k += 1
+            if k == vs or k - vs > 10 or (p[vs] == 48 and k - vs > 1) or k >= ve or p[k] != 32:
+                return M_OTHER
+            num = 0
+            for at in range(vs, k):
+                num = num * 10 + (p[at] - 48)
+            if num > 2147483647:
+                return M_OTHER
+            sc.cseq_s, sc.cseq_e = vs, k
+            k += 1
+            if method == M_INVITE:
+                if ve - k != 6 or p[k] != 73 or p[k + 1] != 78 or p[k + 2] != 86 or p[k + 3] != 73 \
+                        or p[k + 4] != 84 or p[k + 5] != 69:
+                    return M_OTHER
+            elif ve - k != 3 or p[k] != 65 or p[k + 1] != 67 or p[k + 2] != 75:
+                return M_OTHER
+        elif _name_is(p + ls, ne, "max-forwards", 12):
+            if seen_mf or ve - vs > 3:
+                return M_OTHER
+            seen_mf = True
+            num = 0
+            for k in range(vs, ve):
+                if not 48 <= p[k] <= 57:
+                    return M_OTHER
+                num = num * 10 + (p[k] - 48)
+            if num < 1 or num > 255:
+                return M_OTHER
+            sc.mf = <int>num
+        elif _name_is(p + ls, ne, "content-length", 14):
+            if seen_cl or ve - vs > 6:
+                return M_OTHER
+            seen_cl = True
+            num = 0
+            for k in range(vs, ve):
+                if not 48 <= p[k] <= 57:
+                    return M_OTHER
+                num = num * 10 + (p[k] - 48)
+            if num != n - body:
+                return M_OTHER
+        elif _name_is(p + ls, ne, "p-asserted-identity", 19):
+            if sc.pai_s >= 0 or memchr(p + vs, 44, ve - vs) != NULL:
+                return M_OTHER
+            sc.pai_s, sc.pai_e = vs, ve
+        elif _name_is(p + ls, ne, "proxy-require", 13) or _name_is(p + ls, ne, "contact", 7):
+            if _name_is(p + ls, ne, "contact", 7):
+                if (ve - vs == 1 and p[vs] == 42) or (memchr(p + vs, 44, ve - vs) == NULL
+                                                      and parse_addr(p + vs, ve - vs, NULL, NULL) == 0):
+                    continue
+            return M_OTHER
+    if i != body - 2:
+        return M_OTHER
+    if sc.nvia == 0 or sc.from_s < 0 or sc.to_s < 0 or sc.cid_s < 0 or sc.cseq_s < 0 or not seen_cl:
+        return M_OTHER
+    if method == M_INVITE and sc.to_tag:
+        return M_OTHER
+    return method
+
+
+cdef object _ip_of(sockaddr_storage* ss, int* port):
+    cdef char host[64]
+    cdef sockaddr_in* a4
+    cdef sockaddr_in6* a6
+    if ss.ss_family == AF_INET:
+        a4 = <sockaddr_in*>ss
+        inet_ntop(AF_INET, &a4.sin_addr, host, sizeof(host))
+        port[0] = ntohs(a4.sin_port)
+    else:
+        a6 = <sockaddr_in6*>ss
+        inet_ntop(AF_INET6, &a6.sin6_addr, host, sizeof(host))
+        port[0] = ntohs(a6.sin6_port)
+    return PyUnicode_DecodeASCII(host, strlen(host), NULL)
+
+
+cdef object _addr_tuple(sockaddr_storage* ss, object ip, int port):
+    cdef sockaddr_in6* a6
+    if ss.ss_family == AF_INET:
+        return (ip, port)
+    a6 = <sockaddr_in6*>ss
+    return (ip, port, ntohl(a6.sin6_flowinfo), a6.sin6_scope_id)
+
+
+cdef inline str _s(const unsigned char* p, Py_ssize_t a, Py_ssize_t b):
+    return PyUnicode_DecodeUTF8(<const char*>p + a, b - a, "surrogateescape")
+
+
+cdef inline double _clock(int clk) noexcept nogil:
+    cdef timespec ts
+    clock_gettime(clk, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+TX_LINGER = 32.0
+T4 = 5.0
+
+
+cdef class FastPath:
+    """recvmmsg, scan, decide, answer, sendmmsg: one batch per :meth:`run` call.
+
+    Args:
+        fd: a bound non-blocking UDP socket (borrowed, not owned).
+        capacity: datagrams per batch.
+        bufsize: bytes per datagram buffer.
+    """
+
+    cdef int fd
+    cdef int family
+    cdef unsigned int capacity
+    cdef size_t bufsize
+    cdef char* bufs
+    cdef mmsghdr* msgs
+    cdef iovec* iovs
+    cdef sockaddr_storage* addrs
+    # send queue: responses of this batch, with the raw address they go back to
+    cdef mmsghdr* smsgs
+    cdef iovec* siovs
+    cdef sockaddr_storage* saddrs
+    cdef list sdata
+    cdef unsigned int nsend
+    # configuration
+    cdef Core core
+    cdef bytes server_tail           # "Server: ...\r\nContent-Length: 0\r\n\r\n"
+    cdef list status_lines           # per rule: b"SIP/2.0 <code> <reason>\r\n"
+    cdef list reason_lines           # per rule: b"Reason: ...\r\n" or b""
+    cdef list rule_names
+    cdef int r_allow, r_emergency, r_untrusted
+    cdef Py_ssize_t max_size
+    cdef object trust_identity       # callable(ip) -> bool
+    cdef public bint enabled
+    # per batch, read and reset by the proxy
+    cdef public list decisions       # call-record rows + (shadowed,)
+    cdef public unsigned long invites_in, acks_in, retrans_out, slow
+    cdef public dict out_codes
+    cdef readonly unsigned long long dropped_keepalives
+
+    def __cinit__(self, int fd, unsigned int capacity=64, size_t bufsize=65535):
+        cdef sockaddr_storage ss
+        cdef socklen_t length = sizeof(ss)
+        if capacity == 0 or bufsize == 0:
+            raise ValueError("capacity and bufsize must be positive")
+        if getsockname(fd, <sockaddr*>&ss, &length) != 0:
+            import os
+            raise OSError(errno, os.strerror(errno))
+        if ss.ss_family != AF_INET and ss.ss_family != AF_INET6:
+            raise ValueError("not an IPv4 or IPv6 socket")
+        self.fd = fd
+        self.family = ss.ss_family
+        self.capacity = capacity
+        self.bufsize = bufsize
+        self.bufs = <char*>malloc(capacity * bufsize)
+        self.msgs = <mmsghdr*>malloc(capacity * sizeof(mmsghdr))
+        self.iovs = <iovec*>malloc(capacity * sizeof(iovec))
+        self.addrs = <sockaddr_storage*>malloc(capacity * sizeof(sockaddr_storage))
+        self.smsgs = <mmsghdr*>malloc(capacity * sizeof(mmsghdr))
+        self.siovs = <iovec*>malloc(capacity * sizeof(iovec))
+        self.saddrs = <sockaddr_storage*>malloc(capacity * sizeof(sockaddr_storage))
+        if self.bufs == NULL or self.msgs == NULL or self.iovs == NULL or self.addrs == NULL \
+                or self.smsgs == NULL or self.siovs == NULL or self.saddrs == NULL:
+            raise MemoryError()
+        self.sdata = []
+        self.nsend = 0
+        self.decisions = []
+        self.out_codes = {}
+        self.enabled = False
+        self.max_size = 65535
+
+    def __dealloc__(self):
+        free(self.bufs)
+        free(self.msgs)
+        free(self.iovs)
+        free(self.addrs)
+        free(self.smsgs)
+        free(self.siovs)
+        free(self.saddrs)
+
+    @property
+    def fileno(self) -> int:
+        return self.fd
+
+    def configure(self, core, rule_names, codes, reasons, bint hide_reason, str server_line,
+                  Py_ssize_t max_size, trust_identity):
+        """Take the decision core and the response texts; a core other than the compiled one disables the path.
+
+        Args:
+            core: the guard's core (``callguard._core.Core`` enables the fast path).
+            rule_names: rule name per rule index (``settings.RULE_NAMES``).
+            codes: rejection code per rule index.
+            reasons: reason phrase per rule index.
+            hide_reason: no Reason header in rejections.
+            server_line: ``"Server: ..."`` as the proxy writes it.
+            max_size: larger datagrams go to the slow path (it answers 513).
+            trust_identity: ``ip -> bool``, whether P-Asserted-Identity of that source is the caller.
+        """
+        if not isinstance(core, Core):
+            self.enabled = False
+            self.core = None
+            return
+        self.core = <Core>core
+        self.rule_names = list(rule_names)
+        self.r_allow = self.rule_names.index("allow")
+        self.r_emergency = self.rule_names.index("emergency")
+        self.r_untrusted = self.rule_names.index("untrusted_source")
+        self.status_lines = []
+        self.reason_lines = []
+        for i, name in enumerate(self.rule_names):
+            code = int(codes[i]) if codes[i] else 0
+            reason = reasons[i] or "Rejected"
+            self.status_lines.append(f"SIP/2.0 {code} {_clean(reason)}\r\n".encode("utf-8", "surrogateescape"))
+            if hide_reason:
+                self.reason_lines.append(b"")
+            else:
+                text = f"{name}: {reasons[i]}".replace("\\", "\\\\").replace('"', '\\"')
+                self.reason_lines.append(f'Reason: SIP;cause={code};text="{_clean(text)}"\r\n'.encode(
+                    "utf-8", "surrogateescape"))
+        self.server_tail = (server_line + "\r\nContent-Length: 0\r\n\r\n").encode("utf-8", "surrogateescape")
+        self.max_size = max_size
+        self.trust_identity = trust_identity
+        self.enabled = True
+
+    cdef void _queue(self, bytes data, sockaddr_storage* ss, socklen_t alen):
+        cdef unsigned int k = self.nsend
+        if k >= self.capacity:
+            return
+        self.sdata.append(data)
+        memcpy(&self.saddrs[k], ss, alen)
+        memset(&self.smsgs[k], 0, sizeof(mmsghdr))
+        self.siovs[k].iov_base = <void*>PyBytes_AS_STRING(data)
+        self.siovs[k].iov_len = PyBytes_GET_SIZE(data)
+        self.smsgs[k].msg_hdr.msg_name = &self.saddrs[k]
+        self.smsgs[k].msg_hdr.msg_namelen = alen
+        self.smsgs[k].msg_hdr.msg_iov = &self.siovs[k]
+        self.smsgs[k].msg_hdr.msg_iovlen = 1
+        self.nsend = k + 1
+
+    def send_many(self, list items):
+        """Send ``[(data, addr), ...]`` (the proxy's own sends); returns how many left (as UdpBatch.send_many)."""
+        cdef Py_ssize_t total = len(items), done = 0, chunk, i
+        cdef int sent
+        cdef list keep
+        if self.nsend:
+            raise RuntimeError("flush() the fast path's answers first")
+        while done < total:
+            chunk = total - done
+            if chunk > self.capacity:
+                chunk = self.capacity
+            keep = []
+            for i in range(chunk):
+                data, addr = items[done + i]
+                if type(data) is not bytes:
+                    data = bytes(data)
+                keep.append(data)
+                memset(&self.smsgs[i], 0, sizeof(mmsghdr))
+                self.siovs[i].iov_base = <void*>PyBytes_AS_STRING(data)
+                self.siovs[i].iov_len = PyBytes_GET_SIZE(data)
+                _fill_addr(self.family, addr, &self.saddrs[i], &self.smsgs[i].msg_hdr.msg_namelen)
+                self.smsgs[i].msg_hdr.msg_name = &self.saddrs[i]
+                self.smsgs[i].msg_hdr.msg_iov = &self.siovs[i]
+                self.smsgs[i].msg_hdr.msg_iovlen = 1
+            while True:
+                with nogil:
+                    sent = sendmmsg(self.fd, self.smsgs, <unsigned int>chunk, MSG_DONTWAIT)
+                if sent >= 0 or errno != EINTR:
+                    break
+            if sent < 0:
+                if errno == EAGAIN or errno == EWOULDBLOCK:
+                    return done
+                import os
+                raise OSError(errno, os.strerror(errno))
+            done += sent
+            if sent < chunk:
+                return done
+        return done
+
+    def flush(self):
+        """Send the queued responses; returns those the socket did not take, as ``[(data, addr)]``."""
+        cdef int sent = 0
+        cdef unsigned int done = 0, k
+        cdef int port
+        cdef list rest = []
+        while done < self.nsend:
+            with nogil:
+                sent = sendmmsg(self.fd, self.smsgs + done, self.nsend - done, MSG_DONTWAIT)
+            if sent < 0:
+                if errno == EINTR:
+                    continue
+                break
+            done += sent
+            if sent == 0:
+                break
+        for k in range(done, self.nsend):
+            ip = _ip_of(&self.saddrs[k], &port)
+            rest.append((self.sdata[k], _addr_tuple(&self.saddrs[k], ip, port)))
+        self.nsend = 0
+        self.sdata = []
+        return rest
+
+    def run(self, proxy, ep, dict stx, object expiry, object expiry_acked, double mono, long headroom,
+            unsigned int max_batch=64):
+        """Receive and handle one batch; returns the number of datagrams read (raises OSError).
+
+        ``headroom``: INVITEs that may still be forwarded before the proxy is at ``max_in_flight``
+        (0 or less: every INVITE takes the slow path, which answers 503).
+        """
+        cdef unsigned int i, count = max_batch if max_batch < self.capacity else self.capacity
+        cdef int got, method, port, rule, src
+        cdef unsigned int length, k
+        cdef const unsigned char* p
+        cdef Scan sc
+        cdef Decision dec
+        cdef Num cr, ce
+        cdef double now, t0, lat
+        cdef bint fast = self.enabled
+        cdef socklen_t alen
+        handler = proxy.handle
+        for i in range(count):
+            self.iovs[i].iov_base = self.bufs + i * self.bufsize
+            self.iovs[i].iov_len = self.bufsize
+            memset(&self.msgs[i], 0, sizeof(mmsghdr))
+            self.msgs[i].msg_hdr.msg_iov = &self.iovs[i]
+            self.msgs[i].msg_hdr.msg_iovlen = 1
+            self.msgs[i].msg_hdr.msg_name = &self.addrs[i]
+            self.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+        while True:
+            with nogil:
+                got = recvmmsg(self.fd, self.msgs, count, MSG_DONTWAIT, NULL)
+            if got >= 0:
+                break
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                return 0
+            import os
+            raise OSError(errno, os.strerror(errno))
+        for i in range(<unsigned int>got):
+            length = self.msgs[i].msg_len
+            alen = self.msgs[i].msg_hdr.msg_namelen
+            p = <const unsigned char*>(self.bufs + i * self.bufsize)
+            k = 0
+            while k < length and (p[k] == 13 or p[k] == 10):
+                k += 1
+            if k == length:
+                self.dropped_keepalives += 1
+                continue
+            method = scan(p, length, &sc) if fast and length <= self.max_size else M_OTHER
+            ip = _ip_of(&self.addrs[i], &port)
+            if method == M_OTHER or (method == M_INVITE and headroom <= 0):
+                self.slow += 1
+                handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
+                        ep)
+                continue
+            branch = PyUnicode_DecodeASCII(<const char*>p + sc.br_s, sc.br_e - sc.br_s, NULL)
+            sent_by = PyUnicode_DecodeASCII(<const char*>p + sc.sent_s, sc.sent_e - sc.sent_s, NULL)
+            if sc.sent_upper:
+                sent_by = sent_by.lower()
+            key = (branch, sent_by)
+            prev = stx.get(key)
+            if method == M_ACK:
+                if type(prev) is bytes:
+                    # The ACK to our own final: absorbed; the transaction goes after Timer I.
+                    self.acks_in += 1
+                    expiry_acked.append((mono + T4, stx, key, prev))
+                else:
+                    self.slow += 1
+                    handler(PyBytes_FromStringAndSize(<const char*>p, length),
+                            _addr_tuple(&self.addrs[i], ip, port), ep)
+                continue
+            if prev is not None:
+                if type(prev) is bytes:
+                    # A retransmission: the same bytes again, no new attempt.
+                    self.invites_in += 1
+                    self.retrans_out += 1
+                    self._queue(<bytes>prev, &self.addrs[i], alen)
+                    code = int(prev[8:11])
+                    n = self.out_codes.get(code)
+                    self.out_codes[code] = 1 if n is None else n + 1
+                else:
+                    self.slow += 1
+                    handler(PyBytes_FromStringAndSize(<const char*>p, length),
+                            _addr_tuple(&self.addrs[i], ip, port), ep)
+                continue
+            # a new INVITE: decide
+            callee = PyUnicode_DecodeASCII(<const char*>p + sc.user_s, sc.user_e - sc.user_s, NULL)
+            if sc.pai_s >= 0 and self.trust_identity(ip):
+                caller = _s(p, sc.pai_s, sc.pai_e)
+            else:
+                caller = _s(p, sc.from_s, sc.from_e)
+            now = _clock(CLOCK_REALTIME)
+            t0 = _clock(CLOCK_MONOTONIC)
+            try:
+                self.core._decide(caller, callee, ip, now, &dec, &cr, &ce, &src, True)
+            except Exception:  # noqa - the slow path decides again and fails open there, counted
+                self.slow += 1
+                handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
+                        ep)
+                continue
+            lat = _clock(CLOCK_MONOTONIC) - t0
+            self.invites_in += 1
+            rule = dec.rule
+            call_id = _s(p, sc.cid_s, sc.cid_e)
+            if dec.nshadow:
+                shadowed = tuple([self.rule_names[dec.shadow[k]] for k in range(dec.nshadow)])
+            else:
+                shadowed = ()
+            if rule == self.r_allow or rule == self.r_emergency:
+                self.decisions.append((now, call_id, ip, self.core._cr_s, self.core._ce_s, self.rule_names[rule],
+                                       "allow", 0, dec.score, <long>(lat * 1e6), shadowed))
+                headroom -= 1
+                proxy.fast_allowed(PyBytes_FromStringAndSize(<const char*>p, length),
+                                   _addr_tuple(&self.addrs[i], ip, port), ep, self.core._cr_s, self.core._ce_s,
+                                   shadowed)
+                continue
+            code = self.core.codes[rule]
+            self.decisions.append((now, call_id, ip, self.core._cr_s, self.core._ce_s, self.rule_names[rule],
+                                   "reject", code, dec.score, <long>(lat * 1e6), shadowed))
+            resp = self._reject(p, &sc, rule)
+            stx[key] = resp
+            expiry.append((mono + TX_LINGER, stx, key, resp))
+            self._queue(resp, &self.addrs[i], alen)
+            n = self.out_codes.get(code)
+            self.out_codes[code] = 1 if n is None else n + 1
+        return got
+
+    cdef bytes _reject(self, const unsigned char* p, Scan* sc, int rule):
+        """The rejection, as Proxy._response builds it (the To tag as Proxy._respond derives it)."""
+        cdef bytes status = <bytes>self.status_lines[rule]
+        cdef bytes reason = <bytes>self.reason_lines[rule]
+        cdef bytes tail = self.server_tail
+        cdef Py_ssize_t size, k, cseq_n
+        cdef char* o
+        cdef bytes out
+        cdef bytes tag
+        # "cg" + blake2b(call_id \0 cseq \0 from_tag \0 top via, 6 bytes) in hex
+        cseq_n = sc.cseq_e - sc.cseq_s
+        size = (sc.cid_e - sc.cid_s) + 1 + cseq_n + 1 + (sc.ftag_e - sc.ftag_s if sc.ftag_s >= 0 else 0) + 1 \
+            + (sc.via_e[0] - sc.via_s[0])
+        seed = PyBytes_FromStringAndSize(NULL, size)
+        o = PyBytes_AS_STRING(seed)
+        memcpy(o, p + sc.cid_s, sc.cid_e - sc.cid_s)
+        o += sc.cid_e - sc.cid_s
+        o[0] = 0
+        o += 1
+        memcpy(o, p + sc.cseq_s, cseq_n)
+        o += cseq_n
+        o[0] = 0
+        o += 1
+        if sc.ftag_s >= 0:
+            memcpy(o, p + sc.ftag_s, sc.ftag_e - sc.ftag_s)
+            o += sc.ftag_e - sc.ftag_s
+        o[0] = 0
+        o += 1
+        memcpy(o, p + sc.via_s[0], sc.via_e[0] - sc.via_s[0])
+        tag = _blake2b(seed, digest_size=6).hexdigest().encode("ascii")
+        size = PyBytes_GET_SIZE(status) + PyBytes_GET_SIZE(reason) + PyBytes_GET_SIZE(tail)
+        for k in range(sc.nvia):
+            size += 7 + sc.via_e[k] - sc.via_s[k]
+        # "From: " "\r\nTo: " ";tag=cg" tag "\r\nCall-ID: " "\r\nCSeq: " " INVITE\r\n"
+        size += (sc.from_e - sc.from_s) + (sc.to_e - sc.to_s) + (sc.cid_e - sc.cid_s) + cseq_n \
+            + 6 + 6 + 7 + 12 + 11 + 8 + 9
+        out = PyBytes_FromStringAndSize(NULL, size)
+        o = PyBytes_AS_STRING(out)
+        o = _put(o, PyBytes_AS_STRING(status), PyBytes_GET_SIZE(status))
+        for k in range(sc.nvia):
+            o = _put(o, b"Via: ", 5)
+            o = _put(o, <const char*>p + sc.via_s[k], sc.via_e[k] - sc.via_s[k])
+            o = _put(o, b"\r\n", 2)
+        o = _put(o, b"From: ", 6)
+        o = _put(o, <const char*>p + sc.from_s, sc.from_e - sc.from_s)
+        o = _put(o, b"\r\nTo: ", 6)
+        o = _put(o, <const char*>p + sc.to_s, sc.to_e - sc.to_s)
+        o = _put(o, b";tag=cg", 7)
+        o = _put(o, PyBytes_AS_STRING(tag), 12)
+        o = _put(o, b"\r\nCall-ID: ", 11)
+        o = _put(o, <const char*>p + sc.cid_s, sc.cid_e - sc.cid_s)
+        o = _put(o, b"\r\nCSeq: ", 8)
+        o = _put(o, <const char*>p + sc.cseq_s, cseq_n)
+        o = _put(o, b" INVITE\r\n", 9)
+        o = _put(o, PyBytes_AS_STRING(reason), PyBytes_GET_SIZE(reason))
+        o = _put(o, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail))
+        return out
+
+
+cdef inline char* _put(char* o, const char* s, Py_ssize_t n) noexcept nogil:
+    memcpy(o, s, n)
+    return o + n
+
+
+_blake2b = hashlib.blake2b
+
+
+def _clean(str text) -> str:
+    """Text safe on one header line, as proxy.clean."""
+    return "".join(" " if (ord(ch) < 32 and ch != "\t") or ord(ch) == 127 else ch for ch in text)
+
+
+def scan_kind(bytes data) -> int:
+    """What the strict scan makes of one datagram: 0 other (slow path), 1 INVITE, 2 ACK (for tests)."""
+    cdef Scan sc
+    return scan(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &sc)

@@ -1,0 +1,235 @@
+"""The compiled fast path of ``callguard serve`` against the Python path it shortcuts.
+
+Two proxies run side by side with the same config: one with the fast path (the default when
+it is built), one with ``CALLGUARD_NO_FAST_PATH=1``.  The same datagrams from the same peer
+must get the same answers, byte for byte; what the fast path leaves alone must still be
+answered by the Python path; records and metrics must still be written.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .test_proxy_basic import (
+    BANNED,
+    CALLEE,
+    CALLER,
+    InProcess,
+    Peer,
+    ack_for,
+    free_port,
+    headers,
+    is_method,
+    make_config,
+    request,
+    status,
+    wait_until,
+)
+
+fastpath = pytest.importorskip("callguard.sip._fastpath")
+
+URI = f"sip:{CALLEE}@127.0.0.1"
+
+
+def _fast(ip: InProcess) -> Any:
+    fast = getattr(ip.proxy.udp[0], "fast", None)
+    assert fast is not None, "the fast path is not serving this listener"
+    return fast
+
+
+@pytest.fixture
+def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[InProcess, InProcess]]]:
+    """pair(trunk_port, **config) -> (proxy with the fast path, proxy without it)."""
+    running: list[InProcess] = []
+
+    def make(trunk_port: int, **over: Any) -> tuple[InProcess, InProcess]:
+        out = []
+        for name in ("fast", "slow"):
+            folder = tmp_path / f"{name}{len(running)}"
+            folder.mkdir()
+            port = free_port()
+            trunks = [{"name": "t", "address": f"udp:127.0.0.1:{trunk_port}"}]
+            if name == "slow":
+                monkeypatch.setenv("CALLGUARD_NO_FAST_PATH", "1")
+            ip = InProcess(make_config(folder, [f"udp:127.0.0.1:{port}"], trunks, **over))
+            monkeypatch.delenv("CALLGUARD_NO_FAST_PATH", raising=False)
+            running.append(ip)
+            out.append(ip)
+        assert getattr(out[1].proxy.udp[0], "fast", None) is None
+        _fast(out[0])
+        return out[0], out[1]
+
+    yield make
+    for ip in running:
+        ip.stop()
+
+
+def port_of(ip: InProcess) -> int:
+    return int(ip.proxy.udp[0].listener.port)
+
+
+def exchange(peer: Peer, ip: InProcess, data: str | bytes, match: Callable[[str], bool] | None = None) -> bytes:
+    """Send data, return the raw bytes of the first final response."""
+    peer.send(data, port_of(ip))
+    text = peer.recv(match=match or (lambda m: status(m) >= 200))
+    return text.encode("utf-8")
+
+
+def raw_recv(peer: Peer) -> bytes:
+    data, _ = peer.sock.recvfrom(65535)
+    return bytes(data)
+
+
+def same_answer(fast: InProcess, slow: InProcess, data: bytes) -> tuple[bytes, bytes]:
+    """The raw final answers of both proxies to the same datagram from the same peer."""
+    peer = Peer()
+    try:
+        peer.sock.settimeout(3.0)
+        answers = []
+        for ip in (fast, slow):
+            peer.send(data, port_of(ip))
+            while True:
+                got = raw_recv(peer)
+                if status(got.decode("utf-8", "replace")) >= 200:
+                    answers.append(got)
+                    break
+        return answers[0], answers[1]
+    finally:
+        peer.close()
+
+
+def invite(caller: str = BANNED, *, extra: str = "", branch: str | None = None, call_id: str | None = None,
+           body: str = "", **kw: Any) -> bytes:
+    return request("INVITE", 5999, 0, caller=caller, uri=URI, extra=extra, branch=branch, call_id=call_id,
+                   body=body, **kw).encode()
+
+
+# ---------------------------------------------------------------- the scan
+def test_scan_recognises_plain_invite_and_ack() -> None:
+    assert fastpath.scan_kind(invite(body="v=0\r\n")) == 1
+    ack = ("ACK sip:1@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5;branch=z9hG4bKx1\r\nFrom: <sip:a@b>;tag=1\r\n"
+           "To: <sip:1@b>;tag=cg1\r\nCall-ID: c1\r\nCSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    assert fastpath.scan_kind(ack.encode()) == 2
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.replace(b"To: <sip:02150001234@127.0.0.1>", b"To: <sip:02150001234@127.0.0.1>;tag=x"),
+    lambda m: m.replace(b"Call-ID:", b"i:"),
+    lambda m: m.replace(b";rport\r\n", b";rport, SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKzz\r\n"),
+    lambda m: m.replace(b"Max-Forwards: 70", b"Max-Forwards: 0"),
+    lambda m: m.replace(b"Content-Length: 0", b"Content-Length: 5"),
+    lambda m: m.replace(b"Content-Length: 0\r\n", b"Content-Length: 0\r\nContent-Length: 0\r\n"),
+    lambda m: m.replace(b"CSeq: 1 INVITE", b"CSeq: 01 INVITE"),
+    lambda m: m.replace(b"branch=z9hG4bK", b"branch=old"),
+    lambda m: m.replace(b"branch=z9hG4bK", b"branch=z9hG4bKcg"),
+    lambda m: m.replace(b"From: <sip:", b"From:\r\n <sip:"),
+    lambda m: m.replace(b"SIP/2.0\r\n", b"SIP/2.0\r\nProxy-Require: foo\r\n", 1),
+    lambda m: m.replace(b"sip:02150001234@127.0.0.1 SIP", b"sip:021%3550001234@127.0.0.1 SIP"),
+    lambda m: m.replace(b"Via: SIP/2.0/UDP", b"Via: SIP / 2.0 / UDP"),
+    lambda m: m.replace(b"Call-ID: ", b"Call-ID: \xff"),
+    lambda m: m[:40],
+    lambda m: m.replace(b"\r\n", b"\n"),
+])
+def test_scan_leaves_anything_unusual_to_the_python_path(change: Callable[[bytes], bytes]) -> None:
+    assert fastpath.scan_kind(change(invite())) == 0
+
+
+# ---------------------------------------------------------------- byte for byte
+@pytest.mark.parametrize("over", [{}, {"sip": {"hide_reason": True}}, {"sip": {"user_agent": "edge\x01gw"}}])
+def test_rejection_is_byte_for_byte_the_python_one(pair: Any, over: dict[str, Any]) -> None:
+    trunk = Peer()
+    fast, slow = pair(trunk.port, **over)
+    for data in (invite(), invite(body="v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\n"),
+                 invite(caller="999", extra=f"P-Asserted-Identity: <sip:{BANNED}@127.0.0.1>"),
+                 invite(extra="Via: SIP/2.0/UDP 10.1.1.1:5070;branch=z9hG4bKdeeper;received=10.0.0.9")):
+        a, b = same_answer(fast, slow, data)
+        assert status(a.decode()) == 403
+        assert a == b
+    assert _fast(fast).slow == 0          # all of them were answered in C
+    assert trunk.silent(0.2, is_method("INVITE"))
+    trunk.close()
+
+
+def test_unusual_invites_get_the_python_answer(pair: Any) -> None:
+    trunk = Peer()
+    fast, slow = pair(trunk.port)
+    variants = [
+        invite().replace(b"Call-ID:", b"i:"),                                         # compact header
+        invite().replace(b";rport\r\n", b";rport, SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKzz\r\n"),  # Via list
+        invite().replace(b"CSeq: 1 INVITE", b"CSeq: 1 REGISTER"),                    # method mismatch: 501
+        invite().replace(b"Content-Length: 0", b"Content-Length: 99"),                # malformed: 400
+    ]
+    for data in variants:
+        a, b = same_answer(fast, slow, data)
+        assert a == b
+    assert _fast(fast).slow >= len(variants)
+    # A quoted display name with escapes is within the scan: answered in C, the same bytes.
+    a, b = same_answer(fast, slow, invite().replace(b"From: <sip:", b'From: "A \\"B\\"" <sip:'))
+    assert a == b and status(a.decode()) == 403
+    trunk.close()
+
+
+# ---------------------------------------------------------------- transactions
+def test_retransmission_answered_from_the_table_and_ack_absorbed(pair: Any) -> None:
+    trunk, caller = Peer(), Peer()
+    fast, _ = pair(trunk.port, records={"enabled": True})
+    port = port_of(fast)
+    inv = request("INVITE", caller.port, port, caller=BANNED)
+    first = exchange(caller, fast, inv)
+    again = exchange(caller, fast, inv)
+    assert status(first.decode()) == 403 and first == again
+    key = (re.search(r"branch=([^;\s]+)", inv).group(1), f"127.0.0.1:{caller.port}")  # type: ignore[union-attr]
+    assert fast.call(lambda: fast.proxy.stx.get(key)) == first
+    caller.send(ack_for(inv, first.decode(), caller.port, port), port)
+    wait_until(lambda: fast.call(lambda: len(fast.proxy.expiry_acked)) == 1, 5, "the ACK to be absorbed")
+    assert trunk.silent(0.2)
+    assert caller.silent(0.2)
+    records = fast.server.records
+    records.flush()
+    rows = records.query(caller=BANNED)
+    assert len(rows) == 1                   # the retransmission was no new attempt
+    assert rows[0]["rule"] == "banned" and rows[0]["code"] == 403 and rows[0]["verdict"] == "reject"
+    assert _fast(fast).slow == 0
+    trunk.close()
+    caller.close()
+
+
+def test_allowed_invite_decided_in_c_is_forwarded_once(pair: Any) -> None:
+    trunk, caller = Peer(), Peer()
+    fast, _ = pair(trunk.port, records={"enabled": True})
+    port = port_of(fast)
+    inv = request("INVITE", caller.port, port, caller=CALLER, body="v=0\r\n")
+    caller.send(inv, port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    assert headers(fwd, "Max-Forwards") == ["69"]
+    assert headers(fwd, "Via")[0].startswith(f"SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKcg")
+    caller.send(inv, port)                  # a retransmission goes to the Python transaction
+    assert trunk.silent(0.3, is_method("INVITE"))
+    records = fast.server.records
+    records.flush()
+    rows = records.query(caller=CALLER)
+    assert [(r["rule"], r["verdict"]) for r in rows] == [("allow", "allow")]
+    assert fast.call(lambda: fast.proxy.in_flight) == 1
+    trunk.close()
+    caller.close()
+
+
+def test_metrics_counted_per_batch(pair: Any) -> None:
+    trunk, caller = Peer(), Peer()
+    fast, _ = pair(trunk.port, metrics={"enabled": True, "listen": "127.0.0.1:0"})
+    port = port_of(fast)
+    for _ in range(3):
+        exchange(caller, fast, request("INVITE", caller.port, port, caller=BANNED, call_id=uuid.uuid4().hex))
+    # The answers leave before the batch's bookkeeping: wait for it.
+    wait_until(lambda: re.search(r'callguard_decisions_total\{rule="banned"\} 3\.0',
+                                 fast.server.metrics.render().decode()), 5, "three banned decisions counted")
+    text = fast.server.metrics.render().decode()
+    assert re.search(r'callguard_sip_messages_in_total\{method="INVITE"\} 3\.0', text), text
+    trunk.close()
+    caller.close()
