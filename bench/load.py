@@ -38,26 +38,27 @@ def _rates(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--systems", default=DEFAULT_SYSTEMS,
+                   help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="short points, mixed call mix only, coarse search "
                    "(a few minutes for all systems)")
     p.add_argument("--mixes", help="call mixes whose highest sustained rate is searched (default: mixed; "
                    "full run: mixed,reject)")
     p.add_argument("--duration", type=float, help="seconds of load per point (default 3 quick, 10 full)")
-    p.add_argument("--start-rate", type=float, default=2500, help="first rate of the search, calls/s")
-    p.add_argument("--max-rate", type=float, default=80000, help="highest rate tried, calls/s")
+    p.add_argument("--start-rate", type=float, default=2500, help="first rate of the search, calls/s (default 2500)")
+    p.add_argument("--max-rate", type=float, default=80000, help="highest rate tried, calls/s (default 80000)")
     p.add_argument("--bisect", type=int, help="bisection steps after the first failure (default 1 quick, 3 full)")
     p.add_argument("--fixed-rates", type=_rates, help="rates for CPU per call on the reject and forward paths "
                    "(default 1000,10000 quick; 1000,10000,30000 full)")
     p.add_argument("--sipp-max-rate", type=float, default=35000, help="calls/s per SIPp instance; higher rates "
-                   "are split over several instances on different ports")
+                   "are split over several instances on different ports (default 35000)")
     p.add_argument("--probe-interval-ms", type=float, help="one latency probe INVITE every N ms (default 2 quick, "
                    "5 full)")
-    p.add_argument("--kamailio-children", type=int, default=1, help="Kamailio UDP workers (BENCH-NOTES anchors: 1)")
+    p.add_argument("--kamailio-children", type=int, default=1,
+                   help="Kamailio UDP workers (default 1, as the BENCH-NOTES anchors)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                   help="folder for the JSON result and the PNG plot")
+                   help="folder for the JSON result and the PNG plot (default bench/results)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (SIPp stats, system logs)")
     a = p.parse_args(argv)
     a.duration = a.duration or (3.0 if a.quick else 10.0)

@@ -22,7 +22,9 @@ def summarise(system: str, max_rates: dict[str, float | None], points: list[dict
                          "latency_us": {}}
     for mix, best in max_rates.items():
         tried = [p for p in points if p["mix"] == mix and "stage" not in p]
-        above = [p for p in tried if not p.get("sustained") and (best is None or p["rate"] > best)]
+        above = sorted((p for p in tried if not p.get("sustained") and (best is None or p["rate"] > best)),
+                       key=lambda p: p["rate"])
+        # The failure closest above the best rate says what stopped the system.
         s["limited_by"][mix] = (above[0].get("limited_by") or "error") if above else "max rate tried"
     s["noisy_points"] = sum(1 for p in points if p.get("noisy"))
     # How the calls ended at the first sustained point of each mix (a check of the decisions).
@@ -82,7 +84,8 @@ def table(summaries: dict[str, dict[str, Any]], rat: dict[str, dict[str, float |
         for m in mixes:
             best = s["max_sustained"].get(m)
             lim = s["limited_by"].get(m)
-            tag = {"generator": " (gen)", "machine": " (cores)", "error": " (err)"}.get(lim or "", "")
+            tag = {"generator": " (gen)", "generator (rate not held)": " (gen)", "machine": " (cores)",
+                   "error": " (err)"}.get(lim or "", "")
             row.append(_f(best) + tag)
         for rate in fixed_rates:
             k = int(rate)

@@ -154,8 +154,13 @@ class Bench:
             lp["cores_busy"] = round(lp["server_share"] + sum(lp["sipp_share"]) + lp["uas_share"]
                                      + lp["ksoftirqd_share"] + lp["other_processes_share"], 2)
             if not res.get("sustained"):
+                answered_all = (res["failed_share"] <= MAX_FAILED_SHARE and res["retrans_share"] <= MAX_RETRANS_SHARE
+                                and res["udp_drops"]["system"] == 0)
                 if max(lp["sipp_share"], default=0) >= GENERATOR_BUSY:
                     res["limited_by"] = "generator"
+                elif answered_all:
+                    # The system answered every call in time; SIPp did not create them at the rate.
+                    res["limited_by"] = "generator (rate not held)"
                 elif lp["cores_busy"] >= 0.95 * (os.cpu_count() or 1):
                     res["limited_by"] = "machine"
                 elif lp["busiest_server_process_share"] >= GENERATOR_BUSY:
