@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="folder for the JSON result and the PNG plot (default bench/results)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (SIPp stats, system logs)")
+    p.add_argument("--report", type=Path, metavar="JSON", help="only print the table of a saved result again "
+                   "(and redraw its plot next to it); runs nothing")
     a = p.parse_args(argv)
     a.duration = a.duration or (3.0 if a.quick else 10.0)
     a.probe_interval_ms = a.probe_interval_ms or (2.0 if a.quick else 5.0)
@@ -72,8 +74,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def reprint(path: Path) -> int:
+    """Print the table of a saved result (recomputing the ratios) and redraw its plot."""
+    result = json.loads(path.read_text())
+    fixed = result["options"]["fixed_rates"]
+    summaries = {}
+    for name, s in result["systems"].items():
+        pts = [p for p in result["points"] if p["system"] == name]
+        summaries[name] = {**s, **report.summarise(name, s["max_sustained"], pts, fixed)}
+    print(report.table(summaries, report.ratios(summaries), fixed))
+    png = report.plot(result["points"], path.with_suffix(".png"), f"callguard load bench {path.stem}")
+    print(f"plot {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.report:
+        return reprint(a.report)
     if not sipp.sipp_binary():
         print("sipp is not installed (Debian: apt-get install sip-tester)", file=sys.stderr)
         return 2

@@ -59,8 +59,11 @@ def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | 
             a = anchor["max_sustained"].get(mix)
             r[f"max_sustained.{mix}"] = round(best / a, 3) if best and a else None
         for key, v in s["cpu_us_per_call"].items():
-            a = anchor["cpu_us_per_call"].get(key, {}).get("us")
-            r[f"cpu_us_per_call.{key}"] = round(v["us"] / a, 3) if v.get("us") and a else None
+            av = anchor["cpu_us_per_call"].get(key, {})
+            a = av.get("us")
+            # Only sustained points compare: an overloaded system spends its CPU on retransmissions.
+            both = v.get("sustained") and av.get("sustained")
+            r[f"cpu_us_per_call.{key}"] = round(v["us"] / a, 3) if both and v.get("us") and a else None
         out[name] = r
     return out
 
@@ -98,10 +101,14 @@ def table(summaries: dict[str, dict[str, Any]], rat: dict[str, dict[str, float |
                 row.append(_f(c.get("us"), "{:.1f}") + star if c else "-")
         r = rat.get(name, {})
         mx = r.get(f"max_sustained.{mixes[0]}") if mixes else None
-        cp = r.get(f"cpu_us_per_call.reject@{int(fixed_rates[0])}") if fixed_rates else None
-        if len(fixed_rates) > 1 and r.get(f"cpu_us_per_call.reject@{int(fixed_rates[1])}"):
-            cp = r.get(f"cpu_us_per_call.reject@{int(fixed_rates[1])}")
-        row.append(f"{_f(mx, '{:.2f}')}x, {_f(cp, '{:.2f}')}x")
+        # CPU ratio at the highest fixed rate both this system and the anchor sustained.
+        cp_txt = "-"
+        for rate in sorted(fixed_rates, reverse=True):
+            cp = r.get(f"cpu_us_per_call.reject@{int(rate)}")
+            if cp:
+                cp_txt = f"{cp:.2f}x@{int(rate) // 1000}k"
+                break
+        row.append(f"{_f(mx, '{:.2f}')}x, {cp_txt}")
         row.append(f"{s.get('noisy_points', 0)}/{s.get('points', 0)}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
