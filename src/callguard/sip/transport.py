@@ -341,6 +341,10 @@ class FastUdpListener(BatchUdpListener):
         finally:
             self.in_batch = False
             self._flush()
+            if self.uvloop and self.recverr and not errored and not self.closed \
+                    and drain_errors(self.sock, self.on_unreachable):
+                # Data and a queued ICMP error came together: uvloop saw POLLERR all the same.
+                errored = True
             if errored and self.uvloop and not self.rearm_pending and not self.closed:
                 # uvloop stops a watcher for good once it reported POLLERR: start a new one.
                 self.rearm_pending = True
