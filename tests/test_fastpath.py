@@ -233,3 +233,26 @@ def test_metrics_counted_per_batch(pair: Any) -> None:
     assert re.search(r'callguard_sip_messages_in_total\{method="INVITE"\} 3\.0', text), text
     trunk.close()
     caller.close()
+
+
+def test_decision_log_lines_written_per_batch(pair: Any) -> None:
+    import io
+    import json
+
+    trunk, caller = Peer(), Peer()
+    fast, _ = pair(trunk.port, logging={"level": "info", "format": "json"})
+    sink = io.StringIO()
+    fast.call(lambda: setattr(fast.proxy, "log_stream", sink))
+    port = port_of(fast)
+    inv = request("INVITE", caller.port, port, caller=BANNED)
+    exchange(caller, fast, inv)
+    line = wait_until(lambda: fast.call(sink.getvalue), 5, "the decision line")
+    rec = json.loads(line.splitlines()[0])
+    # The keys and their order are those of the structlog JSON renderer for log.info("decision", ...).
+    assert list(rec) == ["logger", "call_id", "caller", "callee", "rule", "code", "score", "latency_us", "source",
+                         "shadowed", "event", "level", "timestamp"]
+    assert rec["event"] == "decision" and rec["rule"] == "banned" and rec["code"] == 403
+    assert rec["call_id"] == headers(inv, "Call-ID")[0] and rec["caller"] == BANNED
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", rec["timestamp"])
+    trunk.close()
+    caller.close()

@@ -641,14 +641,26 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
     return method
 
 
+# The text of the last IPv4 source seen: peers are few (callers' gateways, trunks), and
+# inet_ntop goes through printf.
+cdef unsigned int _last_ip4 = 0
+cdef object _last_ip4_s = None
+
+
 cdef object _ip_of(sockaddr_storage* ss, int* port):
+    global _last_ip4, _last_ip4_s
     cdef char host[64]
     cdef sockaddr_in* a4
     cdef sockaddr_in6* a6
     if ss.ss_family == AF_INET:
         a4 = <sockaddr_in*>ss
-        inet_ntop(AF_INET, &a4.sin_addr, host, sizeof(host))
         port[0] = ntohs(a4.sin_port)
+        if _last_ip4_s is not None and a4.sin_addr.s_addr == _last_ip4:
+            return _last_ip4_s
+        inet_ntop(AF_INET, &a4.sin_addr, host, sizeof(host))
+        _last_ip4 = a4.sin_addr.s_addr
+        _last_ip4_s = PyUnicode_DecodeASCII(host, strlen(host), NULL)
+        return _last_ip4_s
     else:
         a6 = <sockaddr_in6*>ss
         inet_ntop(AF_INET6, &a6.sin6_addr, host, sizeof(host))

@@ -21,13 +21,16 @@ like a stateful proxy), and the caller's ACK to them is absorbed.
 from __future__ import annotations
 
 import collections
+import datetime
 import hashlib
 import heapq
 import ipaddress
 import itertools
+import json
 import os
 import re
 import socket
+import sys
 import time
 from typing import Any
 
@@ -305,8 +308,11 @@ class Proxy:
         self._seq = itertools.count()
         self._trust: dict[str, tuple[bool, bool]] = {}
         self._local_for: dict[tuple[int, str], str] = {}
-        # Per-decision log lines of fast-path batches: skipped when info is filtered out anyway.
+        # Per-decision log lines of fast-path batches: skipped when info is filtered out anyway;
+        # in the JSON format written by _write_decisions (one write per batch), else by structlog.
         self._log_decisions = cfg.logging.level in ("debug", "info")
+        self._log_json = cfg.logging.format == "json" and not os.environ.get("CALLGUARD_STRUCTLOG_DECISIONS")
+        self.log_stream: Any = None     # where batched decision lines go (None: sys.stderr at write time)
         self.apply_config(cfg)
 
     # ------------------------------------------------------------ configuration
@@ -532,9 +538,33 @@ class Proxy:
             for r in rows:
                 self.records.add(dict(zip(_ROW_FIELDS, r)))
         if self.log is not None and self._log_decisions:
+            if self._log_json:
+                self._write_decisions(rows)
+                return
             for r in rows:
                 self.log.info("decision", call_id=r[1], caller=r[3], callee=r[4], rule=r[5], code=r[7],
                               score=round(r[8], 4), latency_us=r[9], source=r[2], shadowed=list(r[10]) or None)
+
+    def _write_decisions(self, rows: list[tuple[Any, ...]]) -> None:
+        """The batch's ``decision`` log lines, as structlog's JSON renderer writes them, in one write."""
+        dumps = json.dumps
+        ts = datetime.datetime.fromtimestamp
+        utc = datetime.UTC
+        out = []
+        for r in rows:
+            shadowed = list(r[10]) or None
+            stamp = ts(r[0], utc).isoformat().replace("+00:00", "Z")
+            out.append(dumps({"logger": "callguard.serve", "call_id": r[1], "caller": r[3], "callee": r[4],
+                              "rule": r[5], "code": r[7], "score": round(r[8], 4), "latency_us": r[9],
+                              "source": r[2], "shadowed": shadowed, "event": "decision", "level": "info",
+                              "timestamp": stamp}))
+        out.append("")
+        stream = self.log_stream or sys.stderr
+        try:
+            stream.write("\n".join(out))
+            stream.flush()
+        except (OSError, ValueError):   # a closed or full log sink must not stop the proxy
+            pass
 
     @staticmethod
     def _count(fn: Any, label: Any, n: int) -> None:

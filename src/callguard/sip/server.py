@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -306,6 +307,21 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def tune_gc() -> None:
+    """Fewer garbage-collector passes for a long-running proxy.
+
+    The lists and the config (large, never freed) move to the permanent generation, and the
+    young generation is collected after 50,000 allocations instead of 700: at 10k calls/s the
+    default thresholds spent a few microseconds per call walking transaction tuples that live
+    for the whole transaction linger.  ``CALLGUARD_DEFAULT_GC=1`` keeps Python's defaults.
+    """
+    if os.environ.get("CALLGUARD_DEFAULT_GC"):
+        return
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
+
+
 def serve_main(args: Any) -> int:
     """Entry point of ``callguard serve`` (args: ``config``, ``listen``, ``trunk``); returns the exit code."""
     from ..guard import Guard
@@ -325,6 +341,7 @@ def serve_main(args: Any) -> int:
         log.warning("list_row_skipped", problem=str(p))
     restore_snapshot(guard, cfg.records.state_path, log)
     server = Server(cfg, guard, path, listen, trunk)
+    tune_gc()
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
