@@ -1,11 +1,11 @@
 """A bare uvloop SIP responder: the I/O floor of a Python proxy on this machine.
 
 It does the least a screening proxy must do and nothing else: read the caller from the From
-URI, look it up in a set built from the bench's blocklist (and treat every 95/96 caller as
-unfiled), answer 403 statelessly, or forward the INVITE statelessly to the trunk with its own
-Via on top and relay the responses back.  No transactions, no rate limits, no records.  The
-figures it reaches are the BENCH-NOTES "bare uvloop responder" anchor; a full proxy cannot beat
-them on the same loop.
+URI, look it up in a set built from the bench's blocklist (and treat every 95/96 caller, with
+or without an area code, as unfiled), answer 403 statelessly, or forward the INVITE statelessly
+to the trunk with its own Via on top and relay the responses back.  No transactions, no rate
+limits, no records.  The figures it reaches are the BENCH-NOTES "bare uvloop responder" anchor;
+a full proxy cannot beat them on the same loop.
 
 Run: ``python bench/loadlib/responder.py --listen 127.0.0.1:PORT --trunk 127.0.0.1:PORT
 --blocklist FILE``; it prints ``ready`` once bound.
@@ -71,7 +71,9 @@ class Responder(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def _rejected(self, caller: bytes) -> bool:
-        return caller in self.blocked or caller[:2] in (b"95", b"96")
+        # 95/96 callers (a 96 number may carry its area code, 0391 96xxx) count as unfiled.
+        return (caller in self.blocked or caller[:2] in (b"95", b"96")
+                or (caller[:1] == b"0" and (caller[3:5] == b"96" or caller[4:6] == b"96")))
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # noqa: C901 - one flat dispatcher
         if data.startswith(b"SIP/2.0 "):
