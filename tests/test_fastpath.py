@@ -256,3 +256,24 @@ def test_decision_log_lines_written_per_batch(pair: Any) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", rec["timestamp"])
     trunk.close()
     caller.close()
+
+
+def test_ack_to_a_relayed_rejection_absorbed_in_c(pair: Any) -> None:
+    from .test_proxy_basic import answer, is_status
+
+    trunk, caller = Peer(), Peer()
+    fast, _ = pair(trunk.port)
+    port = port_of(fast)
+    inv = request("INVITE", caller.port, port, caller=CALLER)
+    caller.send(inv, port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    trunk.send(answer(fwd, 486, "Busy Here"), port)
+    busy = caller.recv(match=is_status(486))
+    assert trunk.recv(match=is_method("ACK"))          # the proxy's own hop-by-hop ACK
+    slow_before = fast.call(lambda: _fast(fast).slow)
+    caller.send(ack_for(inv, busy, caller.port, port), port)
+    wait_until(lambda: fast.call(lambda: len(fast.proxy.expiry_acked)) >= 2, 5, "the caller's ACK absorbed")
+    assert fast.call(lambda: _fast(fast).slow) == slow_before
+    assert trunk.silent(0.3, is_method("ACK"))
+    trunk.close()
+    caller.close()

@@ -955,6 +955,11 @@ cdef class FastPath:
                     # The ACK to our own final: absorbed; the transaction goes after Timer I.
                     self.acks_in += 1
                     expiry_acked.append((mono + T4, stx, key, prev))
+                elif prev is not None and (prev.final >= 300 or not prev.final):
+                    # The ACK to a non-2xx final the proxy relayed (and ACKed itself): absorbed too.
+                    self.acks_in += 1
+                    if prev.final:
+                        proxy._acked(key, prev)
                 else:
                     self.slow += 1
                     handler(PyBytes_FromStringAndSize(<const char*>p, length),
