@@ -328,6 +328,11 @@ class FastUdpListener(BatchUdpListener):
                     errored = True
                     drain_errors(self.sock, self.on_unreachable)
                     continue
+                except Exception as exc:  # noqa: BLE001 - the rest of the batch is lost, never the listener
+                    fault = getattr(proxy, "_fault", None)
+                    if fault is not None:
+                        fault(exc, None, None, None)
+                    got = self.MAX_BATCH
                 if got == 0 and round_ == 0:
                     errored = True
                     drain_errors(self.sock, self.on_unreachable)
