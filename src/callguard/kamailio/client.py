@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 
 from . import protocol as proto
@@ -50,6 +51,7 @@ class DeciderClient:
         self.consecutive_timeouts = 0
         self.outcomes_sent = 0
         self.outcome_failures = 0
+        self._wait = 0.0   # the receive timeout (SO_RCVTIMEO) the socket has now
 
     @property
     def down(self) -> bool:
@@ -61,10 +63,21 @@ class DeciderClient:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.bind("")          # Linux autobind: an abstract address, nothing to clean up
             sock.connect(self.path)
+            # A blocking socket whose receive timeout is kept by the kernel (SO_RCVTIMEO): one
+            # recv() system call per answer, where Python's own timeouts poll() before every
+            # recv() and switch the descriptor's blocking mode on every settimeout().
+            self._wait = 0.0
             self._sock = sock
             self._pid = os.getpid()
             self._next_id = (os.getpid() << 16) & 0xFFFFFFFF or 1
         return self._sock
+
+    def _set_wait(self, sock: socket.socket, seconds: float) -> None:
+        if seconds != self._wait:
+            usec = max(1, int(seconds * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", usec // 1_000_000,
+                                                                                usec % 1_000_000))
+            self._wait = seconds
 
     def close(self) -> None:
         if self._sock is not None:
@@ -116,37 +129,42 @@ class DeciderClient:
         try:
             sock = self._socket()
             try:
-                sock.send(data)
+                sock.send(data, socket.MSG_DONTWAIT)   # a full decider queue fails open, never blocks
             except OSError:
                 # The decider restarted (new socket inode) or is gone: reconnect once.
                 self.close()
                 sock = self._socket()
-                sock.send(data)
+                sock.send(data, socket.MSG_DONTWAIT)
         except OSError as exc:
             self.close()
             raise DeciderUnavailable(f"cannot reach the decider at {self.path}: {exc.strerror or exc}") from None
         wait = PROBE_TIMEOUT if self.down else self.timeout
         deadline = time.monotonic() + wait
+        remaining = wait
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            try:
+                self._set_wait(sock, remaining)
+                reply = sock.recv(proto.MAX_DATAGRAM)
+            except BlockingIOError:   # SO_RCVTIMEO expired
                 self.timeouts += 1
                 self.consecutive_timeouts += 1
-                raise DeciderUnavailable(f"no answer from the decider within {wait * 1000:.0f} ms")
-            sock.settimeout(remaining)
-            try:
-                reply = sock.recv(proto.MAX_DATAGRAM)
-            except TimeoutError:
-                continue
+                raise DeciderUnavailable(f"no answer from the decider within {wait * 1000:.0f} ms") from None
             except OSError as exc:
                 self.close()
                 raise DeciderUnavailable(f"decider socket error: {exc.strerror or exc}") from None
             try:
                 version, op, got = proto.parse_header(reply)
             except proto.ProtocolError:
-                continue
+                got = -1
             if got != rid:
-                continue   # a late answer to an earlier request that already failed open
+                # Garbage, or a late answer to an earlier request that already failed open:
+                # wait for ours for what is left of the time.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.timeouts += 1
+                    self.consecutive_timeouts += 1
+                    raise DeciderUnavailable(f"no answer from the decider within {wait * 1000:.0f} ms")
+                continue
             self.consecutive_timeouts = 0
             if op == proto.OP_ERROR:
                 if version < self.version and version in proto.VERSIONS:

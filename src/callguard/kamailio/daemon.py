@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -111,6 +112,8 @@ class Decider:
         self._pending: dict[str, tuple[float, str, str]] = {}
         self._dialogs: dict[str, tuple[float, str, str, float]] = {}
         self.generation = 1
+        # Rejections are logged one line each only at info or debug (a lookup, not a call, per decision).
+        self.log_decisions = cfg.logging.level in ("debug", "info")
         self.stats: Counter[str] = Counter()
         self.last_reload_error = ""
         self.started = time.time()
@@ -152,7 +155,7 @@ class Decider:
                 trunk = pick_trunk(self.guard.config, v.callee) if v.code == 0 else ""
                 reply = CheckReply(v.code, v.rule, flags, float(v.score), v.reason, trunk)
             self.stats["rule:" + v.rule] += 1
-            if v.code:
+            if v.code and self.log_decisions:
                 log.info("call_rejected", caller=v.caller, callee=v.callee, source=req.source, rule=v.rule,
                          code=v.code, score=round(float(v.score), 3), txkey=req.txkey)
         except Exception as exc:  # noqa: BLE001 - a fault must never block a call: fail open, count, log
@@ -310,6 +313,7 @@ class Decider:
             log.error("reload_failed_keeping_old_config", config=self.config_path, error=repr(exc))
             return
         self.identity = IdentityPolicy(cfg)
+        self.log_decisions = cfg.logging.level in ("debug", "info")
         self._mtimes = mtimes
         self._failed_mtimes = None
         # self._tx is kept: a retransmission after a reload is still the same attempt, with the same verdict.
@@ -361,7 +365,11 @@ class DeciderServer:
                 pass
         self.sock.bind(path)
         os.chmod(path, mode)
-        self.sock.settimeout(WATCH_INTERVAL)
+        # A blocking socket with a kernel receive timeout (SO_RCVTIMEO) for the housekeeping tick:
+        # one recvfrom() per datagram, where a Python socket timeout adds a poll() to each.
+        secs = int(WATCH_INTERVAL)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("ll", secs, int((WATCH_INTERVAL - secs) * 1e6)))
 
     def stop(self, *_: Any) -> None:
         self._running = False
@@ -381,7 +389,7 @@ class DeciderServer:
             while self._running:
                 try:
                     data, addr = recv(proto.MAX_DATAGRAM)
-                except TimeoutError:
+                except (BlockingIOError, TimeoutError):   # the receive timeout: a housekeeping tick
                     data = b""
                     addr = None
                 now = time.time()
@@ -398,7 +406,7 @@ class DeciderServer:
                     out = proto.header(proto.OP_ERROR, 0) + str(exc).encode()
                 if out and addr:
                     try:
-                        send(out, addr)
+                        send(out, socket.MSG_DONTWAIT, addr)   # a worker that stopped reading never blocks us
                     except OSError:  # the worker went away; nothing to answer
                         decider.stats["send_errors"] += 1
         finally:

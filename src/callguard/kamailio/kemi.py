@@ -94,14 +94,19 @@ class LocalDecider:
         return True
 
 
+# Control characters (C0 and DEL) removed from reason text: str.translate, no per-character Python.
+_CONTROLS = {i: None for i in (*range(0x20), 0x7F)}
+REPLY_CACHE_MAX = 1024   # distinct (code, rule, reason, flags) replies kept; a handful in practice
+
+
 def _quote(text: str) -> str:
     """A reason phrase made safe for a quoted-string in a header."""
-    return "".join(ch for ch in text if ch >= " " and ch != "\x7f").replace("\\", "\\\\").replace('"', '\\"')
+    return text.translate(_CONTROLS).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _phrase(text: str) -> str:
     """A reason phrase for the status line: printable, no CR/LF."""
-    return "".join(ch for ch in text if ch >= " " and ch != "\x7f")
+    return text.translate(_CONTROLS)
 
 
 class CallguardKemi:
@@ -130,6 +135,24 @@ class CallguardKemi:
         self._last_fault_log = 0.0
         self._last_lost_log = 0.0
         self._decider_down = False
+        # The KSR functions of the per-call path, looked up once (each lookup is two attribute
+        # reads on a C module per call otherwise).
+        pv, tm = ksr.pv, ksr.tm
+        self._gete = pv.gete
+        self._get = pv.get
+        self._maxfwd = ksr.maxfwd.process_maxfwd
+        self._has_totag = ksr.siputils.has_totag
+        self._t_check_trans = tm.t_check_trans
+        self._t_relay = tm.t_relay
+        self._t_on_reply = tm.t_on_reply
+        self._t_on_failure = tm.t_on_failure
+        self._sl_send_reply = ksr.sl.sl_send_reply
+        self._append_to_reply = ksr.hdr.append_to_reply
+        self._setdsturi = ksr.setdsturi
+        self._record_route = ksr.rr.record_route
+        # Rejection replies by (code, rule, reason, flags): the Reason header and status phrase
+        # are built once, not per call.
+        self._replies: dict[tuple[int, str, str, int], tuple[str, str]] = {}
 
     # ------------------------------------------------------------ Kamailio's entry points
     def child_init(self, rank: int) -> int:
@@ -145,7 +168,7 @@ class CallguardKemi:
         return 1
 
     def ksr_reply_route(self, msg: Any) -> int:
-        """Every reply; tm does the work, the method must exist once the script relays."""
+        """Every reply, when the cfg leaves ``kemi.reply_route_callback`` on; tm does the work."""
         return 1
 
     def ksr_onreply_route(self, msg: Any) -> int:
@@ -155,24 +178,22 @@ class CallguardKemi:
         also sees tm's own timeouts.  A retransmitted 200 is reported again; the decider knows.
         """
         try:
-            K = self.K
-            code = K.pv.get("$rs")
+            code = self._get("$rs")
             if code is not None and 200 <= int(code) < 300:
-                self._report(OUTCOME_ANSWERED, int(code), K.pv.gete("$ci"))
+                self._report(OUTCOME_ANSWERED, int(code), self._gete("$ci"))
         except Exception as exc:  # noqa: BLE001 - nothing may escape into Kamailio
             self._fault("onreply_route", exc)
         return 1
 
     def ksr_onsend_route(self, msg: Any) -> int:
-        """Every message Kamailio sends; must exist once the script relays (see BENCH-NOTES)."""
+        """Every message Kamailio sends, when the cfg leaves ``kemi.onsend_route_callback`` on."""
         return 1
 
     def ksr_failure_route(self, msg: Any) -> int:
         """The INVITE relayed after a verdict ended negatively (trunk's reply or tm's timeout); tm relays it."""
         try:
-            K = self.K
-            code = K.pv.get("$T_reply_code")
-            self._report(OUTCOME_FAILED, int(code) if code is not None else 0, K.pv.gete("$ci"))
+            code = self._get("$T_reply_code")
+            self._report(OUTCOME_FAILED, int(code) if code is not None else 0, self._gete("$ci"))
         except Exception as exc:  # noqa: BLE001 - nothing may escape into Kamailio
             self._fault("failure_route", exc)
         return 1
@@ -182,97 +203,113 @@ class CallguardKemi:
 
     # ------------------------------------------------------------ routing
     def _route(self) -> None:
-        K = self.K
-        pv = K.pv
-        if K.maxfwd.process_maxfwd(self.settings.max_forwards) < 0:
-            K.sl.sl_send_reply(483, "Too Many Hops")
+        if self._maxfwd(self.settings.max_forwards) < 0:
+            self._sl_send_reply(483, "Too Many Hops")
             return
-        method = pv.gete("$rm")
+        method = self._gete("$rm")
+        if method == "INVITE":
+            if self._has_totag() > 0:
+                self._in_dialog(method)
+            # A retransmission of an INVITE already relayed is answered by tm, not screened again.
+            elif self._t_check_trans() < 0:
+                self._screen()
+            return
         if method == "CANCEL":
-            if K.tm.t_check_trans() > 0:
-                K.tm.t_relay()
+            if self._t_check_trans() > 0:
+                self._t_relay()
             return
-        if K.siputils.has_totag() > 0:
+        if self._has_totag() > 0:
             self._in_dialog(method)
             return
         if method == "ACK":
-            if K.tm.t_check_trans() > 0:
-                K.tm.t_relay()
+            if self._t_check_trans() > 0:
+                self._t_relay()
             return   # an ACK without a transaction or dialog goes nowhere
-        if method == "INVITE":
-            # A retransmission of an INVITE already relayed is answered by tm, not screened again.
-            if K.tm.t_check_trans() >= 0:
-                return
-            self._screen()
-            return
+        K = self.K
         if method == "OPTIONS" and K.is_myself_ruri():
-            K.sl.sl_send_reply(200, "OK")
+            self._sl_send_reply(200, "OK")
             return
-        K.hdr.append_to_reply("Allow: INVITE, ACK, CANCEL, BYE, OPTIONS\r\n")
-        K.sl.sl_send_reply(405, "Method Not Allowed")
+        self._append_to_reply("Allow: INVITE, ACK, CANCEL, BYE, OPTIONS\r\n")
+        self._sl_send_reply(405, "Method Not Allowed")
 
     def _in_dialog(self, method: str) -> None:
         K = self.K
         if method == "BYE":
             # Reported before relaying, whichever side hangs up; a retransmitted BYE changes nothing.
-            self._report(OUTCOME_ENDED, 0, K.pv.gete("$ci"))
+            self._report(OUTCOME_ENDED, 0, self._gete("$ci"))
         if K.rr.loose_route() > 0:
-            K.tm.t_relay()
+            self._t_relay()
             return
         if method == "ACK":
-            if K.tm.t_check_trans() > 0:
-                K.tm.t_relay()
-            else:
-                K.forward()   # ACK for a 2xx: end to end, stateless
+            found = self._t_check_trans()
+            if found > 0:
+                self._t_relay()
+            elif found < 0 and not K.is_myself_ruri():
+                K.forward()   # ACK for a 2xx sent to the callee's Contact: end to end, stateless
+            # found == 0: the ACK of a negative final response tm relayed, absorbed by tm (hop by hop).
+            # An ACK addressed to this proxy without a route set goes nowhere: forwarding it would
+            # send it back here until Max-Forwards runs out.
             return
         if K.is_myself_ruri():
             # Without Record-Route the peer should have sent this to the Contact; follow the
             # request URI's callee to the trunk so the dialog still ends cleanly.
-            K.setdsturi(trunk_uri(pick_trunk(self.config, "")))
-        if K.tm.t_relay() < 0:
+            self._setdsturi(trunk_uri(pick_trunk(self.config, "")))
+        if self._t_relay() < 0:
             K.sl.sl_reply_error()
 
     def _screen(self) -> None:
-        K = self.K
-        pv = K.pv
-        call_id = pv.gete("$ci")
-        req = CheckRequest(pv.gete("$fu"), pv.gete("$ru"), pv.gete("$si"), pv.gete("$ai"),
-                           f'{call_id}|{pv.gete("$cs")}|{pv.gete("$via0(branch)")}', call_id)
+        gete = self._gete
+        call_id = gete("$ci")
+        req = CheckRequest(gete("$fu"), gete("$ru"), gete("$si"), gete("$ai"),
+                           f'{call_id}|{gete("$cs")}|{gete("$via0(branch)")}', call_id)
         try:
             reply = self.decider.check(req)
-            if self._decider_down:
-                self._decider_down = False
-                K.info("callguard: decider answers again\n")
         except DeciderUnavailable as exc:
             if not self._decider_down:
                 self._decider_down = True
-                K.err(f"callguard: decider unavailable, calls fail open: {exc}\n")
+                self.K.err(f"callguard: decider unavailable, calls fail open: {exc}\n")
             self._fault("decider", exc, log=False)
             self._relay(self._fallback_trunk(req), track=False)
             return
+        if self._decider_down:
+            self._decider_down = False
+            self.K.info("callguard: decider answers again\n")
         self.decisions += 1
+        code = reply.code
         if reply.flags & FLAG_FAILED_OPEN:
             self._fault("decision", RuntimeError(reply.reason), log=False)
-        if reply.code:
-            if not reply.flags & FLAG_HIDE_REASON:
-                # The same Reason header as `callguard serve`: the rule id, then the reason text.
-                text = _quote(f"{reply.rule}: {reply.reason}")
-                K.hdr.append_to_reply(f'Reason: SIP;cause={reply.code};text="{text}"\r\n')
-            K.sl.sl_send_reply(reply.code, _phrase(reply.reason) or "Rejected")
+        if code:
+            key = (code, reply.rule, reply.reason, reply.flags & FLAG_HIDE_REASON)
+            texts = self._replies.get(key)
+            if texts is None:
+                texts = self._reply_texts(*key)
+            header, phrase = texts
+            if header:
+                self._append_to_reply(header)
+            self._sl_send_reply(code, phrase)
             return
         self._relay(reply.trunk or self._fallback_trunk(req), track=True)
 
+    def _reply_texts(self, code: int, rule: str, reason: str, hide: int) -> tuple[str, str]:
+        """The Reason header (empty when hidden) and status phrase of a rejection, remembered."""
+        # The same Reason header as `callguard serve`: the rule id, then the reason text.
+        header = "" if hide else f'Reason: SIP;cause={code};text="{_quote(f"{rule}: {reason}")}"\r\n'
+        texts = (header, _phrase(reason) or "Rejected")
+        if len(self._replies) >= REPLY_CACHE_MAX:
+            self._replies.clear()
+        self._replies[(code, rule, reason, hide)] = texts
+        return texts
+
     def _relay(self, trunk: str, track: bool) -> None:
         """Relay the INVITE statefully; ``track`` arms the routes that report its outcome."""
-        K = self.K
-        K.setdsturi(trunk_uri(trunk))
+        self._setdsturi(trunk_uri(trunk))
         if self.record_route:
-            K.rr.record_route()
+            self._record_route()
         if track:
-            K.tm.t_on_reply("ksr_onreply_route")
-            K.tm.t_on_failure("ksr_failure_route")
-        if K.tm.t_relay() < 0:
-            K.sl.sl_reply_error()
+            self._t_on_reply("ksr_onreply_route")
+            self._t_on_failure("ksr_failure_route")
+        if self._t_relay() < 0:
+            self.K.sl.sl_reply_error()
 
     def _report(self, kind: int, code: int, call_id: str) -> None:
         """Send one outcome to the decider; a lost report is counted (and logged now and then), never raised."""
