@@ -28,6 +28,7 @@ from .transport import TcpManager, open_tcp, open_udp
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+RECORDS_FLUSH_INTERVAL = 1.0    # seconds between two writes of the call records
 
 
 def _logger() -> Any:
@@ -101,8 +102,10 @@ def _open_records(cfg: Config, log: Any, metrics: Any) -> Any:
         return NullRecords()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.records.path)), exist_ok=True)
-        return RecordStore(cfg.records.path, cfg.records.retention_days, on_written=metrics.record_written,
-                           on_dropped=metrics.record_dropped)
+        # One writer transaction per second: the random-order indexes (Call-ID, numbers) cost per
+        # page touched, so bigger batches cost less per record (about half at 10k calls/s).
+        return RecordStore(cfg.records.path, cfg.records.retention_days, flush_interval=RECORDS_FLUSH_INTERVAL,
+                           on_written=metrics.record_written, on_dropped=metrics.record_dropped)
     except Exception as exc:  # noqa: BLE001 - calls keep flowing without records; said loudly
         log.error("records_failed", path=cfg.records.path, error=str(exc))
         return NullRecords()
