@@ -90,15 +90,17 @@ def _pack_str(text: str) -> bytes:
 
 def _unpack_strs(data: bytes, offset: int, count: int) -> list[str]:
     out = []
+    size = len(data)
     for _ in range(count):
-        if offset + 2 > len(data):
+        if offset + 2 > size:
             raise ProtocolError("truncated string length")
-        (n,) = _STR.unpack_from(data, offset)
+        n = data[offset] | data[offset + 1] << 8   # little-endian length, no struct call
         offset += 2
-        if offset + n > len(data):
+        end = offset + n
+        if end > size:
             raise ProtocolError("truncated string")
-        out.append(data[offset:offset + n].decode("utf-8", "replace"))
-        offset += n
+        out.append(data[offset:end].decode("utf-8", "replace"))
+        offset = end
     return out
 
 
@@ -133,10 +135,12 @@ def header_v(version: int, op: int, request_id: int) -> bytes:
 
 def encode_check(request_id: int, req: CheckRequest, version: int = VERSION) -> bytes:
     """A CHECK request datagram (``version=1`` leaves the Call-ID out, for a decider that predates it)."""
-    parts = [header_v(version, OP_CHECK, request_id), _pack_str(req.caller), _pack_str(req.callee),
-             _pack_str(req.source), _pack_str(req.identity), _pack_str(req.txkey)]
-    if version >= 2:
-        parts.append(_pack_str(req.call_id))
+    fields = req if version >= 2 else req[:5]
+    parts = [_HEADER.pack(MAGIC, version, OP_CHECK, request_id & 0xFFFFFFFF)]
+    for text in fields:
+        raw = text.encode("utf-8", "surrogatepass")[:MAX_FIELD]
+        parts.append(_STR.pack(len(raw)))
+        parts.append(raw)
     return b"".join(parts)
 
 
@@ -169,17 +173,21 @@ def decode_outcome(data: bytes) -> Outcome:
     return Outcome(kind, code, when, call_id)
 
 
+_RULE_INDEX = {name: i for i, name in enumerate(RULE_NAMES)}
+_ALLOW_INDEX = _RULE_INDEX["allow"]
+
+
 def rule_index(rule: str) -> int:
     """Index of a rule id in ``RULE_NAMES`` (the reply carries the index, not the name)."""
-    try:
-        return RULE_NAMES.index(rule)
-    except ValueError:
-        return RULE_NAMES.index("allow")
+    return _RULE_INDEX.get(rule, _ALLOW_INDEX)
 
 
 def encode_reply_body(code: int, rule: str, flags: int, score: float, reason: str, trunk: str) -> bytes:
     """A CHECK reply without its header (the decider caches it for retransmissions)."""
-    return _VERDICT.pack(code, rule_index(rule), flags, score) + _pack_str(reason) + _pack_str(trunk)
+    r = reason.encode("utf-8", "surrogatepass")[:MAX_FIELD]
+    t = trunk.encode("utf-8", "surrogatepass")[:MAX_FIELD]
+    return b"".join((_VERDICT.pack(code, _RULE_INDEX.get(rule, _ALLOW_INDEX), flags, score),
+                     _STR.pack(len(r)), r, _STR.pack(len(t)), t))
 
 
 def decode_reply(data: bytes) -> CheckReply:
