@@ -650,3 +650,58 @@ def test_client_falls_back_to_a_version_1_decider(tmp_path: Path) -> None:
     finally:
         client.close()
         old.close()
+
+
+def kamailio_stat(st: Stack, name: str) -> int:
+    """One Kamailio counter, read over its ctl socket with kamcmd."""
+    out = subprocess.run(["kamcmd", "-s", f"unix:{st.tmp / 'kamailio_ctl'}", "stats.get_statistics", "all"],
+                         capture_output=True, text=True, timeout=10).stdout
+    m = re.search(rf"^{re.escape(name)} = (\d+)$", out, re.M)
+    return int(m.group(1)) if m else -1
+
+
+@pytest.mark.skipif(shutil.which("kamcmd") is None, reason="kamcmd is not installed")
+def test_ack_of_a_relayed_failure_is_absorbed(tmp_path: Path) -> None:
+    """The caller's ACK of a negative final response the trunk gave is absorbed by the transaction
+    (hop by hop), never forwarded: its request URI is Kamailio itself, so forwarding it statelessly
+    would send it round Kamailio until Max-Forwards runs out."""
+    st = Stack(tmp_path)
+    trunk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    trunk.bind(("127.0.0.1", st.uas_port))
+    trunk.settimeout(10)
+
+    def no_sipp_trunk() -> None:   # this test is the trunk: it answers 486
+        st.env = dict(os.environ)
+        st.env["PYTHONPATH"] = str(Path(callguard.__file__).resolve().parent.parent)
+
+    st.start_uas = no_sipp_trunk   # type: ignore[method-assign]
+    uac = RawUac(0)
+    try:
+        st.start()
+        uac.kport = st.kport
+        call_id = f"ackloop{time.time_ns()}@test"
+        ruri = f"sip:02150001901@127.0.0.1:{st.kport}"
+        uac.send(uac.request("INVITE", ruri, "13912340909", "02150001901", call_id, 1, "z9hG4bKackloop1"))
+        invite, addr = trunk.recvfrom(65535)
+        while not invite.startswith(b"INVITE "):
+            invite, addr = trunk.recvfrom(65535)
+        head = [ln for ln in invite.split(b"\r\n") if re.match(rb"(Via|From|To|Call-ID|CSeq|Record-Route):", ln, re.I)]
+        head = [ln + b";tag=trunk486" if ln.lower().startswith(b"to:") else ln for ln in head]
+        trunk.sendto(b"\r\n".join([b"SIP/2.0 486 Busy Here", *head, b"Content-Length: 0", b"", b""]), addr)
+        final = [r for r in uac.responses(call_id, "INVITE", 1) if status(r) >= 200][0]
+        assert status(final) == 486
+        to_tag = re.search(rb"^To:.*;tag=([^;\r\n]+)", final, re.M | re.I)
+        assert to_tag is not None
+        uac.send(uac.request("ACK", ruri, "13912340909", "02150001901", call_id, 1, "z9hG4bKackloop1",
+                             to_tag=to_tag.group(1).decode()))
+        wait_for(lambda: kamailio_stat(st, "core:rcv_requests_ack") >= 1, 10, "Kamailio to take the ACK",
+                 log=st.kam_log)
+        # Both workers answer an OPTIONS after it: the ACK was handled, a loop would have run by now.
+        for _ in range(4):
+            assert options_ok(st.kport)
+        assert kamailio_stat(st, "core:rcv_requests_ack") == 1
+        assert kamailio_stat(st, "core:fwd_requests") == 0   # stateless forwards: none (tm relayed the INVITE)
+    finally:
+        uac.close()
+        trunk.close()
+        st.close()
