@@ -67,6 +67,11 @@ class DeciderClient:
             # recv() system call per answer, where Python's own timeouts poll() before every
             # recv() and switch the descriptor's blocking mode on every settimeout().
             self._wait = 0.0
+            # A CHECK waits for room in the decider's queue (net.unix.max_dgram_qlen datagrams, 10 by
+            # default, shared by every worker) at most the answer's timeout; then the call fails open.
+            usec = max(1, int(self.timeout * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", usec // 1_000_000,
+                                                                                usec % 1_000_000))
             self._sock = sock
             self._pid = os.getpid()
             self._next_id = (os.getpid() << 16) & 0xFFFFFFFF or 1
@@ -129,12 +134,18 @@ class DeciderClient:
         try:
             sock = self._socket()
             try:
-                sock.send(data, socket.MSG_DONTWAIT)   # a full decider queue fails open, never blocks
+                sock.send(data)
+            except BlockingIOError:
+                raise   # the decider's queue stayed full for the whole timeout: fail open, keep the socket
             except OSError:
                 # The decider restarted (new socket inode) or is gone: reconnect once.
                 self.close()
                 sock = self._socket()
-                sock.send(data, socket.MSG_DONTWAIT)
+                sock.send(data)
+        except BlockingIOError:
+            self.timeouts += 1
+            self.consecutive_timeouts += 1
+            raise DeciderUnavailable(f"the decider's queue stayed full for {self.timeout * 1000:.0f} ms") from None
         except OSError as exc:
             self.close()
             raise DeciderUnavailable(f"cannot reach the decider at {self.path}: {exc.strerror or exc}") from None
