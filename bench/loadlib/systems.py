@@ -8,11 +8,13 @@ plug-in: Kamailio plus the decider process).
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
 import shutil
 import site
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,11 +70,26 @@ class System:
     info: Callable[[], dict[str, str]] = lambda: {}
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_compiled_core() -> bool:
+    """Whether this interpreter, without the source tree, imports an installed compiled core."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CALLGUARD_NO_EXTENSIONS")}
+    probe = subprocess.run([sys.executable, "-c", "import callguard._core, callguard.sip._fastpath"], cwd="/",
+                           env=env, capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
 def _python_env() -> dict[str, str]:
+    """Environment of the Python systems: the source tree when it is built in place, else the installed
+    package (after the README's install command), else the source tree with the pure-Python twin."""
     env = dict(os.environ)
+    built_in_place = glob.glob(str(ROOT / "src" / "callguard" / "_core*.so"))
+    if not built_in_place and _installed_compiled_core():
+        env.pop("PYTHONPATH", None)
+        return env
     env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if not glob.glob(str(ROOT / "src" / "callguard" / "_core*.so")):
-        env["CALLGUARD_NO_EXTENSIONS"] = "1"     # no compiled core built: the pure-Python twin
+    if not built_in_place:
+        env["CALLGUARD_NO_EXTENSIONS"] = "1"     # no compiled core anywhere: the pure-Python twin
     return env
 
 
