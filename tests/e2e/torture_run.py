@@ -80,7 +80,7 @@ def _strace_destinations(path: Path) -> list[str]:
     if not path.exists():
         return out
     for line in path.read_text(errors="replace").splitlines():
-        if not re.search(r"\b(sendto|sendmsg|connect)\(", line):
+        if not re.search(r"\b(sendto|sendmsg|sendmmsg|connect)\(", line):
             continue
         for m in re.finditer(r'sin_port=htons\((\d+)\), sin_addr=inet_addr\("([^"]+)"\)', line):
             out.append(f"{m.group(2)}:{m.group(1)}")
@@ -110,7 +110,7 @@ def main() -> int:
     cfg = helpers.make_config(work, listen_port=port, trunk_port=trunk.port, record_route=True)
     strace = shutil.which("strace")
     trace = work / "strace.txt"
-    wrapper = [strace, "-f", "-qq", "-e", "trace=sendto,sendmsg,connect", "-o", str(trace)] if strace else []
+    wrapper = [strace, "-f", "-qq", "-e", "trace=sendto,sendmsg,sendmmsg,connect", "-o", str(trace)] if strace else []
     proxy = helpers.start_proxy(cfg, port, wrapper=wrapper, startup_timeout=40.0)
     results: dict[str, Any] = {"files": {}, "strace": bool(strace)}
     try:
