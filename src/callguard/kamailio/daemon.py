@@ -65,6 +65,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 PENDING_TTL = 300.0      # seconds a let-through call waits for its final response (tm's fr_inv_timer is 60)
 DIALOG_LINGER = 12 * 3600.0   # answered calls whose BYE never came are forgotten after this (as serve)
 CALLS_MAX = 500_000      # bound on tracked calls of each kind
+RECORDS_FLUSH_INTERVAL = 1.0   # seconds between two writes of the call records
 CLOCK_SKEW = 300.0       # a worker's timestamp further than this from ours is replaced by ours
 
 
@@ -171,9 +172,10 @@ class Decider:
             self._remember(req.txkey, reply, now)
         call_id = req.call_id
         if self.records is not None:
-            self.records.add({"time": now, "call_id": call_id, "source": req.source, "caller": caller,
-                              "callee": callee, "rule": reply.rule, "verdict": "reject" if reply.code else "allow",
-                              "code": reply.code, "score": reply.score, "latency_us": latency_us})
+            # A row in RECORD_FIELDS order: cheaper to build here and to turn into insert parameters
+            # in the writer than a dict.
+            self.records.add_many([(now, call_id, req.source, caller, callee, reply.rule,
+                                    "reject" if reply.code else "allow", reply.code, reply.score, latency_us)])
         if reply.code == 0 and call_id:
             self._track(call_id, caller, req.source, now)
         return reply
@@ -526,7 +528,9 @@ def open_records(cfg: Config) -> RecordStore | None:
     if not cfg.records.enabled:
         return None
     try:
-        return RecordStore(cfg.records.path, cfg.records.retention_days)
+        # One writer transaction a second, as `callguard serve`: the random-order indexes cost per
+        # page touched, so bigger batches cost less per record.
+        return RecordStore(cfg.records.path, cfg.records.retention_days, flush_interval=RECORDS_FLUSH_INTERVAL)
     except CallguardError as exc:
         log.error("records_failed", path=cfg.records.path, error=str(exc))
         return None
