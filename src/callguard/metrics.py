@@ -120,19 +120,19 @@ class Metrics:
                 child = self._by_rule[rule] = self._decisions.labels(rule)
         return child
 
-    def message_in(self, method: str | int) -> None:
-        """Count a received message: a request method, or a response status / class (``2xx``)."""
+    def message_in(self, method: str | int, n: int = 1) -> None:
+        """Count ``n`` received messages: a request method, or a response status / class (``2xx``)."""
         child = self._in.get(method)
         if child is None:
             child = _lookup(self._in, method)
-        child.inc()
+        child.inc(n)
 
-    def message_out(self, method: str | int) -> None:
-        """Count a sent message, labelled like :meth:`message_in`."""
+    def message_out(self, method: str | int, n: int = 1) -> None:
+        """Count ``n`` sent messages, labelled like :meth:`message_in`."""
         child = self._out.get(method)
         if child is None:
             child = _lookup(self._out, method)
-        child.inc()
+        child.inc(n)
 
     def parse_error(self) -> None:
         """Count a message that could not be parsed."""

@@ -161,8 +161,8 @@ class NullMetrics:
     """Stand-in when metrics are disabled: same methods, no effect."""
 
     def decision(self, rule: str, latency_seconds: float) -> None: ...
-    def message_in(self, method: str | int) -> None: ...
-    def message_out(self, method: str | int) -> None: ...
+    def message_in(self, method: str | int, n: int = 1) -> None: ...
+    def message_out(self, method: str | int, n: int = 1) -> None: ...
     def parse_error(self) -> None: ...
     def trunk_state(self, name: str, up: bool) -> None: ...
     def record_written(self, n: int = 1) -> None: ...
@@ -516,14 +516,14 @@ class Proxy:
         """After each fast-path batch: records, metrics and decision logs of the batch, at once."""
         rows = fast.decisions
         if fast.invites_in:
-            self._count(self.metrics.message_in, "INVITE", fast.invites_in)
+            self.metrics.message_in("INVITE", fast.invites_in)
             fast.invites_in = 0
         if fast.acks_in:
-            self._count(self.metrics.message_in, "ACK", fast.acks_in)
+            self.metrics.message_in("ACK", fast.acks_in)
             fast.acks_in = 0
         if fast.out_codes:
             for code, n in fast.out_codes.items():
-                self._count(self.metrics.message_out, code, n)
+                self.metrics.message_out(code, n)
             fast.out_codes.clear()
         if not rows:
             return
@@ -565,14 +565,6 @@ class Proxy:
             stream.flush()
         except (OSError, ValueError):   # a closed or full log sink must not stop the proxy
             pass
-
-    @staticmethod
-    def _count(fn: Any, label: Any, n: int) -> None:
-        try:
-            fn(label, n)
-        except TypeError:   # a metrics object that counts one at a time
-            for _ in range(n):
-                fn(label)
 
     # ------------------------------------------------------------ entry point
     def handle(self, data: bytes, addr: Any, ep: Any) -> None:
