@@ -17,6 +17,7 @@ failing open), CG_RECORD_ROUTE (1: record-route relayed INVITEs so BYEs come bac
 calls get their end time and duration; 0: never; auto: sip.record_route in the YAML).
 """
 
+import glob
 import os
 import site
 import sys
@@ -43,7 +44,12 @@ def _extend_path():
     paths = [p for p in (_define("CG_PYTHONPATH") or os.environ.get("CALLGUARD_PYTHONPATH", "")).split(":") if p]
     checkout = os.path.normpath(os.path.join(here, "..", "..", "src"))
     if os.path.isdir(os.path.join(checkout, "callguard")):
-        paths.insert(0, checkout)
+        # A checkout built in place wins; an unbuilt one only backs up an installed package.
+        built = glob.glob(os.path.join(checkout, "callguard", "_core*.so"))
+        if built:
+            paths.insert(0, checkout)
+        else:
+            paths.append(checkout)
     before = list(sys.path)
     for p in paths:
         site.addsitedir(p)   # honours .pth files (editable installs, namespace packages)
