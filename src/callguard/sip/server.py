@@ -22,6 +22,8 @@ from typing import Any
 from .. import config as config_mod
 from ..config import Config, Trunk, parse_address
 from ..errors import CallguardError, ConfigError, SipError
+from ..log import configure as configure_logging
+from ..log import get_logger
 from .proxy import NullMetrics, NullRecords, Proxy, frame_stream
 from .transport import TcpManager, open_tcp, open_udp
 
@@ -32,23 +34,11 @@ RECORDS_FLUSH_INTERVAL = 1.0    # seconds between two writes of the call records
 
 
 def _logger() -> Any:
-    try:
-        from ..log import get_logger
-
-        return get_logger("callguard.serve")
-    except (ImportError, TypeError):  # pragma: no cover - the shared set-up is unusable: plain structlog
-        import structlog
-
-        return structlog.get_logger().bind(logger="callguard.serve")
+    return get_logger("callguard.serve")
 
 
 def _configure_logging(cfg: Config) -> None:
-    try:
-        from ..log import configure
-
-        configure(cfg.logging.level, cfg.logging.format)
-    except ImportError:  # pragma: no cover
-        pass
+    configure_logging(cfg.logging.level, cfg.logging.format)
 
 
 def apply_overrides(cfg: Config, listen: list[str] | None, trunk: str | None) -> Config:
