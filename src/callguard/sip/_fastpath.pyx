@@ -22,8 +22,8 @@ the proxy's ordinary ``handle``: the Python path stays the reference.
 Per decision the fast path only appends one tuple (a call-record row plus the shadowed
 rules); the proxy drains them once per batch into records, metrics and logs.
 
-The syntax checks below are those of ``_sipcore`` (the parser's Cython twin), repeated
-here so that nothing the fast path accepts could be refused by the parser.
+The syntax checks are those of ``_sipcore`` (the parser's Cython twin): both modules take
+them from ``_sipscan.pxd``, so that nothing the fast path accepts could be refused by the parser.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -33,6 +33,9 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy, memset, strlen
 
 from callguard._core cimport Core, Decision, Num
+from callguard.sip._sipscan cimport (
+    MAX_CSEQ, TOKEN, bad_request_uri_char, check_request_uri, check_via, is_ws, parse_addr, parse_digits, skip_ws,
+)
 
 import hashlib
 
@@ -132,234 +135,19 @@ cdef int _fill_addr(int family, object addr, sockaddr_storage* ss, socklen_t* le
     return 0
 
 
-# ---------------------------------------------------------------- character classes (as _sipcore)
-cdef bint TOKEN[256]
-cdef bint HOSTC[256]
-cdef bint SCHEME_START[256]
-cdef bint SCHEME_C[256]
-cdef bint HEXC[256]
-cdef bint USERC[256]      # Request-URI user characters the fast path takes as they are
-cdef bint VALC[256]       # header value bytes the fast path accepts (printable ASCII and HT)
-
-
-cdef void _init_tables():
-    cdef int c
-    for c in range(256):
-        TOKEN[c] = False
-        HOSTC[c] = False
-        SCHEME_START[c] = False
-        SCHEME_C[c] = False
-        HEXC[c] = False
-        USERC[c] = False
-        VALC[c] = 32 <= c <= 126 or c == 9
-    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~":
-        TOKEN[c] = True
-    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._":
-        HOSTC[c] = True
-    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
-        SCHEME_START[c] = True
-        SCHEME_C[c] = True
-    for c in b"0123456789+-.":
-        SCHEME_C[c] = True
-    for c in b"0123456789abcdefABCDEF:.":
-        HEXC[c] = True
-    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._!~*#":
-        USERC[c] = True
-
-
-_init_tables()
-
-
-cdef inline bint is_ws(unsigned char c) noexcept nogil:
-    return c == 32 or c == 9
-
-
-cdef inline Py_ssize_t skip_ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (s[i] == 32 or s[i] == 9):
-        i += 1
-    return i
-
-
-cdef inline Py_ssize_t token_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and TOKEN[s[i]]:
-        i += 1
-    return i
-
-
-cdef Py_ssize_t quoted_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    i += 1
-    while i < n:
-        if s[i] == 92:
-            i += 2
-            continue
-        if s[i] == 34:
-            return i + 1
-        i += 1
-    return -1
-
-
-cdef int check_uri(const unsigned char* s, Py_ssize_t n, bint bare) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef unsigned char c
-    if n == 0 or not SCHEME_START[s[0]]:
-        return -1
-    i = 1
-    while i < n and SCHEME_C[s[i]]:
-        i += 1
-    if i >= n - 1 or s[i] != 58:
-        return -1
-    for i in range(n):
-        c = s[i]
-        if c <= 32 or c == 60 or c == 62 or c == 34 or c == 127:
-            return -1
-        if bare and (c == 63 or c == 44):
-            return -1
-    return 0
-
-
-cdef int parse_params(const unsigned char* s, Py_ssize_t i, Py_ssize_t n,
-                      Py_ssize_t* tag_s, Py_ssize_t* tag_e) noexcept nogil:
-    cdef Py_ssize_t j, name_s, name_e, vs, ve
-    cdef const unsigned char* p
-    while True:
-        i = skip_ws(s, i, n)
-        if i >= n:
-            return 0
-        if s[i] != 59:
-            return -1
-        i = skip_ws(s, i + 1, n)
-        j = token_end(s, i, n)
-        if j == i:
-            return -1
-        name_s = i
-        name_e = j
-        i = skip_ws(s, j, n)
-        vs = -1
-        ve = -1
-        if i < n and s[i] == 61:
-            i = skip_ws(s, i + 1, n)
-            if i < n and s[i] == 34:
-                j = quoted_end(s, i, n)
-                if j < 0:
-                    return -1
-            elif i < n and s[i] == 91:
-                p = <const unsigned char*>memchr(s + i, 93, n - i)
-                if p == NULL:
-                    return -1
-                j = (p - s) + 1
-            else:
-                j = i
-                while j < n and (TOKEN[s[j]] or s[j] == 58):
-                    j += 1
-                if j == i:
-                    return -1
-            vs = i
-            ve = j
-            i = j
-        if tag_s != NULL and tag_s[0] == -2 and name_e - name_s == 3 and (s[name_s] | 32) == 116 \
-                and (s[name_s + 1] | 32) == 97 and (s[name_s + 2] | 32) == 103:
-            tag_s[0] = vs
-            tag_e[0] = ve
-
-
-cdef int parse_addr(const unsigned char* s, Py_ssize_t n, Py_ssize_t* tag_s, Py_ssize_t* tag_e) noexcept nogil:
-    cdef Py_ssize_t i, j, k, angle = -1
-    cdef const unsigned char* p
-    i = skip_ws(s, 0, n)
-    if i >= n:
-        return -1
-    if s[i] == 34:
-        j = quoted_end(s, i, n)
-        if j < 0:
-            return -1
-        i = skip_ws(s, j, n)
-        if i >= n or s[i] != 60:
-            return -1
-        angle = i
-    else:
-        j = i
-        while j < n and (TOKEN[s[j]] or is_ws(s[j])):
-            j += 1
-        if j < n and s[j] == 60:
-            angle = j
-        elif j < n and s[j] == 58 and j > i and not is_ws(s[j - 1]):
-            for k in range(i, j):
-                if is_ws(s[k]):
-                    return -1
-        else:
-            return -1
-    if angle >= 0:
-        p = <const unsigned char*>memchr(s + angle + 1, 62, n - angle - 1) if angle + 1 < n else NULL
-        if p == NULL:
-            return -1
-        k = p - s
-        if check_uri(s + angle + 1, k - angle - 1, False) < 0:
-            return -1
-        i = k + 1
-    else:
-        j = i
-        while j < n and s[j] != 59 and not is_ws(s[j]):
-            j += 1
-        if check_uri(s + i, j - i, True) < 0:
-            return -1
-        i = j
-    return parse_params(s, i, n, tag_s, tag_e)
-
-
-cdef int check_via(const unsigned char* s, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i, j, k
-    cdef Py_ssize_t ps[3]
-    cdef Py_ssize_t pe[3]
-    cdef const unsigned char* p
-    cdef long port
-    i = skip_ws(s, 0, n)
-    for k in range(3):
-        j = token_end(s, i, n)
-        if j == i:
-            return -1
-        ps[k] = i
-        pe[k] = j
-        i = skip_ws(s, j, n)
-        if k < 2:
-            if i >= n or s[i] != 47:
-                return -1
-            i = skip_ws(s, i + 1, n)
-    if pe[0] - ps[0] != 3 or (s[ps[0]] | 32) != 115 or (s[ps[0] + 1] | 32) != 105 or (s[ps[0] + 2] | 32) != 112:
-        return -1
-    if pe[1] - ps[1] != 3 or s[ps[1]] != 50 or s[ps[1] + 1] != 46 or s[ps[1] + 2] != 48:
-        return -1
-    if i == 0 or i >= n or not is_ws(s[i - 1]):
-        return -1
-    if s[i] == 91:
-        p = <const unsigned char*>memchr(s + i, 93, n - i)
-        if p == NULL:
-            return -1
-        j = p - s
-        if j == i + 1:
-            return -1
-        for k in range(i + 1, j):
-            if not HEXC[s[k]]:
-                return -1
-        j += 1
-    else:
-        j = i
-        while j < n and HOSTC[s[j]]:
-            j += 1
-        if j == i:
-            return -1
-    i = skip_ws(s, j, n)
-    if i < n and s[i] == 58:
-        i = skip_ws(s, i + 1, n)
-        j = i
-        port = 0
-        while j < n and 48 <= s[j] <= 57:
-            if j - i < 6:
-                port = port * 10 + (s[j] - 48)
-            j += 1
-        if j == i or j - i > 5 or port > 65535:
-            return -1
-        i = j
-    return parse_params(s, i, n, NULL, NULL)
+# ---------------------------------------------------------------- character classes of the fast path only
+# (the SIP grammar's own classes and checks come from _sipscan, shared with the parser)
+cdef extern from *:
+    """
+    /* Request-URI user characters the fast path takes as they are */
+    static const int cg_fp_userc[256] = {
+        ['a' ... 'z'] = 1, ['A' ... 'Z'] = 1, ['0' ... '9'] = 1,
+        ['+'] = 1, ['-'] = 1, ['.'] = 1, ['_'] = 1, ['!'] = 1, ['~'] = 1, ['*'] = 1, ['#'] = 1};
+    /* header line bytes the fast path accepts: printable ASCII and HT */
+    static const int cg_fp_valc[256] = {[32 ... 126] = 1, [9] = 1};
+    """
+    const int USERC "cg_fp_userc"[256]
+    const int VALC "cg_fp_valc"[256]
 
 
 # ---------------------------------------------------------------- the strict scan
@@ -486,18 +274,20 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
     # Request-URI: "sip:user@host..." (a user part as it is, no escapes), then " SIP/2.0"
     sc.uri_s = i
     while i < body and p[i] != 32:
-        if p[i] <= 32 or p[i] >= 127 or p[i] == 60 or p[i] == 62 or p[i] == 34:
+        if bad_request_uri_char(p[i]):
             return M_OTHER
         i += 1
     sc.uri_e = i
     if sc.uri_e - sc.uri_s < 6 or p[sc.uri_s] != 115 or p[sc.uri_s + 1] != 105 or p[sc.uri_s + 2] != 112 \
             or p[sc.uri_s + 3] != 58:
         return M_OTHER
-    # check_request_uri: the host part follows the last '@'; no '?'
+    # the parser's check (a host part after the last '@'), then a user part before that '@', no '?' at all
+    if check_request_uri(p + sc.uri_s, sc.uri_e - sc.uri_s) < 0:
+        return M_OTHER
     at = sc.uri_e - 1
     while at > sc.uri_s + 3 and p[at] != 64:
         at -= 1
-    if at <= sc.uri_s + 3 or at + 1 >= sc.uri_e or p[at + 1] == 59 or p[at + 1] == 58:
+    if at <= sc.uri_s + 3:
         return M_OTHER
     for k in range(sc.uri_s, sc.uri_e):
         if p[k] == 63:
@@ -586,10 +376,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
                 k += 1
             if k == vs or k - vs > 10 or (p[vs] == 48 and k - vs > 1) or k >= ve or p[k] != 32:
                 return M_OTHER
-            num = 0
-            for at in range(vs, k):
-                num = num * 10 + (p[at] - 48)
-            if num > 2147483647:
+            if parse_digits(p + vs, k - vs) > MAX_CSEQ:
                 return M_OTHER
             sc.cseq_s, sc.cseq_e = vs, k
             k += 1
@@ -603,11 +390,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
             if seen_mf or ve - vs > 3:
                 return M_OTHER
             seen_mf = True
-            num = 0
-            for k in range(vs, ve):
-                if not 48 <= p[k] <= 57:
-                    return M_OTHER
-                num = num * 10 + (p[k] - 48)
+            num = parse_digits(p + vs, ve - vs)   # -1 when not digits
             if num < 1 or num > 255:
                 return M_OTHER
             sc.mf = <int>num
@@ -615,11 +398,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
             if seen_cl or ve - vs > 6:
                 return M_OTHER
             seen_cl = True
-            num = 0
-            for k in range(vs, ve):
-                if not 48 <= p[k] <= 57:
-                    return M_OTHER
-                num = num * 10 + (p[k] - 48)
+            num = parse_digits(p + vs, ve - vs)   # -1 when not digits
             if num != n - body:
                 return M_OTHER
         elif _name_is(p + ls, ne, "p-asserted-identity", 19):

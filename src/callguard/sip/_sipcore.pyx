@@ -12,38 +12,10 @@ from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcpy
 
 from callguard.errors import SipError
-
-cdef Py_ssize_t MAX_CSEQ = 2147483647
-
-cdef bint TOKEN[256]
-cdef bint HOSTC[256]
-cdef bint SCHEME_START[256]
-cdef bint SCHEME_C[256]
-cdef bint HEXC[256]
-
-
-cdef void _init_tables():
-    cdef int c
-    for c in range(256):
-        TOKEN[c] = False
-        HOSTC[c] = False
-        SCHEME_START[c] = False
-        SCHEME_C[c] = False
-        HEXC[c] = False
-    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~":
-        TOKEN[c] = True
-    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._":
-        HOSTC[c] = True
-    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
-        SCHEME_START[c] = True
-        SCHEME_C[c] = True
-    for c in b"0123456789+-.":
-        SCHEME_C[c] = True
-    for c in b"0123456789abcdefABCDEF:.":
-        HEXC[c] = True
-
-
-_init_tables()
+from callguard.sip._sipscan cimport (
+    MAX_CSEQ, TOKEN, bad_request_uri_char, check_request_uri, check_via, is_ws, next_comma, parse_addr,
+    parse_digits, skip_ws,
+)
 
 COMPACT_FORMS = {
     "a": "accept-contact", "b": "referred-by", "c": "content-type", "d": "request-disposition",
@@ -68,10 +40,6 @@ cdef str H_CONTACT = "contact"
 cdef dict NAME_CACHE = {}
 
 
-cdef inline bint is_ws(unsigned char c) noexcept nogil:
-    return c == 32 or c == 9
-
-
 cdef inline str _dec(const unsigned char* s, Py_ssize_t n):
     return PyUnicode_DecodeUTF8(<const char*>s, n, "surrogateescape")
 
@@ -85,259 +53,6 @@ cdef str canonical_name_c(str name):
 
 cdef object _bad(str detail):
     return SipError(400, "Bad Request", detail)
-
-
-cdef inline Py_ssize_t skip_ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (s[i] == 32 or s[i] == 9):
-        i += 1
-    return i
-
-
-cdef inline Py_ssize_t token_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and TOKEN[s[i]]:
-        i += 1
-    return i
-
-
-cdef Py_ssize_t quoted_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    """Index after the closing quote of the quoted string at s[i] == '"', or -1."""
-    i += 1
-    while i < n:
-        if s[i] == 92:  # backslash: quoted-pair
-            i += 2
-            continue
-        if s[i] == 34:
-            return i + 1
-        i += 1
-    return -1
-
-
-cdef Py_ssize_t next_comma(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    """Index of the next comma outside quotes and <>, n at the end, -1 when unbalanced."""
-    cdef const unsigned char* p
-    while i < n:
-        if s[i] == 34:
-            i = quoted_end(s, i, n)
-            if i < 0:
-                return -1
-            continue
-        if s[i] == 60:
-            p = <const unsigned char*>memchr(s + i + 1, 62, n - i - 1) if i + 1 < n else NULL
-            if p == NULL:
-                return -1
-            i = (p - s) + 1
-            continue
-        if s[i] == 44:
-            return i
-        i += 1
-    return n
-
-
-cdef int check_uri(const unsigned char* s, Py_ssize_t n, bint bare) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef unsigned char c
-    if n == 0 or not SCHEME_START[s[0]]:
-        return -1
-    i = 1
-    while i < n and SCHEME_C[s[i]]:
-        i += 1
-    if i >= n - 1 or s[i] != 58:
-        return -1
-    for i in range(n):
-        c = s[i]
-        if c <= 32 or c == 60 or c == 62 or c == 34 or c == 127:
-            return -1
-        if bare and (c == 63 or c == 44):
-            return -1
-    return 0
-
-
-cdef int parse_params(const unsigned char* s, Py_ssize_t i, Py_ssize_t n,
-                      Py_ssize_t* tag_s, Py_ssize_t* tag_e) noexcept nogil:
-    """*( SEMI generic-param ); records the first 'tag' value (tag_s stays -1 without one)."""
-    cdef Py_ssize_t j, name_s, name_e, vs, ve
-    cdef const unsigned char* p
-    while True:
-        i = skip_ws(s, i, n)
-        if i >= n:
-            return 0
-        if s[i] != 59:
-            return -1
-        i = skip_ws(s, i + 1, n)
-        j = token_end(s, i, n)
-        if j == i:
-            return -1
-        name_s = i
-        name_e = j
-        i = skip_ws(s, j, n)
-        vs = -1
-        ve = -1
-        if i < n and s[i] == 61:
-            i = skip_ws(s, i + 1, n)
-            if i < n and s[i] == 34:
-                j = quoted_end(s, i, n)
-                if j < 0:
-                    return -1
-            elif i < n and s[i] == 91:
-                p = <const unsigned char*>memchr(s + i, 93, n - i)
-                if p == NULL:
-                    return -1
-                j = (p - s) + 1
-            else:
-                j = i
-                while j < n and (TOKEN[s[j]] or s[j] == 58):
-                    j += 1
-                if j == i:
-                    return -1
-            vs = i
-            ve = j
-            i = j
-        if tag_s != NULL and tag_s[0] == -2 and name_e - name_s == 3 and (s[name_s] | 32) == 116 \
-                and (s[name_s + 1] | 32) == 97 and (s[name_s + 2] | 32) == 103:
-            # first 'tag' parameter; a valueless one counts as present without a value
-            tag_s[0] = vs
-            tag_e[0] = ve
-
-
-cdef int parse_addr(const unsigned char* s, Py_ssize_t n, Py_ssize_t* tag_s, Py_ssize_t* tag_e) noexcept nogil:
-    """name-addr / addr-spec *(SEMI param): 0 or -1."""
-    cdef Py_ssize_t i, j, k, angle = -1
-    cdef const unsigned char* p
-    i = skip_ws(s, 0, n)
-    if i >= n:
-        return -1
-    if s[i] == 34:
-        j = quoted_end(s, i, n)
-        if j < 0:
-            return -1
-        i = skip_ws(s, j, n)
-        if i >= n or s[i] != 60:
-            return -1
-        angle = i
-    else:
-        j = i
-        while j < n and (TOKEN[s[j]] or is_ws(s[j])):
-            j += 1
-        if j < n and s[j] == 60:
-            angle = j
-        elif j < n and s[j] == 58 and j > i and not is_ws(s[j - 1]):
-            for k in range(i, j):
-                if is_ws(s[k]):
-                    return -1
-        else:
-            return -1
-    if angle >= 0:
-        p = <const unsigned char*>memchr(s + angle + 1, 62, n - angle - 1) if angle + 1 < n else NULL
-        if p == NULL:
-            return -1
-        k = p - s
-        if check_uri(s + angle + 1, k - angle - 1, False) < 0:
-            return -1
-        i = k + 1
-    else:
-        j = i
-        while j < n and s[j] != 59 and not is_ws(s[j]):
-            j += 1
-        if check_uri(s + i, j - i, True) < 0:
-            return -1
-        i = j
-    return parse_params(s, i, n, tag_s, tag_e)
-
-
-cdef int check_via(const unsigned char* s, Py_ssize_t n) noexcept nogil:
-    """One Via value (see message.parse_via): 0 or -1."""
-    cdef Py_ssize_t i, j, k
-    cdef Py_ssize_t ps[3]
-    cdef Py_ssize_t pe[3]
-    cdef const unsigned char* p
-    cdef long port
-    i = skip_ws(s, 0, n)
-    for k in range(3):
-        j = token_end(s, i, n)
-        if j == i:
-            return -1
-        ps[k] = i
-        pe[k] = j
-        i = skip_ws(s, j, n)
-        if k < 2:
-            if i >= n or s[i] != 47:
-                return -1
-            i = skip_ws(s, i + 1, n)
-    if pe[0] - ps[0] != 3 or (s[ps[0]] | 32) != 115 or (s[ps[0] + 1] | 32) != 105 or (s[ps[0] + 2] | 32) != 112:
-        return -1
-    if pe[1] - ps[1] != 3 or s[ps[1]] != 50 or s[ps[1] + 1] != 46 or s[ps[1] + 2] != 48:
-        return -1
-    if i == 0 or i >= n or not is_ws(s[i - 1]):
-        return -1
-    if s[i] == 91:
-        p = <const unsigned char*>memchr(s + i, 93, n - i)
-        if p == NULL:
-            return -1
-        j = p - s
-        if j == i + 1:
-            return -1
-        for k in range(i + 1, j):
-            if not HEXC[s[k]]:
-                return -1
-        j += 1
-    else:
-        j = i
-        while j < n and HOSTC[s[j]]:
-            j += 1
-        if j == i:
-            return -1
-    i = skip_ws(s, j, n)
-    if i < n and s[i] == 58:
-        i = skip_ws(s, i + 1, n)
-        j = i
-        port = 0
-        while j < n and 48 <= s[j] <= 57:
-            if j - i < 6:
-                port = port * 10 + (s[j] - 48)
-            j += 1
-        if j == i or j - i > 5 or port > 65535:
-            return -1
-        i = j
-    return parse_params(s, i, n, NULL, NULL)
-
-
-cdef int check_request_uri(const unsigned char* s, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i, at, h
-    if not SCHEME_START[s[0]]:
-        return -1
-    i = 1
-    while i < n and SCHEME_C[s[i]]:
-        i += 1
-    if i >= n - 1 or s[i] != 58:
-        return -1
-    if (i == 3 or i == 4) and (s[0] | 32) == 115 and (s[1] | 32) == 105 and (s[2] | 32) == 112 \
-            and (i == 3 or (s[3] | 32) == 115):
-        at = n - 1
-        while at > i and s[at] != 64:
-            at -= 1
-        h = at + 1  # host part starts after the last '@', or after the ':' when there is none
-        if h >= n or s[h] == 59 or s[h] == 58:
-            return -1
-        for at in range(h, n):
-            if s[at] == 63:
-                return -1
-    return 0
-
-
-cdef long long parse_digits(const unsigned char* s, Py_ssize_t n) noexcept nogil:
-    """Decimal value of 1*DIGIT; -1 when not digits; 1 << 40 when longer than 10 digits."""
-    cdef long long v = 0
-    cdef Py_ssize_t i
-    if n == 0:
-        return -1
-    for i in range(n):
-        if s[i] < 48 or s[i] > 57:
-            return -1
-    if n > 10:
-        return 1LL << 40
-    for i in range(n):
-        v = v * 10 + (s[i] - 48)
-    return v
 
 
 cdef class SipMessage:
@@ -533,7 +248,7 @@ cdef SipMessage _parse(bytes b, const unsigned char* p, Py_ssize_t n, Py_ssize_t
                 raise SipError(505, "Version Not Supported", _dec(p + sp2 + 1, le - sp2 - 1))
             raise _bad("malformed SIP version")
         for i in range(sp1 + 1, sp2):
-            if p[i] <= 32 or p[i] >= 127 or p[i] == 60 or p[i] == 62 or p[i] == 34:
+            if bad_request_uri_char(p[i]):
                 raise _bad("invalid character in Request-URI")
         msg.method = PyUnicode_DecodeASCII(<const char*>p + start, sp1 - start, NULL)
         msg.uri = PyUnicode_DecodeASCII(<const char*>p + sp1 + 1, sp2 - sp1 - 1, NULL)
@@ -611,13 +326,44 @@ cdef str _name_of(const unsigned char* s, Py_ssize_t n):
     return name
 
 
+cdef int _check_list(const unsigned char* v, Py_ssize_t vn, list vias) except -1:
+    """Checks each comma-separated element of a Via value (``vias``: appended there) or,
+    with ``vias`` None, of a Contact value."""
+    cdef Py_ssize_t i = 0, c, a, z
+    while True:
+        c = next_comma(v, i, vn)
+        if c < 0:
+            raise _bad("unterminated quote or <")
+        a = skip_ws(v, i, c)
+        z = c
+        while z > a and is_ws(v[z - 1]):
+            z -= 1
+        if vias is not None:
+            if check_via(v + a, z - a) < 0:
+                raise _bad("malformed Via")
+            vias.append(_dec(v + a, z - a))
+        elif parse_addr(v + a, z - a, NULL, NULL) < 0:
+            raise _bad("malformed Contact")
+        if c >= vn:
+            return 0
+        i = c + 1
+
+
+cdef object _tag_of(bytes value, str problem):
+    """The tag of a From or To value, None without one; SipError(400, problem) when malformed."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t tag_s = -2, tag_e = -2
+    if parse_addr(s, PyBytes_GET_SIZE(value), &tag_s, &tag_e) < 0:
+        raise _bad(problem)
+    return _dec(s + tag_s, tag_e - tag_s) if tag_s >= 0 else None
+
+
 cdef void _fill(SipMessage msg, const unsigned char* p, Py_ssize_t bs, Py_ssize_t be) except *:
     cdef _Lines it = _lines(p, bs, be)
     cdef const unsigned char* s
     cdef const unsigned char* v
     cdef const unsigned char* q
-    cdef Py_ssize_t n, colon, ne, vs, ve, vn, i, c, a, z
-    cdef Py_ssize_t tag_s, tag_e
+    cdef Py_ssize_t n, colon, ne, vs, ve, vn, i, c, a
     cdef long long num
     cdef list headers = []
     cdef list vias = []
@@ -653,37 +399,10 @@ cdef void _fill(SipMessage msg, const unsigned char* p, Py_ssize_t bs, Py_ssize_
         value = _dec(v, vn)
         headers.append((name, value))
         if name == H_VIA:
-            i = 0
-            while True:
-                c = next_comma(v, i, vn)
-                if c < 0:
-                    raise _bad("unterminated quote or <")
-                a = skip_ws(v, i, c)
-                z = c
-                while z > a and is_ws(v[z - 1]):
-                    z -= 1
-                if check_via(v + a, z - a) < 0:
-                    raise _bad("malformed Via")
-                vias.append(_dec(v + a, z - a))
-                if c >= vn:
-                    break
-                i = c + 1
+            _check_list(v, vn, vias)
         elif name == H_CONTACT:
             if not (vn == 1 and v[0] == 42):
-                i = 0
-                while True:
-                    c = next_comma(v, i, vn)
-                    if c < 0:
-                        raise _bad("unterminated quote or <")
-                    a = skip_ws(v, i, c)
-                    z = c
-                    while z > a and is_ws(v[z - 1]):
-                        z -= 1
-                    if parse_addr(v + a, z - a, NULL, NULL) < 0:
-                        raise _bad("malformed Contact")
-                    if c >= vn:
-                        break
-                    i = c + 1
+                _check_list(v, vn, None)
         elif name == H_FROM or name == H_TO or name == H_CALLID or name == H_CSEQ or name == H_MF \
                 or name == H_CL:
             raw = PyBytes_FromStringAndSize(<const char*>v, vn)
@@ -721,18 +440,8 @@ cdef void _fill(SipMessage msg, const unsigned char* p, Py_ssize_t bs, Py_ssize_
     msg.headers = headers
     msg.vias = vias
 
-    tag_s = -2
-    tag_e = -2
-    if parse_addr(<const unsigned char*>PyBytes_AS_STRING(fv), PyBytes_GET_SIZE(fv), &tag_s, &tag_e) < 0:
-        raise _bad("malformed From")
-    msg.from_tag = _dec(<const unsigned char*>PyBytes_AS_STRING(fv) + tag_s, tag_e - tag_s) if tag_s >= 0 \
-        else None
-    tag_s = -2
-    tag_e = -2
-    if parse_addr(<const unsigned char*>PyBytes_AS_STRING(tv), PyBytes_GET_SIZE(tv), &tag_s, &tag_e) < 0:
-        raise _bad("malformed To")
-    msg.to_tag = _dec(<const unsigned char*>PyBytes_AS_STRING(tv) + tag_s, tag_e - tag_s) if tag_s >= 0 \
-        else None
+    msg.from_tag = _tag_of(fv, "malformed From")
+    msg.to_tag = _tag_of(tv, "malformed To")
 
     s = <const unsigned char*>PyBytes_AS_STRING(cidv)
     n = PyBytes_GET_SIZE(cidv)
