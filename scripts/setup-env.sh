@@ -15,5 +15,5 @@ if ! command -v sipp >/dev/null || ! command -v kamailio >/dev/null \
     strace iproute2 util-linux
 fi
 python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q --upgrade pip "setuptools>=77"
 .venv/bin/pip install -q ".[${extras}]"
