@@ -24,11 +24,12 @@ rules); the proxy drains them once per batch into records, metrics and logs.
 
 The syntax checks are those of ``_sipcore`` (the parser's Cython twin): both modules take
 them from ``_sipscan.pxd``, so that nothing the fast path accepts could be refused by the parser.
+The recvmmsg/sendmmsg loops are those of ``_sipcore.UdpBatch``, shared the same way through ``_udpio.pxd``.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EINTR, errno
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy, memset, strlen
 
@@ -36,11 +37,12 @@ from callguard._core cimport Core, Decision, Num
 from callguard.sip._sipscan cimport (
     MAX_CSEQ, TOKEN, bad_request_uri_char, check_request_uri, check_via, is_ws, parse_addr, parse_digits, skip_ws,
 )
+from callguard.sip._udpio cimport (
+    AF_INET, AF_INET6, MSG_DONTWAIT, alloc_vectors, batch_family, free_vectors, inet_ntop, iovec, is_keepalive, mmsghdr,
+    ntohl, ntohs, recv_batch, send_batch, sendmmsg, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
+)
 
 import hashlib
-
-cdef extern from "<errno.h>" nogil:
-    int EWOULDBLOCK
 
 cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
@@ -53,86 +55,6 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk, timespec* ts)
     int CLOCK_REALTIME
     int CLOCK_MONOTONIC
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    ctypedef unsigned short sa_family_t
-    struct sockaddr:
-        sa_family_t sa_family
-    struct sockaddr_storage:
-        sa_family_t ss_family
-    struct iovec:
-        void* iov_base
-        size_t iov_len
-    struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    int recvmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags, void* timeout)
-    int sendmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags)
-    int getsockname(int fd, sockaddr* addr, socklen_t* len)
-    int AF_INET
-    int AF_INET6
-    int MSG_DONTWAIT
-
-cdef extern from "<netinet/in.h>" nogil:
-    struct in_addr:
-        unsigned int s_addr
-    struct in6_addr:
-        unsigned char s6_addr[16]
-    struct sockaddr_in:
-        sa_family_t sin_family
-        unsigned short sin_port
-        in_addr sin_addr
-    struct sockaddr_in6:
-        sa_family_t sin6_family
-        unsigned short sin6_port
-        unsigned int sin6_flowinfo
-        in6_addr sin6_addr
-        unsigned int sin6_scope_id
-    unsigned short ntohs(unsigned short)
-    unsigned int ntohl(unsigned int)
-
-cdef extern from "<arpa/inet.h>" nogil:
-    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
-    int inet_pton(int af, const char* src, void* dst)
-    unsigned short htons(unsigned short)
-    unsigned int htonl(unsigned int)
-
-
-cdef int _fill_addr(int family, object addr, sockaddr_storage* ss, socklen_t* length) except -1:
-    cdef sockaddr_in* a4
-    cdef sockaddr_in6* a6
-    host = addr[0].encode("ascii")
-    port = int(addr[1])
-    if not 0 <= port <= 65535:
-        raise ValueError(f"bad port {port}")
-    memset(ss, 0, sizeof(sockaddr_storage))
-    if family == AF_INET:
-        a4 = <sockaddr_in*>ss
-        a4.sin_family = AF_INET
-        a4.sin_port = htons(port)
-        if inet_pton(AF_INET, host, &a4.sin_addr) != 1:
-            raise ValueError(f"not an IPv4 address: {addr[0]!r}")
-        length[0] = sizeof(sockaddr_in)
-    else:
-        a6 = <sockaddr_in6*>ss
-        a6.sin6_family = AF_INET6
-        a6.sin6_port = htons(port)
-        if inet_pton(AF_INET6, host, &a6.sin6_addr) != 1:
-            raise ValueError(f"not an IPv6 address: {addr[0]!r}")
-        if len(addr) >= 4:
-            a6.sin6_flowinfo = htonl(int(addr[2]))
-            a6.sin6_scope_id = int(addr[3])
-        length[0] = sizeof(sockaddr_in6)
-    return 0
 
 
 # ---------------------------------------------------------------- character classes of the fast path only
@@ -509,28 +431,14 @@ cdef class FastPath:
     cdef readonly unsigned long long dropped_keepalives
 
     def __cinit__(self, int fd, unsigned int capacity=64, size_t bufsize=65535):
-        cdef sockaddr_storage ss
-        cdef socklen_t length = sizeof(ss)
-        if capacity == 0 or bufsize == 0:
-            raise ValueError("capacity and bufsize must be positive")
-        if getsockname(fd, <sockaddr*>&ss, &length) != 0:
-            import os
-            raise OSError(errno, os.strerror(errno))
-        if ss.ss_family != AF_INET and ss.ss_family != AF_INET6:
-            raise ValueError("not an IPv4 or IPv6 socket")
+        self.family = batch_family(fd, capacity, bufsize)
         self.fd = fd
-        self.family = ss.ss_family
         self.capacity = capacity
         self.bufsize = bufsize
         self.bufs = <char*>malloc(capacity * bufsize)
-        self.msgs = <mmsghdr*>malloc(capacity * sizeof(mmsghdr))
-        self.iovs = <iovec*>malloc(capacity * sizeof(iovec))
-        self.addrs = <sockaddr_storage*>malloc(capacity * sizeof(sockaddr_storage))
-        self.smsgs = <mmsghdr*>malloc(capacity * sizeof(mmsghdr))
-        self.siovs = <iovec*>malloc(capacity * sizeof(iovec))
-        self.saddrs = <sockaddr_storage*>malloc(capacity * sizeof(sockaddr_storage))
-        if self.bufs == NULL or self.msgs == NULL or self.iovs == NULL or self.addrs == NULL \
-                or self.smsgs == NULL or self.siovs == NULL or self.saddrs == NULL:
+        alloc_vectors(capacity, &self.msgs, &self.iovs, &self.addrs)
+        alloc_vectors(capacity, &self.smsgs, &self.siovs, &self.saddrs)
+        if self.bufs == NULL:
             raise MemoryError()
         self.sdata = []
         self.nsend = 0
@@ -541,12 +449,8 @@ cdef class FastPath:
 
     def __dealloc__(self):
         free(self.bufs)
-        free(self.msgs)
-        free(self.iovs)
-        free(self.addrs)
-        free(self.smsgs)
-        free(self.siovs)
-        free(self.saddrs)
+        free_vectors(self.msgs, self.iovs, self.addrs)
+        free_vectors(self.smsgs, self.siovs, self.saddrs)
 
     @property
     def fileno(self) -> int:
@@ -609,42 +513,9 @@ cdef class FastPath:
 
     def send_many(self, list items):
         """Send ``[(data, addr), ...]`` (the proxy's own sends); returns how many left (as UdpBatch.send_many)."""
-        cdef Py_ssize_t total = len(items), done = 0, chunk, i
-        cdef int sent
-        cdef list keep
         if self.nsend:
             raise RuntimeError("flush() the fast path's answers first")
-        while done < total:
-            chunk = total - done
-            if chunk > self.capacity:
-                chunk = self.capacity
-            keep = []
-            for i in range(chunk):
-                data, addr = items[done + i]
-                if type(data) is not bytes:
-                    data = bytes(data)
-                keep.append(data)
-                memset(&self.smsgs[i], 0, sizeof(mmsghdr))
-                self.siovs[i].iov_base = <void*>PyBytes_AS_STRING(data)
-                self.siovs[i].iov_len = PyBytes_GET_SIZE(data)
-                _fill_addr(self.family, addr, &self.saddrs[i], &self.smsgs[i].msg_hdr.msg_namelen)
-                self.smsgs[i].msg_hdr.msg_name = &self.saddrs[i]
-                self.smsgs[i].msg_hdr.msg_iov = &self.siovs[i]
-                self.smsgs[i].msg_hdr.msg_iovlen = 1
-            while True:
-                with nogil:
-                    sent = sendmmsg(self.fd, self.smsgs, <unsigned int>chunk, MSG_DONTWAIT)
-                if sent >= 0 or errno != EINTR:
-                    break
-            if sent < 0:
-                if errno == EAGAIN or errno == EWOULDBLOCK:
-                    return done
-                import os
-                raise OSError(errno, os.strerror(errno))
-            done += sent
-            if sent < chunk:
-                return done
-        return done
+        return send_batch(self.fd, self.family, items, self.capacity, self.smsgs, self.siovs, self.saddrs)
 
     def flush(self):
         """Send the queued responses; returns those the socket did not take, as ``[(data, addr)]``."""
@@ -687,33 +558,12 @@ cdef class FastPath:
         cdef bint fast = self.enabled
         cdef socklen_t alen
         handler = proxy.handle
-        for i in range(count):
-            self.iovs[i].iov_base = self.bufs + i * self.bufsize
-            self.iovs[i].iov_len = self.bufsize
-            memset(&self.msgs[i], 0, sizeof(mmsghdr))
-            self.msgs[i].msg_hdr.msg_iov = &self.iovs[i]
-            self.msgs[i].msg_hdr.msg_iovlen = 1
-            self.msgs[i].msg_hdr.msg_name = &self.addrs[i]
-            self.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
-        while True:
-            with nogil:
-                got = recvmmsg(self.fd, self.msgs, count, MSG_DONTWAIT, NULL)
-            if got >= 0:
-                break
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN or errno == EWOULDBLOCK:
-                return 0
-            import os
-            raise OSError(errno, os.strerror(errno))
+        got = recv_batch(self.fd, self.msgs, self.iovs, self.addrs, self.bufs, self.bufsize, count)
         for i in range(<unsigned int>got):
             length = self.msgs[i].msg_len
             alen = self.msgs[i].msg_hdr.msg_namelen
             p = <const unsigned char*>(self.bufs + i * self.bufsize)
-            k = 0
-            while k < length and (p[k] == 13 or p[k] == 10):
-                k += 1
-            if k == length:
+            if is_keepalive(p, length):
                 self.dropped_keepalives += 1
                 continue
             method = scan(p, length, &sc) if fast and length <= self.max_size else M_OTHER

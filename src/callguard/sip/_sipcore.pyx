@@ -565,65 +565,15 @@ cdef bint _ieq(const unsigned char* s, const char* lower, Py_ssize_t n) noexcept
 
 
 # --------------------------------------------------------------------------- batched UDP I/O
+# (the socket declarations and the recvmmsg/sendmmsg loops come from _udpio, shared with the fast path)
 
-from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset, strlen
+from libc.string cimport strlen
 
-cdef extern from "<errno.h>" nogil:
-    int EWOULDBLOCK
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    ctypedef unsigned short sa_family_t
-    struct sockaddr:
-        sa_family_t sa_family
-    struct sockaddr_storage:
-        sa_family_t ss_family
-    struct iovec:
-        void* iov_base
-        size_t iov_len
-    struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    int recvmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags, void* timeout)
-    int sendmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags)
-    int getsockname(int fd, sockaddr* addr, socklen_t* len)
-    int AF_INET
-    int AF_INET6
-    int MSG_DONTWAIT
-
-cdef extern from "<netinet/in.h>" nogil:
-    struct in_addr:
-        unsigned int s_addr
-    struct in6_addr:
-        unsigned char s6_addr[16]
-    struct sockaddr_in:
-        sa_family_t sin_family
-        unsigned short sin_port
-        in_addr sin_addr
-    struct sockaddr_in6:
-        sa_family_t sin6_family
-        unsigned short sin6_port
-        unsigned int sin6_flowinfo
-        in6_addr sin6_addr
-        unsigned int sin6_scope_id
-    unsigned short ntohs(unsigned short)
-    unsigned short htons(unsigned short)
-    unsigned int ntohl(unsigned int)
-    unsigned int htonl(unsigned int)
-
-cdef extern from "<arpa/inet.h>" nogil:
-    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
-    int inet_pton(int af, const char* src, void* dst)
+from callguard.sip._udpio cimport (
+    AF_INET, AF_INET6, alloc_vectors, batch_family, free_vectors, inet_ntop, iovec, is_keepalive, mmsghdr, ntohl, ntohs,
+    recv_batch, send_batch, sockaddr_in, sockaddr_in6, sockaddr_storage,
+)
 
 
 cdef object _addr_tuple(sockaddr_storage* ss):
@@ -640,34 +590,6 @@ cdef object _addr_tuple(sockaddr_storage* ss):
         return (host[:strlen(host)].decode("ascii"), ntohs(a6.sin6_port), ntohl(a6.sin6_flowinfo),
                 a6.sin6_scope_id)
     return ("", 0)
-
-
-cdef int _fill_addr(int family, object addr, sockaddr_storage* ss, socklen_t* length) except -1:
-    cdef sockaddr_in* a4
-    cdef sockaddr_in6* a6
-    host = addr[0].encode("ascii")
-    port = int(addr[1])
-    if not 0 <= port <= 65535:
-        raise ValueError(f"bad port {port}")
-    memset(ss, 0, sizeof(sockaddr_storage))
-    if family == AF_INET:
-        a4 = <sockaddr_in*>ss
-        a4.sin_family = AF_INET
-        a4.sin_port = htons(port)
-        if inet_pton(AF_INET, host, &a4.sin_addr) != 1:
-            raise ValueError(f"not an IPv4 address: {addr[0]!r}")
-        length[0] = sizeof(sockaddr_in)
-    else:
-        a6 = <sockaddr_in6*>ss
-        a6.sin6_family = AF_INET6
-        a6.sin6_port = htons(port)
-        if inet_pton(AF_INET6, host, &a6.sin6_addr) != 1:
-            raise ValueError(f"not an IPv6 address: {addr[0]!r}")
-        if len(addr) >= 4:
-            a6.sin6_flowinfo = htonl(int(addr[2]))
-            a6.sin6_scope_id = int(addr[3])
-        length[0] = sizeof(sockaddr_in6)
-    return 0
 
 
 cdef class UdpBatch:
@@ -691,31 +613,18 @@ cdef class UdpBatch:
     cdef readonly unsigned long long dropped_keepalives
 
     def __cinit__(self, int fd, unsigned int capacity=64, size_t bufsize=65535):
-        cdef sockaddr_storage ss
-        cdef socklen_t length = sizeof(ss)
-        if capacity == 0 or bufsize == 0:
-            raise ValueError("capacity and bufsize must be positive")
-        if getsockname(fd, <sockaddr*>&ss, &length) != 0:
-            import os
-            raise OSError(errno, os.strerror(errno))
-        if ss.ss_family != AF_INET and ss.ss_family != AF_INET6:
-            raise ValueError("not an IPv4 or IPv6 socket")
+        self.family = batch_family(fd, capacity, bufsize)
         self.fd = fd
-        self.family = ss.ss_family
         self.capacity = capacity
         self.bufsize = bufsize
         self.bufs = <char*>malloc(capacity * bufsize)
-        self.msgs = <mmsghdr*>malloc(capacity * sizeof(mmsghdr))
-        self.iovs = <iovec*>malloc(capacity * sizeof(iovec))
-        self.addrs = <sockaddr_storage*>malloc(capacity * sizeof(sockaddr_storage))
-        if self.bufs == NULL or self.msgs == NULL or self.iovs == NULL or self.addrs == NULL:
+        alloc_vectors(capacity, &self.msgs, &self.iovs, &self.addrs)
+        if self.bufs == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
         free(self.bufs)
-        free(self.msgs)
-        free(self.iovs)
-        free(self.addrs)
+        free_vectors(self.msgs, self.iovs, self.addrs)
 
     @property
     def fileno(self) -> int:
@@ -726,37 +635,16 @@ cdef class UdpBatch:
         """Up to ``max_batch`` datagrams waiting on the socket, [] when none; raises OSError."""
         cdef unsigned int i, count = max_batch if max_batch < self.capacity else self.capacity
         cdef int got
-        cdef unsigned int k, length
+        cdef unsigned int length
         cdef const unsigned char* p
         cdef list out = []
         if count == 0:
             return out
-        for i in range(count):
-            self.iovs[i].iov_base = self.bufs + i * self.bufsize
-            self.iovs[i].iov_len = self.bufsize
-            memset(&self.msgs[i], 0, sizeof(mmsghdr))
-            self.msgs[i].msg_hdr.msg_iov = &self.iovs[i]
-            self.msgs[i].msg_hdr.msg_iovlen = 1
-            self.msgs[i].msg_hdr.msg_name = &self.addrs[i]
-            self.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
-        while True:
-            with nogil:
-                got = recvmmsg(self.fd, self.msgs, count, MSG_DONTWAIT, NULL)
-            if got >= 0:
-                break
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN or errno == EWOULDBLOCK:
-                return out
-            import os
-            raise OSError(errno, os.strerror(errno))
+        got = recv_batch(self.fd, self.msgs, self.iovs, self.addrs, self.bufs, self.bufsize, count)
         for i in range(<unsigned int>got):
             length = self.msgs[i].msg_len
             p = <const unsigned char*>(self.bufs + i * self.bufsize)
-            k = 0
-            while k < length and (p[k] == 13 or p[k] == 10):
-                k += 1
-            if k == length:
+            if is_keepalive(p, length):
                 self.dropped_keepalives += 1
                 continue
             out.append((PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i])))
@@ -769,37 +657,4 @@ cdef class UdpBatch:
         full (EAGAIN); the caller decides whether to retry the rest.  Raises
         ValueError for a bad address, OSError for other failures.
         """
-        cdef Py_ssize_t total = len(items), done = 0, chunk, i
-        cdef int sent
-        cdef list keep
-        while done < total:
-            chunk = total - done
-            if chunk > self.capacity:
-                chunk = self.capacity
-            keep = []
-            for i in range(chunk):
-                data, addr = items[done + i]
-                if type(data) is not bytes:
-                    data = bytes(data)
-                keep.append(data)
-                memset(&self.msgs[i], 0, sizeof(mmsghdr))
-                self.iovs[i].iov_base = <void*>PyBytes_AS_STRING(data)
-                self.iovs[i].iov_len = PyBytes_GET_SIZE(data)
-                _fill_addr(self.family, addr, &self.addrs[i], &self.msgs[i].msg_hdr.msg_namelen)
-                self.msgs[i].msg_hdr.msg_name = &self.addrs[i]
-                self.msgs[i].msg_hdr.msg_iov = &self.iovs[i]
-                self.msgs[i].msg_hdr.msg_iovlen = 1
-            while True:
-                with nogil:
-                    sent = sendmmsg(self.fd, self.msgs, <unsigned int>chunk, MSG_DONTWAIT)
-                if sent >= 0 or errno != EINTR:
-                    break
-            if sent < 0:
-                if errno == EAGAIN or errno == EWOULDBLOCK:
-                    return done
-                import os
-                raise OSError(errno, os.strerror(errno))
-            done += sent
-            if sent < chunk:
-                return done
-        return done
+        return send_batch(self.fd, self.family, items, self.capacity, self.msgs, self.iovs, self.addrs)
