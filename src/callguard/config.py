@@ -321,9 +321,6 @@ class Config:
     metrics: MetricsSettings = opt(MetricsSettings(), "metrics")
     source_file: str = field(default="", metadata={"internal": True})
 
-    def rule(self, rule_id: str) -> RuleSettings:
-        return self.rules[rule_id]
-
     def resolve(self, path: str) -> str:
         """Resolve a path from the config against the config file's folder."""
         if not path:
@@ -424,8 +421,6 @@ def _finish(cfg: Config, file: str) -> Config:
         raise ConfigError(file, "rate_limits", "names must be unique")
     if not cfg.trunks:
         raise ConfigError(file, "trunks", "at least one trunk is needed")
-    if sum(1 for t in cfg.trunks if not t.prefixes) > 1:
-        pass  # several default trunks: failover order is list order
     src_names = [s.name for s in cfg.sources]
     if len(set(src_names)) != len(src_names):
         raise ConfigError(file, "sources", "source names must be unique")
