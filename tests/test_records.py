@@ -135,13 +135,15 @@ def test_wal_mode_and_schema(store: RecordStore, tmp_path: Path) -> None:
     assert store.pragma("journal_mode") == "wal"
     assert store.pragma("synchronous") == 1       # NORMAL
     assert Path(store.path + "-wal").exists()
-    # Another process's view (the records command while the proxy runs): same file, WAL, schema v1.
+    # Another process's view (the records command while the proxy runs): same file, WAL, schema v2.
     conn = sqlite3.connect(store.path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
-        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"records_caller_time", "records_callee_time", "records_rule_time", "records_call_id"} <= indexes
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                              "AND tbl_name = 'records'")}
+        # The decision table is insert-only: no Call-ID index, outcomes live in their own table.
+        assert indexes == {"records_caller_time", "records_callee_time", "records_time"}
         assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 1
     finally:
         conn.close()
@@ -219,6 +221,105 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(CallguardError, match="newer"):
         RecordStore(path)
+
+
+# Version 1 as released: outcomes updated into the records row, five indexes.
+_V1_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version VALUES (1);
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, call_id TEXT NOT NULL DEFAULT '', source TEXT NOT NULL DEFAULT '',
+    caller TEXT NOT NULL DEFAULT '', callee TEXT NOT NULL DEFAULT '', rule TEXT NOT NULL DEFAULT '',
+    verdict TEXT NOT NULL DEFAULT '', code INTEGER NOT NULL DEFAULT 0, score REAL NOT NULL DEFAULT 0,
+    latency_us REAL NOT NULL DEFAULT 0, final_code INTEGER, answered_at REAL, ended_at REAL);
+CREATE INDEX records_caller_time ON records (caller, time);
+CREATE INDEX records_callee_time ON records (callee, time);
+CREATE INDEX records_rule_time ON records (rule, time);
+CREATE INDEX records_call_id ON records (call_id);
+CREATE INDEX records_time ON records (time);
+"""
+
+
+@pytest.mark.parametrize("version_row", [True, False])
+def test_version_1_file_is_migrated(tmp_path: Path, version_row: bool) -> None:
+    path = str(tmp_path / "v1.sqlite3")
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA)
+    if not version_row:
+        # Version 1 created its tables before storing its version: a stop in between left this.
+        conn.execute("DELETE FROM schema_version")
+    ins = ("INSERT INTO records (time, call_id, caller, callee, rule, verdict, code, final_code, answered_at, "
+           "ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    # x: two records of one Call-ID; the earlier one also got an outcome before the second arrived.
+    conn.executemany(ins, [
+        (T0, "x", "13800000001", "0215", "allow", "allow", 0, 200, T0 + 1, T0 + 9),
+        (T0 + 1, "y", "13800000002", "0215", "banned", "reject", 403, None, None, None),
+        (T0 + 2, "x", "13800000001", "0215", "allow", "allow", 0, 200, None, T0 + 9),
+        (T0 + 3, "z", "13800000003", "0215", "allow", "allow", 0, 486, None, None),
+    ])
+    conn.commit()
+    conn.close()
+    with RecordStore(path) as s:
+        rows = [(r["call_id"], r["final_code"], r["answered_at"], r["ended_at"]) for r in s.query(limit=0)]
+        assert rows == [("z", 486, None, None), ("x", 200, None, T0 + 9), ("y", None, None, None),
+                        ("x", 200, T0 + 1, T0 + 9)]
+        assert s.query(rule="banned")[0]["code"] == 403
+        s.outcome("y", 487)
+        s.flush()
+        assert s.query(caller="13800000002")[0]["final_code"] == 487
+        assert s.pragma("journal_mode") == "wal"
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert "final_code" not in {r[1] for r in conn.execute("PRAGMA table_info(records)")}
+    finally:
+        conn.close()
+
+
+def test_outcome_applies_to_earlier_records_only(store: RecordStore) -> None:
+    store.add({"time": T0, "call_id": "same", "caller": "13800000001", "rule": "allow"})
+    store.flush()
+    store.outcome("same", 486)
+    store.flush()
+    # A later decision on the same Call-ID starts without an outcome (as the former UPDATE left it).
+    store.add({"time": T0 + 1, "call_id": "same", "caller": "13800000001", "rule": "allow"})
+    store.flush()
+    assert [r["final_code"] for r in store.query(limit=0)] == [None, 486]
+    store.outcome("same", ended_at=T0 + 5)
+    store.flush()
+    assert [(r["final_code"], r["ended_at"]) for r in store.query(limit=0)] == [(None, T0 + 5), (486, T0 + 5)]
+
+
+def test_add_many_none_takes_defaults(store: RecordStore) -> None:
+    store.add_many([(T0, None, None, "13800000001", None, "allow", "allow", None, None, None, ("shadow",)),
+                    (T0 + 1, "c2", "lo", "13800000002", "0215", "banned", "reject", 403, 0.5, 7.0)])
+    store.flush()
+    assert store.dropped == 0 and store.written == 2
+    rows = store.query(limit=0)
+    assert [(r["call_id"], r["source"], r["callee"], r["code"], r["score"]) for r in rows] == [
+        ("c2", "lo", "0215", 403, 0.5), ("", "", "", 0, 0.0)]
+
+
+def test_prune_drops_outcomes_of_pruned_records(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    with RecordStore(path) as s:
+        s.add({"time": T0 - 40 * DAY, "call_id": "old", "caller": "13800000001", "rule": "allow"})
+        s.add({"time": T0, "call_id": "new", "caller": "13800000001", "rule": "allow"})
+        s.flush()
+        s.outcome("old", 200)
+        s.outcome("new", 486)
+        assert s.prune(now=T0) == 1
+        assert [(r["call_id"], r["final_code"]) for r in s.query(limit=0)] == [("new", 486)]
+        # The newest record is pruned too; a later record reusing its id and Call-ID gets no stale outcome.
+        assert s.prune(now=T0 + 40 * DAY) == 1
+        s.add({"time": T0 + 40 * DAY, "call_id": "new", "caller": "13800000001", "rule": "allow"})
+        s.flush()
+        assert [(r["call_id"], r["final_code"]) for r in s.query(limit=0)] == [("new", None)]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT count(*) FROM outcomes").fetchone()[0] == 0
+    finally:
+        conn.close()
 
 
 def test_reader_while_writer_writes(tmp_path: Path) -> None:

@@ -9,6 +9,13 @@ once when it stops — never silently, and never blocking the SIP path.
 
 The database runs in WAL mode (``synchronous=NORMAL``), so ``callguard records`` can read
 while the proxy writes.  Numbers are stored as given (the proxy gives them normalised).
+NORMAL syncs the WAL at checkpoints only: a crash of the process loses nothing committed, a
+power loss may lose the last committed batches but never corrupts the file.
+
+Schema 2 keeps both tables insert-only: decisions in ``records`` (indexed by time, caller+time
+and callee+time), outcomes in ``outcomes`` (by Call-ID), joined when read.  A version 1 file is
+migrated when opened (one transaction; the table is rewritten once, so a large file takes a
+while).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import collections
 import datetime as dt
 import json
+import operator
 import os
 import re
 import sqlite3
@@ -39,7 +47,7 @@ def _log() -> Any:
     return get_logger("callguard.records")
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIN_RETENTION_DAYS = 30
 PRUNE_EVERY = 3600.0        # seconds between the writer's own pruning runs
 PRUNE_CHUNK = 20_000        # rows per DELETE, so a big prune never holds the write lock for long
@@ -51,6 +59,46 @@ RECORD_FIELDS: tuple[str, ...] = ("time", "call_id", "source", "caller", "callee
 #: Columns filled in later by :meth:`RecordStore.outcome`.
 OUTCOME_FIELDS: tuple[str, ...] = ("final_code", "answered_at", "ended_at")
 COLUMNS: tuple[str, ...] = RECORD_FIELDS + OUTCOME_FIELDS
+
+# Schema 2: the decision table is insert-only.  Outcomes go to their own insert-only table and
+# are joined at query time, so the hot table needs no Call-ID index (a random-order key that cost
+# a page read-modify-write per insert) and is never updated.  Rule queries use the time index
+# and filter; records_time also serves pruning and unfiltered time ranges.
+_OUTCOMES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    id          INTEGER PRIMARY KEY,
+    call_id     TEXT    NOT NULL,
+    upto        INTEGER NOT NULL,
+    final_code  INTEGER,
+    answered_at REAL,
+    ended_at    REAL
+);
+CREATE INDEX IF NOT EXISTS outcomes_call_id ON outcomes (call_id);
+CREATE INDEX IF NOT EXISTS outcomes_upto ON outcomes (upto);
+"""
+# outcomes.upto is the highest records.id when the outcome was written: an outcome applies to the
+# records of its Call-ID with id <= upto, i.e. those stored before it (or in the same batch), as
+# the former UPDATE did.  Several outcomes of one call each fill their own columns; for every
+# column the newest non-NULL value wins (the former COALESCE update).
+
+# Version 1 kept the outcome in the records row (UPDATE by Call-ID) and had five indexes.
+_MIGRATE_1_TO_2 = _OUTCOMES_SCHEMA + """
+INSERT INTO outcomes (call_id, upto, final_code, answered_at, ended_at)
+    SELECT call_id, id, final_code, answered_at, ended_at FROM records
+    WHERE final_code IS NOT NULL OR answered_at IS NOT NULL OR ended_at IS NOT NULL ORDER BY id;
+DROP INDEX IF EXISTS records_call_id;
+DROP INDEX IF EXISTS records_rule_time;
+ALTER TABLE records DROP COLUMN final_code;
+ALTER TABLE records DROP COLUMN answered_at;
+ALTER TABLE records DROP COLUMN ended_at;
+CREATE INDEX IF NOT EXISTS records_caller_time ON records (caller, time);
+CREATE INDEX IF NOT EXISTS records_callee_time ON records (callee, time);
+CREATE INDEX IF NOT EXISTS records_time ON records (time);
+UPDATE schema_version SET version = 2;
+"""
+# Copying each record's outcome with upto = its own id reproduces the stored values exactly: a
+# later record of the same Call-ID got every update the earlier one got after its insert, so the
+# newest non-NULL value per column is the same.
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -65,23 +113,32 @@ CREATE TABLE IF NOT EXISTS records (
     verdict     TEXT    NOT NULL DEFAULT '',
     code        INTEGER NOT NULL DEFAULT 0,
     score       REAL    NOT NULL DEFAULT 0,
-    latency_us  REAL    NOT NULL DEFAULT 0,
-    final_code  INTEGER,
-    answered_at REAL,
-    ended_at    REAL
+    latency_us  REAL    NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS records_caller_time ON records (caller, time);
 CREATE INDEX IF NOT EXISTS records_callee_time ON records (callee, time);
-CREATE INDEX IF NOT EXISTS records_rule_time ON records (rule, time);
-CREATE INDEX IF NOT EXISTS records_call_id ON records (call_id);
 CREATE INDEX IF NOT EXISTS records_time ON records (time);
-"""
-# records_time serves pruning and unfiltered time-range queries, which would otherwise scan the table.
+""" + _OUTCOMES_SCHEMA
 
 _INSERT = f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
-# COALESCE: the answer (200) and the end (BYE) arrive as separate outcome calls; each fills its own column.
-_UPDATE = ("UPDATE records SET final_code = COALESCE(?, final_code), answered_at = COALESCE(?, answered_at), "
-           "ended_at = COALESCE(?, ended_at) WHERE call_id = ?")
+_INSERT_OUTCOME = ("INSERT INTO outcomes (final_code, answered_at, ended_at, call_id, upto) "
+                   "VALUES (?, ?, ?, ?, ifnull((SELECT max(id) FROM records), 0))")
+
+
+def _outcome_column(column: str) -> str:
+    return (f"(SELECT o.{column} FROM outcomes o WHERE o.call_id = r.call_id AND o.upto >= r.id "
+            f"AND o.{column} IS NOT NULL ORDER BY o.id DESC LIMIT 1)")
+
+
+# The columns of a query, outcome columns joined from their table.
+_SELECT = ("SELECT " + ", ".join(f"r.{c}" for c in RECORD_FIELDS) + ", "
+           + ", ".join(f"{_outcome_column(c)} AS {c}" for c in OUTCOME_FIELDS) + " FROM records r")
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a schema script (no literal in it holds a semicolon)."""
+    return [stmt.strip() for stmt in script.split(";") if stmt.strip()]
+
 
 _DEFAULTS: dict[str, Any] = {"time": 0.0, "call_id": "", "source": "", "caller": "", "callee": "", "rule": "",
                              "verdict": "", "code": 0, "score": 0.0, "latency_us": 0.0}
@@ -96,6 +153,13 @@ def _row_of(record: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _defaults_filled(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` with each None replaced by its column's default."""
+    if None not in row:
+        return row
+    return tuple(_DEFAULTS[name] if v is None else v for name, v in zip(RECORD_FIELDS, row, strict=True))
+
+
 class _Rows:
     """Queued decision rows (tuples in RECORD_FIELDS order) from one add_many call."""
 
@@ -106,13 +170,8 @@ class _Rows:
 
 
 _NFIELDS = len(RECORD_FIELDS)
-
-
-def _row_of_tuple(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    out = row[:_NFIELDS]
-    if None in out:
-        out = tuple(_DEFAULTS[name] if v is None else v for name, v in zip(RECORD_FIELDS, out))
-    return out
+# The insert parameters of a row: its first RECORD_FIELDS items (C-level; a 10-tuple is returned as is).
+_row_of_tuple = operator.itemgetter(slice(0, _NFIELDS))
 
 
 class _Outcome:
@@ -181,8 +240,8 @@ class RecordStore:
         self._conn = self._open()           # for query/prune from callers' threads
         self._wconn = _connect(self.path)   # the writer thread's own connection
         self._wconn.execute("PRAGMA synchronous = NORMAL")
-        # A 64 MB page cache for the writer: the five indexes take inserts at random places
-        # (Call-ID, numbers), and re-reading their pages cost a third of each insert.
+        # A 64 MB page cache for the writer: the caller and callee indexes take inserts at random
+        # places, and re-reading their pages would cost a large part of each insert.
         self._wconn.execute("PRAGMA cache_size = -65536")
         # Checkpoint after ~80 MB of WAL instead of ~4 MB: an index page changed by many batches
         # is then copied into the database once, not once per checkpoint.
@@ -206,18 +265,34 @@ class RecordStore:
             if str(mode).lower() != "wal":
                 raise CallguardError(f"{self.path}: cannot switch the records database to WAL (got {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
-            # executescript commits on its own; each CREATE ... IF NOT EXISTS is atomic, so a
-            # reader opening the file while the proxy creates it is harmless.
-            conn.executescript(_SCHEMA)
+            # One IMMEDIATE transaction creates or migrates the schema, so a reader opening the
+            # file while the proxy creates it waits instead of seeing half a schema.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-                version = row[0] if row else None
+                has_version = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                           "AND name = 'schema_version'").fetchone()
+                version = None
+                if has_version:
+                    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+                    version = row[0] if row else None
                 if version is None:
-                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                elif version > SCHEMA_VERSION:
+                    columns = {r[1] for r in conn.execute("PRAGMA table_info(records)")}
+                    if "final_code" in columns:
+                        # A version 1 file whose creation stopped before its version was stored.
+                        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+                        version = 1
+                    else:
+                        for stmt in _statements(_SCHEMA):
+                            conn.execute(stmt)
+                        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                        version = SCHEMA_VERSION
+                if version > SCHEMA_VERSION:
                     raise CallguardError(f"{self.path}: records schema version {version} is newer than this "
                                          f"callguard understands ({SCHEMA_VERSION})")
+                elif version == 1:
+                    _log().info("records_migrating", path=self.path, from_version=1, to_version=SCHEMA_VERSION)
+                    for stmt in _statements(_MIGRATE_1_TO_2):
+                        conn.execute(stmt)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -337,12 +412,17 @@ class RecordStore:
             if inserts:
                 conn.executemany(_INSERT, inserts)
             if updates:
-                # After the inserts: an outcome always follows its record's add().
-                conn.executemany(_UPDATE, updates)
+                # After the inserts: an outcome applies to the records stored up to now (its upto).
+                conn.executemany(_INSERT_OUTCOME, updates)
             conn.execute("COMMIT")
         except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.IntegrityError) and any(None in row for row in inserts):
+                # Every column is NOT NULL: a None in a row (add_many) fails the batch instead of
+                # costing a check per row on every batch; store it with the column default.
+                self._write([_defaults_filled(row) for row in inserts], updates)
+                return
             if len(inserts) + len(updates) > 1:
                 # One bad record must not cost the whole batch: retry row by row.
                 for row in inserts:
@@ -400,6 +480,18 @@ class RecordStore:
             if cur.rowcount < PRUNE_CHUNK:
                 break
         if total:
+            # Outcomes of records all gone go too.  An outcome past the newest remaining record is
+            # capped to it: SQLite may hand a deleted highest id out again, and the outcome must
+            # not apply to a new record that happens to reuse it.
+            lo, hi = conn.execute("SELECT min(id), max(id) FROM records").fetchone()
+            lo = lo if lo is not None else 1 << 62
+            hi = hi if hi is not None else 0
+            while True:
+                cur = conn.execute("DELETE FROM outcomes WHERE id IN (SELECT id FROM outcomes WHERE upto < ? LIMIT ?)",
+                                   (lo, PRUNE_CHUNK))
+                if cur.rowcount < PRUNE_CHUNK:
+                    break
+            conn.execute("UPDATE outcomes SET upto = ? WHERE upto > ?", (hi, hi))
             _log().info("records_pruned", path=self.path, deleted=total, older_than=cutoff)
         return total
 
@@ -447,20 +539,20 @@ class RecordStore:
         params: list[Any] = []
         for column, value in (("caller", caller), ("callee", callee), ("rule", rule)):
             if value is not None:
-                where.append(f"{column} = ?")
+                where.append(f"r.{column} = ?")
                 params.append(value)
         if since is not None:
-            where.append("time >= ?")
+            where.append("r.time >= ?")
             params.append(float(since))
         if until is not None:
-            where.append("time < ?")
+            where.append("r.time < ?")
             params.append(float(until))
         if limit < 0:
             raise InputError(f"limit must be >= 0 (got {limit})")
-        sql = f"SELECT {', '.join(COLUMNS)} FROM records"
+        sql = _SELECT
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY time DESC, id DESC"
+        sql += " ORDER BY r.time DESC, r.id DESC"
         if limit:
             sql += " LIMIT ?"
             params.append(int(limit))
@@ -478,7 +570,10 @@ class RecordStore:
         sql = ("SELECT caller, count(*), count(answered_at), "
                "sum(CASE WHEN answered_at IS NOT NULL AND ended_at IS NOT NULL "
                "AND ended_at - answered_at < ? THEN 1 ELSE 0 END) "
-               "FROM records WHERE time >= ? AND final_code IS NOT NULL GROUP BY caller ORDER BY caller")
+               f"FROM (SELECT r.caller AS caller, {_outcome_column('final_code')} AS final_code, "
+               f"{_outcome_column('answered_at')} AS answered_at, {_outcome_column('ended_at')} AS ended_at "
+               "FROM records r WHERE r.time >= ? AND EXISTS (SELECT 1 FROM outcomes o WHERE o.call_id = r.call_id)) "
+               "WHERE final_code IS NOT NULL GROUP BY caller ORDER BY caller")
         with self._read_lock:
             rows = self._conn.execute(sql, (float(short_seconds), float(since))).fetchall()
         return [(str(c), int(f), int(a), int(s or 0)) for c, f, a, s in rows]
