@@ -1789,6 +1789,15 @@ cdef uint32_t* _argsort(const uint64_t* keys, Py_ssize_t n) except NULL:
     return idx
 
 
+
+cdef void* _grown(void* block, size_t size) except NULL:
+    """realloc that raises MemoryError instead of returning NULL (the old block stays valid)."""
+    cdef void* q = realloc(block, size)
+    if q == NULL:
+        raise MemoryError()
+    return q
+
+
 cdef class BlocklistReader:
     """One run of the compiled blocklist loader (use :func:`load_blocklist`)."""
 
@@ -1852,37 +1861,16 @@ cdef class BlocklistReader:
         return self._reserve(self.cap * 2 if self.cap else 65536)
 
     cdef int _reserve(self, Py_ssize_t cap) except -1:
-        cdef void* q
         if cap <= self.cap:
             return 0
-        q = realloc(self.keys, cap * 8)
-        if q == NULL:
-            raise MemoryError()
-        self.keys = <uint64_t*>q
-        q = realloc(self.prefix, cap)
-        if q == NULL:
-            raise MemoryError()
-        self.prefix = <uint8_t*>q
-        q = realloc(self.source, cap)
-        if q == NULL:
-            raise MemoryError()
-        self.source = <uint8_t*>q
-        q = realloc(self.expires, cap * 4)
-        if q == NULL:
-            raise MemoryError()
-        self.expires = <uint32_t*>q
-        q = realloc(self.p, cap * 2)
-        if q == NULL:
-            raise MemoryError()
-        self.p = <uint16_t*>q
-        q = realloc(self.complaints, cap * 2)
-        if q == NULL:
-            raise MemoryError()
-        self.complaints = <uint16_t*>q
-        q = realloc(self.reason, cap * 4)
-        if q == NULL:
-            raise MemoryError()
-        self.reason = <uint32_t*>q
+        # Each column grows in place; a failed realloc leaves the old block (and self.cap) intact.
+        self.keys = <uint64_t*>_grown(self.keys, cap * 8)
+        self.prefix = <uint8_t*>_grown(self.prefix, cap)
+        self.source = <uint8_t*>_grown(self.source, cap)
+        self.expires = <uint32_t*>_grown(self.expires, cap * 4)
+        self.p = <uint16_t*>_grown(self.p, cap * 2)
+        self.complaints = <uint16_t*>_grown(self.complaints, cap * 2)
+        self.reason = <uint32_t*>_grown(self.reason, cap * 4)
         self.cap = cap
         return 0
 

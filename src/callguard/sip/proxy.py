@@ -1039,12 +1039,8 @@ class Proxy:
     def _may_relay(self, ip: str, call_id: str | None) -> bool:
         return self._trust_of(ip)[0] or ip in self.trunk_ips or (call_id is not None and call_id in self.dialogs)
 
-    def _in_dialog(self, msg: Any, key: Any, ep: Any, addr: Any, ip: str) -> None:
-        """A request inside a dialog (To tag): routed by Route / Request-URI, never screened."""
-        if not self._may_relay(ip, msg.call_id):
-            if msg.method != "ACK":
-                self._respond(msg, ep, addr, 403, "Forbidden - untrusted source")
-            return
+    def _routes_after_ours(self, msg: Any) -> list[str]:
+        """The Route set, with our own entry on top (loose routing, RFC 3261 16.4) removed."""
         routes: list[str] = []
         for r in msg.header_all("route"):
             routes.extend(split_commas(r))
@@ -1052,6 +1048,15 @@ class Proxy:
             t = parse_uri_target(routes[0])
             if t is not None and self.is_ours(t[1], t[2]):
                 routes.pop(0)
+        return routes
+
+    def _in_dialog(self, msg: Any, key: Any, ep: Any, addr: Any, ip: str) -> None:
+        """A request inside a dialog (To tag): routed by Route / Request-URI, never screened."""
+        if not self._may_relay(ip, msg.call_id):
+            if msg.method != "ACK":
+                self._respond(msg, ep, addr, 403, "Forbidden - untrusted source")
+            return
+        routes = self._routes_after_ours(msg)
         target = None
         if routes:
             target = parse_uri_target(routes[0])
@@ -1089,13 +1094,7 @@ class Proxy:
             if msg.method != "ACK":
                 self._respond(msg, ep, addr, 403, "Forbidden - untrusted source")
             return
-        routes: list[str] = []
-        for r in msg.header_all("route"):
-            routes.extend(split_commas(r))
-        if routes:
-            t = parse_uri_target(routes[0])
-            if t is not None and self.is_ours(t[1], t[2]):
-                routes.pop(0)
+        routes = self._routes_after_ours(msg)
         dest: tuple[str, str, int] | None = None
         if routes:
             t = parse_uri_target(routes[0])
