@@ -187,7 +187,7 @@ def test_retransmission_answered_from_the_table_and_ack_absorbed(pair: Any) -> N
     key = (re.search(r"branch=([^;\s]+)", inv).group(1), f"127.0.0.1:{caller.port}")  # type: ignore[union-attr]
     assert fast.call(lambda: fast.proxy.stx.get(key)) == first
     caller.send(ack_for(inv, first.decode(), caller.port, port), port)
-    wait_until(lambda: fast.call(lambda: len(fast.proxy.expiry_acked)) == 1, 5, "the ACK to be absorbed")
+    wait_until(lambda: fast.call(lambda: fast.proxy.scheduled_early()) == 1, 5, "the ACK to be absorbed")
     assert trunk.silent(0.2)
     assert caller.silent(0.2)
     records = fast.server.records
@@ -272,7 +272,7 @@ def test_ack_to_a_relayed_rejection_absorbed_in_c(pair: Any) -> None:
     assert trunk.recv(match=is_method("ACK"))          # the proxy's own hop-by-hop ACK
     slow_before = fast.call(lambda: _fast(fast).slow)
     caller.send(ack_for(inv, busy, caller.port, port), port)
-    wait_until(lambda: fast.call(lambda: len(fast.proxy.expiry_acked)) >= 2, 5, "the caller's ACK absorbed")
+    wait_until(lambda: fast.call(lambda: fast.proxy.scheduled_early()) >= 2, 5, "the caller's ACK absorbed")
     assert fast.call(lambda: _fast(fast).slow) == slow_before
     assert trunk.silent(0.3, is_method("ACK"))
     trunk.close()

@@ -414,6 +414,8 @@ cdef class FastPath:
     cdef sockaddr_storage* saddrs
     cdef list sdata
     cdef unsigned int nsend
+    cdef unsigned int scapacity      # forwarding sends up to two datagrams per datagram read
+    cdef list soverflow              # what did not fit, as (data, addr), sent by the listener
     # configuration
     cdef Core core
     cdef bytes server_tail           # "Server: ...\r\nContent-Length: 0\r\n\r\n"
@@ -429,6 +431,10 @@ cdef class FastPath:
     cdef public unsigned long invites_in, acks_in, retrans_out, slow
     cdef public dict out_codes
     cdef readonly unsigned long long dropped_keepalives
+    # the compiled forward path (_forward.pxi); None: allowed calls and responses go to the proxy
+    cdef Forwarder fwd
+    cdef public dict in_codes        # responses handled here, by code
+    cdef public unsigned long out_invites, out_acks
 
     def __cinit__(self, int fd, unsigned int capacity=64, size_t bufsize=65535):
         self.family = batch_family(fd, capacity, bufsize)
@@ -437,11 +443,14 @@ cdef class FastPath:
         self.bufsize = bufsize
         self.bufs = <char*>malloc(capacity * bufsize)
         alloc_vectors(capacity, &self.msgs, &self.iovs, &self.addrs)
-        alloc_vectors(capacity, &self.smsgs, &self.siovs, &self.saddrs)
+        alloc_vectors(capacity * 4, &self.smsgs, &self.siovs, &self.saddrs)
         if self.bufs == NULL:
             raise MemoryError()
         self.sdata = []
         self.nsend = 0
+        self.scapacity = capacity * 4
+        self.soverflow = []
+        self.in_codes = {}
         self.decisions = []
         self.out_codes = {}
         self.enabled = False
@@ -496,9 +505,11 @@ cdef class FastPath:
         self.trust_identity = trust_identity
         self.enabled = True
 
-    cdef void _queue(self, bytes data, sockaddr_storage* ss, socklen_t alen):
+    cdef void _queue(self, bytes data, sockaddr_storage* ss, socklen_t alen) except *:
         cdef unsigned int k = self.nsend
-        if k >= self.capacity:
+        cdef int port
+        if k >= self.scapacity:
+            self.soverflow.append((data, _addr_tuple(ss, _ip_of(ss, &port), port)))
             return
         self.sdata.append(data)
         memcpy(&self.saddrs[k], ss, alen)
@@ -538,7 +549,41 @@ cdef class FastPath:
             rest.append((self.sdata[k], _addr_tuple(&self.saddrs[k], ip, port)))
         self.nsend = 0
         self.sdata = []
+        if self.soverflow:
+            rest.extend(self.soverflow)
+            self.soverflow = []
         return rest
+
+    def configure_forward(self, proxy, ep, list routes, str user_agent, list canon_exc, tuple queues,
+                          double trunk_timeout, double tx_timeout):
+        """Forward allowed INVITEs and handle the trunks' responses here (``proxy`` None: leave them to it).
+
+        Args:
+            proxy: the proxy whose tables (``ctx``, the given ``stx``), timers and expiry queues are used.
+            ep: the listener this fast path serves; only what comes in and goes out through it is handled.
+            routes: per trunk of ``proxy.trunks``: ``(trunk, prefixes, via_head, record_route, addr)``,
+                ``via_head`` being ``b"Via: SIP/2.0/UDP <sent-by>;branch=z9hG4bKcg"`` (None: the trunk is
+                not reached through ``ep`` over UDP), ``record_route`` the Record-Route line or ``b""``.
+            user_agent: ``sip.user_agent`` (the proxy's own ACK writes it as it is).
+            canon_exc: ``(lower-case name, spelling)`` of the header names not spelled by capitalisation.
+            queues: the proxy's timer queues for the trunk timeout, Timer A (T1) and Timer C.
+            trunk_timeout: ``sip.trunk_timeout``.
+            tx_timeout: ``sip.transaction_timeout`` (Timer C).
+        """
+        cdef Forwarder fwd
+        if proxy is None or not self.enabled:
+            self.fwd = None
+            return
+        fwd = Forwarder()
+        fwd.setup(self.family, <Py_ssize_t>self.bufsize, proxy, ep, routes,
+                  ("User-Agent: " + user_agent + "\r\n").encode("utf-8", "surrogateescape"), canon_exc, queues,
+                  trunk_timeout, tx_timeout)
+        self.fwd = fwd
+
+    @property
+    def forwarding(self) -> bool:
+        """Whether allowed INVITEs and the trunks' responses are handled here."""
+        return self.fwd is not None
 
     def run(self, proxy, ep, dict stx, object expiry, object expiry_acked, double mono, long headroom,
             unsigned int max_batch=64):
@@ -568,6 +613,14 @@ cdef class FastPath:
                 continue
             method = scan(p, length, &sc) if fast and length <= self.max_size else M_OTHER
             ip = _ip_of(&self.addrs[i], &port)
+            if method == M_OTHER and self.fwd is not None and length <= self.max_size and p[0] == 83:
+                try:
+                    done = self.fwd.response(self, ep, p, length, i, mono)
+                except Exception as exc:  # noqa - as Proxy.handle: counted and logged, never lost silently
+                    done = 1
+                    proxy._fault(exc, None, ep, _addr_tuple(&self.addrs[i], ip, port))
+                if done:
+                    continue
             if method == M_OTHER or (method == M_INVITE and headroom <= 0):
                 self.slow += 1
                 handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
@@ -588,7 +641,7 @@ cdef class FastPath:
                     # The ACK to a non-2xx final the proxy relayed (and ACKed itself): absorbed too.
                     self.acks_in += 1
                     if prev.final:
-                        proxy._acked(key, prev)
+                        self._acked(proxy, key, prev, mono)
                 else:
                     self.slow += 1
                     handler(PyBytes_FromStringAndSize(<const char*>p, length),
@@ -635,6 +688,9 @@ cdef class FastPath:
                 self.decisions.append((now, call_id, ip, self.core._cr_s, self.core._ce_s, self.rule_names[rule],
                                        "allow", 0, dec.score, <long>(lat * 1e6), shadowed))
                 headroom -= 1
+                if self.fwd is not None and "untrusted_source" not in shadowed \
+                        and self._forward(proxy, ep, p, length, &sc, i, stx, key, call_id, ip, port, mono, now):
+                    continue
                 proxy.fast_allowed(PyBytes_FromStringAndSize(<const char*>p, length),
                                    _addr_tuple(&self.addrs[i], ip, port), ep, self.core._cr_s, self.core._ce_s,
                                    shadowed)
@@ -649,6 +705,21 @@ cdef class FastPath:
             n = self.out_codes.get(code)
             self.out_codes[code] = 1 if n is None else n + 1
         return got
+
+    cdef bint _forward(self, proxy, ep, const unsigned char* p, Py_ssize_t n, Scan* sc, unsigned int i, dict stx,
+                       key, call_id, ip, int port, double mono, double now) except -1:
+        """The compiled forward path for an allowed INVITE; False: the proxy forwards it (fast_allowed)."""
+        try:
+            return self.fwd.forward(self, ep, p, n, sc, i, stx, key, call_id, ip, port, mono, now) != 0
+        except Exception as exc:  # noqa - an internal fault: counted and logged, the Python path forwards it
+            proxy._fault(exc, None, ep, _addr_tuple(&self.addrs[i], ip, port))
+            return False
+
+    cdef int _acked(self, proxy, key, prev, double mono) except -1:
+        if self.fwd is not None:
+            return self.fwd.acked(key, prev, mono)
+        proxy._acked(key, prev)
+        return 0
 
     cdef bytes _reject(self, const unsigned char* p, Scan* sc, int rule):
         """The rejection, as Proxy._response builds it (the To tag as Proxy._respond derives it)."""
@@ -726,3 +797,6 @@ def scan_kind(bytes data) -> int:
     """What the strict scan makes of one datagram: 0 other (slow path), 1 INVITE, 2 ACK (for tests)."""
     cdef Scan sc
     return scan(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &sc)
+
+
+include "_forward.pxi"

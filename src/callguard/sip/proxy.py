@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
-import heapq
 import ipaddress
 import itertools
 import json
@@ -107,8 +106,12 @@ def canon(name: str) -> str:
     """A lower-case long header name in its usual spelling (``call-id`` -> ``Call-ID``)."""
     c = _CANON.get(name)
     if c is None:
-        c = _CANON[name] = "-".join(p.capitalize() for p in name.split("-"))
+        c = _CANON[name] = _capitalised(name)
     return c
+
+
+def _capitalised(name: str) -> str:
+    return "-".join(p.capitalize() for p in name.split("-"))
 
 
 def _h(*parts: str) -> str:
@@ -209,11 +212,13 @@ class Tx:
 
     __slots__ = ("key", "msg", "is_invite", "up_ep", "up_addr", "branch", "out", "out_head", "dest_ep",
                  "dest_addr", "trunk", "candidates", "attempt", "provisional", "final", "cancelled", "interval",
-                 "last_resp", "to_tag", "caller", "callee", "source", "started", "branches", "expired_soon")
+                 "last_resp", "to_tag", "caller", "callee", "source", "started", "branches", "expired_soon",
+                 "call_id")
 
     def __init__(self, key: Any, msg: Any, is_invite: bool, up_ep: Any, up_addr: Any) -> None:
         self.key = key
         self.msg = msg
+        self.call_id: str = msg.call_id
         self.is_invite = is_invite
         self.up_ep = up_ep
         self.up_addr = up_addr
@@ -293,6 +298,12 @@ class Proxy:
         # Two queues, each in deadline order: TX_LINGER after a final, T4 after the ACK to it.
         self.expiry: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
         self.expiry_acked: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
+        # The same for forwarded INVITEs, one queue per table: (deadline, key, Tx) entries hold no
+        # dict, so the garbage collector stops walking them once it has seen them.
+        self.tx_linger: collections.deque[tuple[float, Any, Any]] = collections.deque()
+        self.branch_linger: collections.deque[tuple[float, str, Any]] = collections.deque()
+        self.tx_acked: collections.deque[tuple[float, Any, Any]] = collections.deque()
+        self.branch_acked: collections.deque[tuple[float, str, Any]] = collections.deque()
         self.dialog_expiry: collections.deque[tuple[float, str, Dialog]] = collections.deque()
         self.in_flight = 0
         self.draining = False
@@ -302,9 +313,10 @@ class Proxy:
         self.wildcard = False
         self._sweep_handle: Any = None
         self._tick_handle: Any = None
-        # Transaction timers: one heap ticked every TICK seconds instead of a TimerHandle per timer.
+        # Transaction timers, ticked every TICK seconds instead of a TimerHandle per timer: one FIFO
+        # queue per delay (the deadlines of one delay come in order), so adding and firing are O(1).
         # Entries are never cancelled; a stale one (the attempt moved on, a response came) is skipped.
-        self.timers: list[tuple[float, int, Tx, int, int]] = []
+        self.timers: dict[float, collections.deque[tuple[float, int, Tx, int, int]]] = {}
         self._seq = itertools.count()
         self._trust: dict[str, tuple[bool, bool]] = {}
         self._local_for: dict[tuple[int, str], str] = {}
@@ -357,7 +369,7 @@ class Proxy:
             self._add_ours(ep.listener)
             fast = getattr(ep, "fast", None)
             if fast is not None:
-                self._configure_fast(fast)
+                self._configure_fast(fast, ep)
         for info in self.tcp_infos:
             self._add_ours(info)
         if self._sweep_handle is None:
@@ -481,8 +493,9 @@ class Proxy:
         return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode("utf-8", "surrogateescape")
 
     # ------------------------------------------------------------ the compiled fast path
-    def _configure_fast(self, fast: Any) -> None:
-        """Hand the compiled fast path the core and this config's response texts (at start and reload)."""
+    def _configure_fast(self, fast: Any, ep: Any = None) -> None:
+        """Hand the compiled fast path the core, this config's response texts and, for the listener ``ep``,
+        what forwarding needs: trunks, our Via, timer queues (at start and reload)."""
         core = getattr(self.guard, "core", None)
         settings = getattr(core, "settings", None)
         if settings is None or os.environ.get("CALLGUARD_NO_FAST_PATH"):
@@ -492,6 +505,23 @@ class Proxy:
 
         fast.configure(core, RULE_NAMES, settings.codes, settings.reasons, self.hide_reason, self._server_line,
                        self.max_size, self._trust_identity)
+        configure_forward = getattr(fast, "configure_forward", None)
+        if configure_forward is None or ep is None:
+            return
+        if os.environ.get("CALLGUARD_NO_FAST_FORWARD"):
+            configure_forward(None, None, [], "", [], (), 0.0, 0.0)
+            return
+        routes = []
+        for t in self.trunks:
+            via_head = rr = None
+            if t.transport == "udp" and self._endpoint_to(t.transport, t.host, t.port) is ep:
+                sent_by = self._via_host(ep.listener, t.host, t.port)
+                via_head = f"Via: SIP/2.0/UDP {sent_by};branch={OUR_MARK}".encode("utf-8", "surrogateescape")
+                rr = f"Record-Route: <sip:{sent_by};lr>\r\n".encode("utf-8", "surrogateescape")
+            routes.append((t, t.prefixes, via_head, rr if self.record_route and rr else b"", t.addr))
+        canon_exc = [(k.encode(), v.encode()) for k, v in list(_CANON.items()) if v != _capitalised(k)]
+        queues = (self._timer_queue(self.trunk_timeout), self._timer_queue(T1), self._timer_queue(self.tx_timeout))
+        configure_forward(self, ep, routes, self.ua, canon_exc, queues, self.trunk_timeout, self.tx_timeout)
 
     def _trust_identity(self, ip: str) -> bool:
         return self._trust_of(ip)[1]
@@ -525,6 +555,17 @@ class Proxy:
             for code, n in fast.out_codes.items():
                 self.metrics.message_out(code, n)
             fast.out_codes.clear()
+        in_codes = getattr(fast, "in_codes", None)
+        if in_codes:
+            for code, n in in_codes.items():
+                self.metrics.message_in(code, n)
+            in_codes.clear()
+        if getattr(fast, "out_invites", 0):
+            self.metrics.message_out("INVITE", fast.out_invites)
+            fast.out_invites = 0
+        if getattr(fast, "out_acks", 0):
+            self.metrics.message_out("ACK", fast.out_acks)
+            fast.out_acks = 0
         if not rows:
             return
         fast.decisions = []
@@ -896,25 +937,48 @@ class Proxy:
         rr = None
         if self.record_route:
             rr = f"<sip:{sent_by};lr" + (";transport=tcp>" if trunk.transport == "tcp" else ">")
+        if not tx.out_head:
+            # A transaction the compiled path forwarded builds its head when it first fails over.
+            tx.out_head = self._forward_head(tx.msg, tx.up_addr)
         tx.out = self._assemble(tx.out_head, via, tx.msg.body, rr)
         tx.dest_ep = ep
         tx.dest_addr = trunk.addr
         self.ctx[branch] = tx
         self._send(ep, tx.out, trunk.addr, "INVITE")
         now = self.loop.time()
-        heapq.heappush(self.timers, (now + self.trunk_timeout, next(self._seq), tx, tx.attempt, K_TRUNK))
+        self._timer(self.trunk_timeout, now, tx, K_TRUNK)
         if ep.kind == "udp":
             tx.interval = T1
-            heapq.heappush(self.timers, (now + T1, next(self._seq), tx, tx.attempt, K_RETRANS))
+            self._timer(T1, now, tx, K_RETRANS)
+
+    def _timer_queue(self, delay: float) -> collections.deque[tuple[float, int, Tx, int, int]]:
+        q = self.timers.get(delay)
+        if q is None:
+            q = self.timers[delay] = collections.deque()
+        return q
+
+    def _timer(self, delay: float, now: float, tx: Tx, kind: int) -> None:
+        """Fire ``kind`` for the current attempt of ``tx`` after ``delay`` seconds (if still relevant then)."""
+        self._timer_queue(delay).append((now + delay, next(self._seq), tx, tx.attempt, kind))
 
     def _tick(self) -> None:
         """Fire the transaction timers that are due."""
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         now = self.loop.time()
         self._forget_due(now)
-        timers = self.timers
-        while timers and timers[0][0] <= now:
-            _, _, tx, attempt, kind = heapq.heappop(timers)
+        due: list[tuple[float, int, Tx, int, int]] = []
+        queues = 0
+        for q in self.timers.values():
+            if q and q[0][0] <= now:
+                queues += 1
+                while q and q[0][0] <= now:
+                    entry = q.popleft()
+                    tx = entry[2]
+                    if not tx.final and tx.attempt == entry[3]:
+                        due.append(entry)
+        if queues > 1:
+            due.sort(key=lambda e: (e[0], e[1]))     # the order of one heap: deadline, then creation
+        for _, _, tx, attempt, kind in due:
             if tx.final or tx.attempt != attempt:
                 continue
             if kind == K_RETRANS:
@@ -922,7 +986,7 @@ class Proxy:
                 if not tx.provisional:
                     self._send(tx.dest_ep, tx.out, tx.dest_addr, "INVITE")
                     tx.interval *= 2
-                    heapq.heappush(timers, (now + tx.interval, next(self._seq), tx, attempt, K_RETRANS))
+                    self._timer(tx.interval, now, tx, K_RETRANS)
             elif kind == K_TRUNK:
                 if not tx.provisional:
                     self._on_trunk_timeout(tx)
@@ -940,7 +1004,7 @@ class Proxy:
             else:
                 if self.log is not None:
                     self.log.warning("trunk_timeout", trunk=tx.trunk.name if tx.trunk else None,
-                                     call_id=tx.msg.call_id)
+                                     call_id=tx.call_id)
                 self._try_next(tx)
         except Exception as exc:  # noqa: BLE001 - a timer callback must not die silently
             self._fault(exc, None, None, None)
@@ -957,7 +1021,7 @@ class Proxy:
                     and tx.dest_ep.kind == "udp" and tx.dest_addr == dest:
                 if self.log is not None:
                     self.log.warning("trunk_unreachable", trunk=tx.trunk.name if tx.trunk else None,
-                                     address=f"{dest[0]}:{dest[1]}", call_id=tx.msg.call_id)
+                                     address=f"{dest[0]}:{dest[1]}", call_id=tx.call_id)
                 self._try_next(tx)
 
     def on_connect_failed(self, addr: tuple[str, int]) -> None:
@@ -980,19 +1044,20 @@ class Proxy:
         self.in_flight -= 1
         now = time.time()
         if 200 <= code < 300:
-            self.records.outcome(tx.msg.call_id, final_code=code, answered_at=now)
+            self.records.outcome(tx.call_id, final_code=code, answered_at=now)
             d = Dialog(tx.caller, tx.source, now, tx.dest_addr, tx.up_ep, tx.up_addr, tx.dest_ep)
-            self.dialogs[tx.msg.call_id] = d
-            self.dialog_expiry.append((self.loop.time() + DIALOG_LINGER, tx.msg.call_id, d))
+            self.dialogs[tx.call_id] = d
+            self.dialog_expiry.append((self.loop.time() + DIALOG_LINGER, tx.call_id, d))
         else:
-            self.records.outcome(tx.msg.call_id, final_code=code)
+            self.records.outcome(tx.call_id, final_code=code)
             try:
                 self.guard.observe(tx.caller, False, 0.0, tx.source, now)
             except Exception as exc:  # noqa: BLE001 - scoring input only; never fail a call for it
                 self._fault(exc, None, None, None)
-        self._expire(self.stx, tx.key, tx, TX_LINGER)
+        deadline = self.loop.time() + TX_LINGER
+        self.tx_linger.append((deadline, tx.key, tx))
         for b in tx.branches:
-            self._expire(self.ctx, b, tx, TX_LINGER)
+            self.branch_linger.append((deadline, b, tx))
 
     # ------------------------------------------------------------ CANCEL
     def _on_cancel(self, msg: Any, key: Any, ep: Any, addr: Any) -> None:
@@ -1181,8 +1246,7 @@ class Proxy:
         if code < 200:
             if not tx.provisional:
                 tx.provisional = True
-                heapq.heappush(self.timers, (self.loop.time() + self.tx_timeout, next(self._seq), tx, tx.attempt,
-                                             K_TIMER_C))
+                self._timer(self.tx_timeout, self.loop.time(), tx, K_TIMER_C)
                 if tx.cancelled:
                     self._send_cancel(tx)
             if code > 100 and not tx.final:
@@ -1195,7 +1259,7 @@ class Proxy:
             if code == 503 and not tx.cancelled:
                 if self.log is not None:
                     self.log.warning("trunk_failover", trunk=tx.trunk.name if tx.trunk else None, code=code,
-                                     call_id=tx.msg.call_id)
+                                     call_id=tx.call_id)
                 if tx.attempt + 1 < len(tx.candidates):
                     self._try_next(tx)
                     return
@@ -1269,14 +1333,20 @@ class Proxy:
         self.expiry.append((self.loop.time() + after, table, key, value))
 
     def _acked(self, key: Any, value: Any) -> None:
-        if type(value) is Tx and value.expired_soon:
-            return
         deadline = self.loop.time() + T4
-        self.expiry_acked.append((deadline, self.stx, key, value))
-        if type(value) is Tx:
-            value.expired_soon = True
-            for b in value.branches:
-                self.expiry_acked.append((deadline, self.ctx, b, value))
+        if type(value) is bytes:
+            self.expiry_acked.append((deadline, self.stx, key, value))
+            return
+        if value.expired_soon:
+            return
+        self.tx_acked.append((deadline, key, value))
+        value.expired_soon = True
+        for b in value.branches:
+            self.branch_acked.append((deadline, b, value))
+
+    def scheduled_early(self) -> int:
+        """Entries (transactions and their branches) to be forgotten after Timer I, not TX_LINGER."""
+        return len(self.expiry_acked) + len(self.tx_acked) + len(self.branch_acked)
 
     def _forget_due(self, now: float) -> None:
         """Forget finished transactions whose linger is over (every TICK: at 10k calls/s a once-a-second
@@ -1285,8 +1355,14 @@ class Proxy:
             while exp and exp[0][0] <= now:
                 _, table, key, value = exp.popleft()
                 if table.get(key) is value:
-                    if type(value) is Tx and value.is_invite and not value.final:
+                    if type(value) is not bytes and value.is_invite and not value.final:
                         continue  # still running (its own timers end it)
+                    del table[key]
+        for txq, table in ((self.tx_linger, self.stx), (self.branch_linger, self.ctx), (self.tx_acked, self.stx),
+                           (self.branch_acked, self.ctx)):
+            while txq and txq[0][0] <= now:
+                _, key, value = txq.popleft()
+                if table.get(key) is value:
                     del table[key]
 
     def _sweep(self) -> None:
