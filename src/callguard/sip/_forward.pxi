@@ -15,6 +15,7 @@ cimport cython
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcmp
 
+from callguard.sip._sipscan cimport next_comma
 from callguard.sip._udpio cimport fill_addr
 
 from callguard.sip import message as _sipmsg
@@ -341,10 +342,10 @@ cdef int _scan_response(const unsigned char* p, Py_ssize_t n, Resp* r) noexcept 
     """A response within the strict grammar, which the parser accepts too: 0, else -1 (the Python path).
 
     "SIP/2.0 <code> <reason>", the request scan's rules for header lines (CRLF, no folding, long
-    names, printable ASCII), single-valued Vias, and the parser's checks of Via, From, To, Call-ID,
+    names, printable ASCII), at most MAX_VIAS Vias, and the parser's checks of Via, From, To, Call-ID,
     CSeq, Max-Forwards, Content-Length and Contact.
     """
-    cdef Py_ssize_t i, le, ls, colon, ne, vs, ve, body, k, cl = -1
+    cdef Py_ssize_t i, le, ls, colon, ne, vs, ve, body, k, c, a, z, cl = -1
     cdef const unsigned char* q
     cdef bint seen_from = False, seen_cid = False, seen_cseq = False, seen_mf = False
     cdef long long num
@@ -401,11 +402,24 @@ cdef int _scan_response(const unsigned char* p, Py_ssize_t n, Resp* r) noexcept 
             return -1
         i = le + 2
         if _name_is(p + ls, ne, "via", 3):
-            if r.nvia >= MAX_VIAS or memchr(p + vs, 44, ve - vs) != NULL or check_via(p + vs, ve - vs) < 0:
-                return -1
-            r.via_s[r.nvia] = vs
-            r.via_e[r.nvia] = ve
-            r.nvia += 1
+            # each comma-separated element, split and trimmed as the parser's _check_list does
+            k = vs
+            while True:
+                c = next_comma(p, k, ve)
+                if c < 0 or r.nvia >= MAX_VIAS:
+                    return -1
+                a = skip_ws(p, k, c)
+                z = c
+                while z > a and is_ws(p[z - 1]):
+                    z -= 1
+                if check_via(p + a, z - a) < 0:
+                    return -1
+                r.via_s[r.nvia] = a
+                r.via_e[r.nvia] = z
+                r.nvia += 1
+                if c >= ve:
+                    break
+                k = c + 1
         elif _name_is(p + ls, ne, "from", 4):
             if seen_from or parse_addr(p + vs, ve - vs, NULL, NULL) < 0:
                 return -1

@@ -1,0 +1,447 @@
+"""The compiled forward path against the Python path, byte for byte.
+
+Two proxies run with the same config, one with the fast path and its compiled forwarding, one
+with ``CALLGUARD_NO_FAST_PATH=1``.  Each is driven synchronously (its listener reads when the
+test says so; no loop thread), by the same caller and trunk sockets: the forwarded INVITE, 100
+Trying, the relayed responses and the proxy's own ACKs must be the same bytes, apart from the
+proxies' own port in our Via and Record-Route.  Counters show that the fast proxy handled the
+messages in C; failover, CANCEL and timers then run in Python on the compiled transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import select
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from callguard import config as config_mod
+
+from .test_proxy_basic import CALLEE, free_port, headers, make_config
+
+fastpath = pytest.importorskip("callguard.sip._fastpath")
+
+_numbers = itertools.count(1)
+
+
+def fresh_caller() -> str:
+    """A clean caller number per call: no rate limit or score carries over between examples."""
+    return f"139{next(_numbers) + os.getpid() % 1000 * 10000:08d}"
+
+
+class Rig:
+    """A proxy whose UDP listener reads only when pumped, on a loop that never runs."""
+
+    def __init__(self, folder: Path, trunk_ports: list[int], fast: bool, **over: Any) -> None:
+        from callguard.guard import Guard
+        from callguard.sip.proxy import Proxy
+        from callguard.sip.transport import open_udp
+
+        self.port = free_port()
+        trunks = [{"name": f"t{i}", "address": f"udp:127.0.0.1:{p}"} for i, p in enumerate(trunk_ports)]
+        cfg = config_mod.load(make_config(folder, [f"udp:127.0.0.1:{self.port}"], trunks, **over))
+        saved = os.environ.get("CALLGUARD_NO_FAST_PATH")
+        if not fast:
+            os.environ["CALLGUARD_NO_FAST_PATH"] = "1"
+        try:
+            self.loop = asyncio.new_event_loop()
+            self.proxy = Proxy(self.loop, cfg, Guard(cfg))
+            self.ep = self.loop.run_until_complete(open_udp(self.loop, self.proxy.handle, "127.0.0.1", self.port))
+            self.proxy.udp.append(self.ep)
+            self.proxy.start()
+        finally:
+            if saved is None:
+                os.environ.pop("CALLGUARD_NO_FAST_PATH", None)
+            else:
+                os.environ["CALLGUARD_NO_FAST_PATH"] = saved
+        self.fast = getattr(self.ep, "fast", None)
+        assert (self.fast is not None and self.fast.forwarding) == fast
+
+    def pump(self) -> None:
+        """Handle what has arrived (loopback delivers within sendto; select only to be sure)."""
+        select.select([self.ep.sock], [], [], 2.0)
+        self.ep._on_readable()
+
+    def tick(self) -> None:
+        self.proxy._tick_handle.cancel()
+        self.proxy._tick()
+        self.ep._flush()
+
+    @property
+    def slow(self) -> int:
+        return int(self.fast.slow) if self.fast is not None else 0
+
+    def close(self) -> None:
+        self.proxy.stop_timers()
+        self.ep.close()
+        self.loop.close()
+
+
+class Sock:
+    """A caller or trunk: sends to a rig, takes what arrived."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+
+    def send(self, data: bytes, rig: Rig) -> None:
+        self.sock.sendto(data, ("127.0.0.1", rig.port))
+        rig.pump()
+
+    def take(self, n: int) -> list[bytes]:
+        """Exactly n datagrams (waiting up to 2 s each), and then nothing else waiting."""
+        out = []
+        for _ in range(n):
+            assert select.select([self.sock], [], [], 2.0)[0], f"port {self.port}: {len(out)} of {n} datagrams"
+            out.append(self.sock.recv(65535))
+        # loopback delivers within the sender's sendmmsg: what was sent is here already
+        assert not select.select([self.sock], [], [], 0.002)[0], f"port {self.port}: more than {n} datagrams"
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def rigs(tmp_path: Path) -> Iterator[Any]:
+    made: list[Any] = []
+
+    def make(trunk_ports: list[int], **over: Any) -> tuple[Rig, Rig]:
+        over.setdefault("rate_limits", [])
+        pair = []
+        for fast in (True, False):
+            folder = tmp_path / f"r{len(made)}"
+            folder.mkdir()
+            rig = Rig(folder, trunk_ports, fast, **over)
+            made.append(rig)
+            pair.append(rig)
+        return pair[0], pair[1]
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+@pytest.fixture
+def socks() -> Iterator[Any]:
+    made: list[Sock] = []
+
+    def make() -> Sock:
+        s = Sock()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def same(fast: Rig, slow: Rig, got_fast: list[bytes], got_slow: list[bytes]) -> None:
+    """The two proxies sent the same datagrams, their own port aside."""
+    ours_fast, ours_slow = f"127.0.0.1:{fast.port}".encode(), f"127.0.0.1:{slow.port}".encode()
+    assert [d.replace(ours_fast, ours_slow) for d in got_fast] == got_slow
+
+
+# ---------------------------------------------------------------- messages
+def invite(caller_port: int, caller: str, *, call_id: str, branch: str, top_via: str | None = None,
+           lower_vias: tuple[str, ...] = (), extra: tuple[tuple[str, str], ...] = (), body: str = "",
+           max_forwards: str | None = "70", names: dict[str, str] | None = None) -> bytes:
+    """An INVITE within the fast path's scan; ``names`` respells header names (``{"call-id": "CALL-ID"}``)."""
+    n = names or {}
+    via = top_via if top_via is not None else f"SIP/2.0/UDP 127.0.0.1:{caller_port};branch={branch};rport"
+    lines = [f"INVITE sip:{CALLEE}@127.0.0.1 SIP/2.0", f"{n.get('via', 'Via')}: {via}"]
+    lines += [f"Via: {v}" for v in lower_vias]
+    lines += [f"{n.get('from', 'From')}: <sip:{caller}@127.0.0.1>;tag=f{call_id[:6]}",
+              f"{n.get('to', 'To')}: <sip:{CALLEE}@127.0.0.1>",
+              f"{n.get('call-id', 'Call-ID')}: {call_id}", f"{n.get('cseq', 'CSeq')}: 1 INVITE",
+              f"Contact: <sip:{caller}@127.0.0.1:{caller_port}>"]
+    if max_forwards is not None:
+        lines.append(f"{n.get('max-forwards', 'Max-Forwards')}: {max_forwards}")
+    lines += [f"{k}: {v}" for k, v in extra]
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"{n.get('content-length', 'Content-Length')}: {len(body.encode())}")
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+def response(fwd: bytes, code: int, reason: str, *, tag: str = "tr1", joined_vias: bool = False,
+             extra: tuple[tuple[str, str], ...] = (), body: str = "") -> bytes:
+    """A trunk's response to the INVITE it received (its Vias copied, on one line or one per line)."""
+    text = fwd.decode()
+    vias = headers(text, "Via")
+    lines = [f"SIP/2.0 {code} {reason}"]
+    lines += [f"Via: {', '.join(vias)}"] if joined_vias else [f"Via: {v}" for v in vias]
+    to = headers(text, "To")[0] + (f";tag={tag}" if code > 100 else "")
+    lines += [f"From: {headers(text, 'From')[0]}", f"To: {to}", f"Call-ID: {headers(text, 'Call-ID')[0]}",
+              f"CSeq: {headers(text, 'CSeq')[0]}"]
+    lines += [f"{k}: {v}" for k, v in extra]
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body.encode())}")
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+def caller_ack(inv: bytes, final: bytes) -> bytes:
+    """The caller's ACK to a non-2xx final (the INVITE's top Via, the final's To)."""
+    text = inv.decode()
+    lines = [text.split("\r\n", 1)[0].replace("INVITE", "ACK", 1), "Via: " + headers(text, "Via")[0],
+             "From: " + headers(text, "From")[0], "To: " + headers(final.decode(), "To")[0],
+             "Call-ID: " + headers(text, "Call-ID")[0], "CSeq: 1 ACK", "Max-Forwards: 70", "Content-Length: 0"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def call(rig: Rig, caller: Sock, trunk: Sock, inv: bytes, answers: list[dict[str, Any]]) -> list[bytes]:
+    """One call through ``rig``: the INVITE, the trunk's answers in order, the caller's ACK to a non-2xx
+    final; returns every datagram the caller and the trunk received, in order."""
+    got: list[bytes] = []
+    caller.send(inv, rig)
+    got += caller.take(1)                   # 100 Trying
+    fwd = trunk.take(1)[0]
+    got.append(fwd)
+    final = None
+    for a in answers:
+        code = a["code"]
+        trunk.send(response(fwd, code, a.get("reason", "Whatever"), **a.get("kw", {})), rig)
+        if code >= 300:
+            got += trunk.take(1)            # our ACK
+        relayed = 100 < code and (final is None or 200 <= code < 300)
+        got += caller.take(1 if relayed else 0)
+        if code >= 200 and final is None:
+            final = got[-1]
+    if final is not None and not 200 <= int(final[8:11]) < 300:
+        caller.send(caller_ack(inv, final), rig)
+        got += caller.take(0) + trunk.take(0)
+    return got
+
+
+def both(fast: Rig, slow: Rig, caller: Sock, trunk: Sock, make_inv: Any, answers: list[dict[str, Any]]) -> None:
+    """The same call through both proxies: the same bytes, and the fast one handled all of it in C."""
+    c = fresh_caller()
+    cid = f"c{next(_numbers)}x{os.getpid()}"
+    branch = f"z9hG4bK{cid}"
+    slow_before = fast.slow
+    got_fast = call(fast, caller, trunk, make_inv(c, cid, branch), answers)
+    got_slow = call(slow, caller, trunk, make_inv(c, cid, branch), answers)
+    same(fast, slow, got_fast, got_slow)
+    assert fast.slow == slow_before, "the fast proxy left some of it to the Python path"
+
+
+# ---------------------------------------------------------------- BLAKE2b
+def test_compiled_blake2b_is_hashlibs() -> None:
+    data = bytes(range(256)) * 3
+    for n in itertools.chain(range(0, 300), (383, 384, 385, 511, 512, 513, 767)):
+        chunk = data[n % 7:n % 7 + n]
+        assert fastpath.blake2b_hex6(chunk) == hashlib.blake2b(chunk, digest_size=6).hexdigest(), n
+
+
+def test_constants_agree_with_the_proxy() -> None:
+    from callguard.sip import proxy
+
+    assert (fastpath.T1, fastpath.TX_LINGER, fastpath.T4) == (proxy.T1, proxy.TX_LINGER, proxy.T4)
+    assert (fastpath.K_RETRANS, fastpath.K_TRUNK, fastpath.K_TIMER_C) == (proxy.K_RETRANS, proxy.K_TRUNK,
+                                                                          proxy.K_TIMER_C)
+
+
+# ---------------------------------------------------------------- byte for byte
+ANSWERS = {
+    "busy": [{"code": 486, "reason": "Busy Here"}],
+    "busy-joined-vias": [{"code": 486, "reason": "Busy Here", "kw": {"joined_vias": True}}],
+    "ringing-then-decline": [{"code": 180, "reason": "Ringing"}, {"code": 603, "reason": "Decline"}],
+    "trying-progress-answer": [
+        {"code": 100, "reason": "Trying"},
+        {"code": 183, "reason": "Session Progress", "kw": {"body": "v=0\r\ns=-\r\n"}},
+        {"code": 200, "reason": "OK", "kw": {"body": "v=0\r\no=- 2 2 IN IP4 127.0.0.1\r\n",
+                                             "extra": (("Contact", "<sip:callee@127.0.0.1:5099>"),
+                                                       ("record-route", "<sip:10.0.0.7;lr>"))}}],
+    "final-retransmitted": [{"code": 486, "reason": "Busy Here"}, {"code": 486, "reason": "Busy Here"}],
+    "answer-retransmitted": [{"code": 200, "reason": "OK"}, {"code": 200, "reason": "OK"}],
+    "odd-names-empty-reason": [{"code": 404, "reason": "", "kw": {"extra": (
+        ("x-trunk-info", "a b  c"), ("WWW-AUTHENTICATE", 'Digest realm="t"'), ("rseq", "7"),
+        ("reason", 'Q.850;cause=17;text="busy"'))}}],
+}
+
+
+@pytest.mark.parametrize("answers", list(ANSWERS.values()), ids=list(ANSWERS))
+@pytest.mark.parametrize("over", [{}, {"sip": {"record_route": True, "user_agent": "edge \x01 gw"}}],
+                         ids=["plain", "record-route"])
+def test_forwarded_call_is_byte_for_byte_the_python_one(rigs: Any, socks: Any, answers: list[dict[str, Any]],
+                                                         over: dict[str, Any]) -> None:
+    caller, trunk = socks(), socks()
+    fast, slow = rigs([trunk.port], **over)
+
+    def make(c: str, cid: str, branch: str) -> bytes:
+        return invite(caller.port, c, call_id=cid, branch=branch, body="v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\n",
+                      extra=(("Route", "<sip:127.0.0.1;lr>"), ("User-Agent", "ua/1")))
+
+    both(fast, slow, caller, trunk, make, answers)
+
+
+TOP_VIA_PARAMS = [";rport", ";RPORT", ";rport=5555", ";received=10.1.1.1", ";Received=10.1.1.1", ";x=1",
+                  ";maddr=10.0.0.1", ";ttl=4", ";rport;rport", ";lr"]
+SENT_BY = ["127.0.0.1:{port}", "127.0.0.1", "10.2.2.2:5060", "Host.Example.com:5070", "[::1]:5070",
+           "[2001:db8::7]"]
+EXTRA_HEADERS = [("Route", "<sip:10.0.0.9;lr>"), ("route", "<sip:a.example;lr>, <sip:b.example;lr>"),
+                 ("x-custom-thing", "value  with   spaces"), ("CALL-INFO", "<http://x.example/a>"),
+                 ("Supported", "timer, 100rel"), ("www-authenticate", 'Digest realm="x"'), ("RAck", "1 1 INVITE"),
+                 ("Subject", "hi; there"), ("P-Asserted-Identity", "<sip:13912345678@127.0.0.1>"),
+                 ("p-preferred-identity", "<sip:x@y>"), ("Allow", "INVITE, ACK"), ("a-b-c-d", "e")]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(params=st.lists(st.sampled_from(TOP_VIA_PARAMS), max_size=3),
+       branch_at=st.integers(0, 3), sent_by=st.sampled_from(SENT_BY),
+       lower=st.lists(st.sampled_from(["SIP/2.0/UDP 10.9.9.9:5060;branch=z9hG4bKlow1",
+                                       "SIP/2.0/TCP gw.example;branch=z9hG4bKlow2;received=1.1.1.1"]), max_size=2),
+       extra=st.lists(st.sampled_from(EXTRA_HEADERS), max_size=4, unique=True),
+       names=st.fixed_dictionaries({}, optional={k: st.sampled_from([k.upper(), k.lower(), k.title()])
+                                                 for k in ("via", "call-id", "cseq", "from", "to", "max-forwards",
+                                                           "content-length")}),
+       max_forwards=st.sampled_from([None, "1", "70", "255", "070"]),
+       body=st.sampled_from(["", "v=0\r\n", "x" * 300]),
+       answers=st.sampled_from(list(ANSWERS.values())))
+def test_forwarding_variants_byte_for_byte(tmp_path_factory: pytest.TempPathFactory, params: list[str],
+                                           branch_at: int, sent_by: str, lower: list[str],
+                                           extra: list[tuple[str, str]], names: dict[str, str],
+                                           max_forwards: str | None, body: str,
+                                           answers: list[dict[str, Any]]) -> None:
+    global _variant_rigs
+    if _variant_rigs is None:
+        caller, trunk = Sock(), Sock()
+        folder = tmp_path_factory.mktemp("variants")
+        (folder / "f").mkdir()
+        (folder / "s").mkdir()
+        _variant_rigs = (Rig(folder / "f", [trunk.port], True, rate_limits=[]),
+                         Rig(folder / "s", [trunk.port], False, rate_limits=[]), caller, trunk)
+    fast, slow, caller, trunk = _variant_rigs
+
+    def make(c: str, cid: str, branch: str) -> bytes:
+        ps = list(params)
+        ps.insert(min(branch_at, len(ps)), f";branch={branch}")
+        top = f"SIP/2.0/UDP {sent_by.format(port=caller.port)}{''.join(ps)}"
+        return invite(caller.port, c, call_id=cid, branch=branch, top_via=top, lower_vias=tuple(lower),
+                      extra=tuple(extra), body=body, max_forwards=max_forwards, names=names)
+
+    both(fast, slow, caller, trunk, make, answers)
+
+
+_variant_rigs: tuple[Rig, Rig, Sock, Sock] | None = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_variant_rigs() -> Iterator[None]:
+    yield
+    global _variant_rigs
+    if _variant_rigs is not None:
+        for part in _variant_rigs:
+            part.close()
+        _variant_rigs = None
+
+
+def test_response_outside_the_strict_grammar_gets_the_python_answer(rigs: Any, socks: Any) -> None:
+    """A compact header in the trunk's answer: the Python path relays it, the same bytes."""
+    caller, trunk = socks(), socks()
+    fast, slow = rigs([trunk.port])
+    outs = []
+    for rig in (fast, slow):
+        inv = invite(caller.port, "13900000001", call_id="compact1", branch="z9hG4bKcompact1")
+        caller.send(inv, rig)
+        caller.take(1)
+        fwd = trunk.take(1)[0]
+        before = rig.slow
+        trunk.send(response(fwd, 486, "Busy Here").replace(b"\r\nCall-ID:", b"\r\ni:"), rig)
+        outs.append(trunk.take(1) + caller.take(1))
+        if rig is fast:
+            assert rig.slow == before + 1
+    same(fast, slow, outs[0], outs[1])
+
+
+# ---------------------------------------------------------------- the Python path on compiled transactions
+def test_failover_on_503_from_a_compiled_transaction(rigs: Any, socks: Any) -> None:
+    caller, t1, t2 = socks(), socks(), socks()
+    fast, slow = rigs([t1.port, t2.port])
+    outs = []
+    for rig in (fast, slow):
+        inv = invite(caller.port, "13900000002", call_id="fo1", branch="z9hG4bKfo1", body="v=0\r\n")
+        caller.send(inv, rig)
+        got = caller.take(1)
+        fwd1 = t1.take(1)[0]
+        t1.send(response(fwd1, 503, "Service Unavailable"), rig)
+        got += t1.take(1)                   # our ACK to the 503
+        fwd2 = t2.take(1)[0]                # the same INVITE, next trunk (Python path, lazily parsed message)
+        t2.send(response(fwd2, 486, "Busy Here"), rig)
+        got += [fwd1, fwd2] + t2.take(1) + caller.take(1)
+        outs.append(got)
+    same(fast, slow, outs[0], outs[1])
+
+
+def test_cancel_and_timers_on_a_compiled_transaction(rigs: Any, socks: Any) -> None:
+    """Timer A retransmits, CANCEL (answered 200, sent on after the provisional, 487 relayed)."""
+    caller, trunk = socks(), socks()
+    fast, slow = rigs([trunk.port], sip={"trunk_timeout": 30.0})
+    outs = []
+    for rig in (fast, slow):
+        inv = invite(caller.port, "13900000003", call_id="cx1", branch="z9hG4bKcx1")
+        caller.send(inv, rig)
+        got = caller.take(1)
+        fwd = trunk.take(1)[0]
+        deadline = time.monotonic() + 0.6
+        while time.monotonic() < deadline:      # Timer A is T1 = 0.5 s: wait for it, then tick
+            time.sleep(0.05)
+        rig.tick()
+        assert trunk.take(1) == [fwd]           # retransmitted, the same bytes
+        cancel = inv.replace(b"INVITE sip:", b"CANCEL sip:", 1).replace(b"1 INVITE", b"1 CANCEL")
+        caller.send(cancel, rig)
+        got += caller.take(1)                   # 200 to the CANCEL (our To tag)
+        trunk.take(0)                           # no provisional yet: the CANCEL waits
+        trunk.send(response(fwd, 180, "Ringing"), rig)
+        got += caller.take(1) + trunk.take(1)   # the 180 relayed, the CANCEL sent on
+        trunk.send(response(fwd, 487, "Request Terminated"), rig)
+        got += trunk.take(1) + caller.take(1)
+        outs.append(got)
+    same(fast, slow, outs[0], outs[1])
+    assert fast.proxy.in_flight == slow.proxy.in_flight == 0
+
+
+def test_compiled_transactions_are_forgotten_like_python_ones(rigs: Any, socks: Any) -> None:
+    caller, trunk = socks(), socks()
+    fast, slow = rigs([trunk.port])
+    for rig in (fast, slow):
+        inv = invite(caller.port, "13900000004", call_id="fg1", branch="z9hG4bKfg1")
+        call(rig, caller, trunk, inv, ANSWERS["busy"])
+        assert len(rig.proxy.stx) == 1 and len(rig.proxy.ctx) == 1
+        assert rig.proxy.scheduled_early() == 2      # after the caller's ACK: Timer I for both entries
+        assert type(rig.proxy.tx_acked[0][2]).__name__ == ("FwdTx" if rig is fast else "Tx")
+        rig.proxy._forget_due(rig.loop.time() + 4.0)
+        assert len(rig.proxy.stx) == 1
+        rig.proxy._forget_due(rig.loop.time() + 6.0)
+        assert not rig.proxy.stx and not rig.proxy.ctx
+
+
+def test_internal_fault_in_the_forward_path_fails_open(rigs: Any, socks: Any, monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """A fault while handling a response in C is counted; the call still ends for the caller."""
+    caller, trunk = socks(), socks()
+    fast, _ = rigs([trunk.port])
+
+    def broken(*args: Any, **kw: Any) -> None:
+        raise RuntimeError("records broke")
+
+    monkeypatch.setattr(fast.proxy.records, "outcome", broken)
+    inv = invite(caller.port, "13900000005", call_id="ft1", branch="z9hG4bKft1")
+    caller.send(inv, fast)
+    caller.take(1)
+    fwd = trunk.take(1)[0]
+    trunk.send(response(fwd, 486, "Busy Here"), fast)
+    assert fast.proxy.faults == 1
+    assert len(trunk.take(1)) == 1 and len(caller.take(1)) == 1     # ACKed and relayed before the fault
