@@ -1355,7 +1355,7 @@ class Proxy:
             while exp and exp[0][0] <= now:
                 _, table, key, value = exp.popleft()
                 if table.get(key) is value:
-                    if type(value) is not bytes and value.is_invite and not value.final:
+                    if value is not None and type(value) is not bytes and value.is_invite and not value.final:
                         continue  # still running (its own timers end it)
                     del table[key]
         for txq, table in ((self.tx_linger, self.stx), (self.branch_linger, self.ctx), (self.tx_acked, self.stx),
