@@ -445,3 +445,64 @@ def test_internal_fault_in_the_forward_path_fails_open(rigs: Any, socks: Any, mo
     trunk.send(response(fwd, 486, "Busy Here"), fast)
     assert fast.proxy.faults == 1
     assert len(trunk.take(1)) == 1 and len(caller.take(1)) == 1     # ACKed and relayed before the fault
+
+
+@settings(max_examples=200, deadline=None)
+@given(deadlines=st.lists(st.floats(0, 10), max_size=30), now=st.floats(0, 10),
+       finals=st.lists(st.booleans(), min_size=30, max_size=30),
+       attempts=st.lists(st.integers(0, 2), min_size=30, max_size=30))
+def test_compiled_queue_walks_are_the_python_ones(deadlines: list[float], now: float, finals: list[bool],
+                                                   attempts: list[int]) -> None:
+    import collections
+
+    from callguard.sip import proxy
+
+    class T:
+        def __init__(self, final: bool, attempt: int) -> None:
+            self.final = 486 if final else 0
+            self.attempt = attempt
+
+    deadlines.sort()
+    txs = [T(finals[i], attempts[i]) for i in range(len(deadlines))]
+    entries = [(d, i, txs[i], i % 3, 0) for i, d in enumerate(deadlines)]
+    outs = []
+    for walk in (fastpath.due_timers, proxy.due_timers_py):
+        q: collections.deque[Any] = collections.deque(entries)
+        out: list[Any] = []
+        walk(q, now, out)
+        outs.append((out, list(q)))
+    assert outs[0] == outs[1]
+    table_entries = [(d, f"k{i % 7}", txs[i]) for i, d in enumerate(deadlines)]
+    results = []
+    for forget in (fastpath.forget_due, proxy.forget_due_py):
+        table = {f"k{i % 7}": txs[i] for i in range(len(deadlines))}
+        q = collections.deque(table_entries)
+        forget(q, now, table)
+        results.append((table, list(q)))
+    assert results[0] == results[1]
+
+
+def test_reload_reconfigures_the_compiled_forwarding(rigs: Any, socks: Any, tmp_path: Path) -> None:
+    """After a reload the compiled path sends to the new trunk, with the new Record-Route setting."""
+    from callguard.guard import Guard
+
+    caller, old_trunk, new_trunk = socks(), socks(), socks()
+    fast, slow = rigs([old_trunk.port])
+    outs = []
+    for rig in (fast, slow):
+        folder = tmp_path / f"reload{rig.port}"
+        folder.mkdir()
+        cfg = config_mod.load(make_config(folder, [f"udp:127.0.0.1:{rig.port}"],
+                                          [{"name": "new", "address": f"udp:127.0.0.1:{new_trunk.port}"}],
+                                          rate_limits=[], sip={"record_route": True}))
+        guard = Guard(cfg)
+        guard.core.adopt_state(rig.proxy.guard.core)
+        rig.proxy.apply_config(cfg, guard)
+        rig.proxy.start()
+        before = rig.slow
+        inv = invite(caller.port, "13900000006", call_id="rl1", branch="z9hG4bKrl1")
+        outs.append(call(rig, caller, new_trunk, inv, ANSWERS["busy"]))
+        old_trunk.take(0)
+        assert rig.slow == before
+    same(fast, slow, outs[0], outs[1])
+    assert headers(outs[0][1].decode(), "Record-Route") == [f"<sip:127.0.0.1:{fast.port};lr>"]

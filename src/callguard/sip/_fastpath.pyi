@@ -25,3 +25,49 @@ class FastPath:
     def flush(self) -> list[tuple[bytes, Any]]: ...
     def run(self, proxy: Any, ep: Any, stx: dict[Any, Any], expiry: Any, expiry_acked: Any, mono: float,
             headroom: int, max_batch: int = 64) -> int: ...
+    in_codes: dict[int, int]
+    out_invites: int
+    out_acks: int
+    @property
+    def forwarding(self) -> bool: ...
+    def configure_forward(self, proxy: Any, ep: Any, routes: list[Any], user_agent: str, canon_exc: list[Any],
+                          queues: tuple[Any, ...], trunk_timeout: float, tx_timeout: float) -> None: ...
+
+T1: float
+K_RETRANS: int
+K_TRUNK: int
+K_TIMER_C: int
+
+def blake2b_hex6(data: bytes) -> str: ...
+def due_timers(q: Any, now: float, out: list[Any]) -> None: ...
+def forget_due(q: Any, now: float, table: dict[Any, Any]) -> None: ...
+
+class FwdTx:
+    key: Any
+    up_ep: Any
+    up_addr: Any
+    branch: Any
+    out: Any
+    dest_ep: Any
+    dest_addr: Any
+    trunk: Any
+    candidates: Any
+    last_resp: Any
+    caller: Any
+    callee: Any
+    source: Any
+    call_id: Any
+    is_invite: bool
+    provisional: bool
+    cancelled: bool
+    expired_soon: bool
+    attempt: int
+    final: int
+    interval: float
+    started: float
+    out_head: Any
+    to_tag: Any
+    @property
+    def msg(self) -> Any: ...
+    @property
+    def branches(self) -> list[str]: ...

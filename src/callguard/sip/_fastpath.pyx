@@ -14,10 +14,12 @@ same rules and the same rate-limit state as ``check``, no Verdict object).  A re
 answered here: the response is assembled byte for byte as the proxy's Python path builds
 it, stored in the proxy's server-transaction table (so a retransmission gets the same
 bytes and the ACK is absorbed, with the same expiry queues) and sent with ``sendmmsg`` at
-the end of the batch.  An allowed call is handed to the proxy (``Proxy.fast_allowed``) with
-its decision, to be forwarded there.  Everything else -- responses, other methods, compact
-headers, folding, a To tag, anything the scan is unsure of -- goes, in arrival order, to
-the proxy's ordinary ``handle``: the Python path stays the reference.
+the end of the batch.  An allowed call is forwarded here too when its trunk is reached over
+UDP through this listener, and the trunk's responses to it are relayed (and non-2xx finals
+ACKed) here (``_forward.pxi``); otherwise it is handed to the proxy (``Proxy.fast_allowed``)
+with its decision, to be forwarded there.  Everything else -- other responses, other
+methods, compact headers, folding, a To tag, anything the scans are unsure of -- goes, in
+arrival order, to the proxy's ordinary ``handle``: the Python path stays the reference.
 
 Per decision the fast path only appends one tuple (a call-record row plus the shadowed
 rules); the proxy drains them once per batch into records, metrics and logs.

@@ -959,3 +959,39 @@ cdef class Forwarder:
             for b in tx._branches:
                 self.branch_acked.append((deadline, b, tx))
         return 0
+
+
+# ---------------------------------------------------------------- the proxy's queues, walked in C
+def due_timers(q, double now, list out):
+    """Pop the entries of one timer queue (deadline, seq, tx, attempt, kind) due at ``now``; append to
+    ``out`` those still relevant (the transaction has no final and is at that attempt): Proxy._tick's loop."""
+    cdef tuple e
+    cdef FwdTx ftx
+    popleft = q.popleft
+    while q:
+        e = <tuple>q[0]
+        if <double>e[0] > now:
+            break
+        popleft()
+        tx = e[2]
+        if type(tx) is FwdTx:
+            ftx = <FwdTx>tx
+            if not ftx.final and ftx.attempt == <int>e[3]:
+                out.append(e)
+        elif not tx.final and tx.attempt == e[3]:
+            out.append(e)
+
+
+def forget_due(q, double now, dict table):
+    """Pop the entries of one expiry queue (deadline, key, value) due at ``now`` and forget ``table[key]``
+    where it is still that value: Proxy._forget_due's loop for the forwarded transactions."""
+    cdef tuple e
+    popleft = q.popleft
+    while q:
+        e = <tuple>q[0]
+        if <double>e[0] > now:
+            break
+        popleft()
+        key = e[1]
+        if table.get(key) is e[2]:
+            del table[key]

@@ -159,6 +159,34 @@ def _is_ip(host: str) -> bool:
         return False
 
 
+def due_timers_py(q: collections.deque[Any], now: float, out: list[Any]) -> None:
+    """Pop the due entries (deadline, seq, tx, attempt, kind) of one timer queue; keep the relevant ones."""
+    while q and q[0][0] <= now:
+        entry = q.popleft()
+        tx = entry[2]
+        if not tx.final and tx.attempt == entry[3]:
+            out.append(entry)
+
+
+def forget_due_py(q: collections.deque[Any], now: float, table: dict[Any, Any]) -> None:
+    """Pop the due entries (deadline, key, value) of one expiry queue; forget table[key] if still value."""
+    while q and q[0][0] <= now:
+        _, key, value = q.popleft()
+        if table.get(key) is value:
+            del table[key]
+
+
+# The same loops compiled (callguard.sip._fastpath), unless CALLGUARD_NO_EXTENSIONS is set.
+_due_timers = due_timers_py
+_forget_txq = forget_due_py
+if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
+    try:
+        from ._fastpath import due_timers as _due_timers
+        from ._fastpath import forget_due as _forget_txq
+    except ImportError:  # not built: the loops above serve
+        pass
+
+
 # ---------------------------------------------------------------- helpers that may be missing
 class NullMetrics:
     """Stand-in when metrics are disabled: same methods, no effect."""
@@ -498,6 +526,9 @@ class Proxy:
         what forwarding needs: trunks, our Via, timer queues (at start and reload)."""
         core = getattr(self.guard, "core", None)
         settings = getattr(core, "settings", None)
+        configure_forward = getattr(fast, "configure_forward", None)
+        if configure_forward is not None:
+            configure_forward(None, None, [], "", [], (), 0.0, 0.0)    # until configured again below
         if settings is None or os.environ.get("CALLGUARD_NO_FAST_PATH"):
             fast.configure(None, (), (), (), True, "", 0, None)
             return
@@ -505,11 +536,7 @@ class Proxy:
 
         fast.configure(core, RULE_NAMES, settings.codes, settings.reasons, self.hide_reason, self._server_line,
                        self.max_size, self._trust_identity)
-        configure_forward = getattr(fast, "configure_forward", None)
-        if configure_forward is None or ep is None:
-            return
-        if os.environ.get("CALLGUARD_NO_FAST_FORWARD"):
-            configure_forward(None, None, [], "", [], (), 0.0, 0.0)
+        if configure_forward is None or ep is None or os.environ.get("CALLGUARD_NO_FAST_FORWARD"):
             return
         routes = []
         for t in self.trunks:
@@ -555,15 +582,14 @@ class Proxy:
             for code, n in fast.out_codes.items():
                 self.metrics.message_out(code, n)
             fast.out_codes.clear()
-        in_codes = getattr(fast, "in_codes", None)
-        if in_codes:
-            for code, n in in_codes.items():
+        if fast.in_codes:
+            for code, n in fast.in_codes.items():
                 self.metrics.message_in(code, n)
-            in_codes.clear()
-        if getattr(fast, "out_invites", 0):
+            fast.in_codes.clear()
+        if fast.out_invites:
             self.metrics.message_out("INVITE", fast.out_invites)
             fast.out_invites = 0
-        if getattr(fast, "out_acks", 0):
+        if fast.out_acks:
             self.metrics.message_out("ACK", fast.out_acks)
             fast.out_acks = 0
         if not rows:
@@ -971,11 +997,7 @@ class Proxy:
         for q in self.timers.values():
             if q and q[0][0] <= now:
                 queues += 1
-                while q and q[0][0] <= now:
-                    entry = q.popleft()
-                    tx = entry[2]
-                    if not tx.final and tx.attempt == entry[3]:
-                        due.append(entry)
+                _due_timers(q, now, due)
         if queues > 1:
             due.sort(key=lambda e: (e[0], e[1]))     # the order of one heap: deadline, then creation
         for _, _, tx, attempt, kind in due:
@@ -1360,10 +1382,8 @@ class Proxy:
                     del table[key]
         for txq, table in ((self.tx_linger, self.stx), (self.branch_linger, self.ctx), (self.tx_acked, self.stx),
                            (self.branch_acked, self.ctx)):
-            while txq and txq[0][0] <= now:
-                _, key, value = txq.popleft()
-                if table.get(key) is value:
-                    del table[key]
+            if txq and txq[0][0] <= now:
+                _forget_txq(txq, now, table)
 
     def _sweep(self) -> None:
         """Forget stale dialogs (once a second)."""
