@@ -506,3 +506,87 @@ def test_reload_reconfigures_the_compiled_forwarding(rigs: Any, socks: Any, tmp_
         assert rig.slow == before
     same(fast, slow, outs[0], outs[1])
     assert headers(outs[0][1].decode(), "Record-Route") == [f"<sip:127.0.0.1:{fast.port};lr>"]
+
+
+def drain(sock: Sock) -> list[bytes]:
+    """Whatever arrived (loopback delivers within the proxy's sendmmsg)."""
+    out = []
+    while select.select([sock.sock], [], [], 0.002)[0]:
+        out.append(sock.sock.recv(65535))
+    return out
+
+
+MUTATIONS = st.lists(st.tuples(st.sampled_from(["del", "ins", "dup", "case"]), st.integers(0, 10_000),
+                               st.sampled_from([b":", b" ", b",", b";", b"\t", b"a", b"\r\n", b'"', b"<", b">", b"=",
+                                                b"\r\nX-A:b", b"\r\nvia:SIP/2.0/UDP h;branch=z9hG4bKq"])),
+                     max_size=3)
+
+
+def mutate(data: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
+    for op, at, text in ops:
+        i = at % max(1, len(data))
+        if op == "del":
+            data = data[:i] + data[i + 1:]
+        elif op == "ins":
+            data = data[:i] + text + data[i:]
+        elif op == "dup":
+            start = data.rfind(b"\r\n", 0, i) + 2
+            end = data.find(b"\r\n", i)
+            if 1 < start < end:
+                data = data[:end] + b"\r\n" + data[start:end] + data[end:]
+        else:
+            data = data[:i] + data[i:i + 1].swapcase() + data[i + 1:]
+    return data
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(inv_ops=MUTATIONS, resp_ops=MUTATIONS, code=st.sampled_from([180, 200, 486, 503]),
+       joined=st.booleans())
+def test_damaged_messages_get_the_same_treatment(tmp_path_factory: pytest.TempPathFactory,
+                                                 inv_ops: list[tuple[str, int, bytes]],
+                                                 resp_ops: list[tuple[str, int, bytes]], code: int,
+                                                 joined: bool) -> None:
+    global _fuzz_rigs
+    if _fuzz_rigs is None:
+        caller, trunk = Sock(), Sock()
+        folder = tmp_path_factory.mktemp("fuzz")
+        (folder / "f").mkdir()
+        (folder / "s").mkdir()
+        _fuzz_rigs = (Rig(folder / "f", [trunk.port], True, rate_limits=[]),
+                      Rig(folder / "s", [trunk.port], False, rate_limits=[]), caller, trunk)
+    fast, slow, caller, trunk = _fuzz_rigs
+    c = fresh_caller()
+    cid = f"z{next(_numbers)}x{os.getpid()}"
+    inv = mutate(invite(caller.port, c, call_id=cid, branch=f"z9hG4bK{cid}", body="v=0\r\n",
+                        extra=(("Route", "<sip:127.0.0.1;lr>"),)), inv_ops)
+    outs = []
+    for rig in (fast, slow):
+        caller.sock.sendto(inv, ("127.0.0.1", rig.port))
+        rig.pump()
+        got = drain(caller)
+        fwd = drain(trunk)
+        got += fwd
+        if fwd and fwd[0].startswith(b"INVITE "):
+            # the same damage at the same place for both: the proxy's own port stands in as PPPPP
+            ours = str(rig.port).encode()
+            resp = mutate(response(fwd[0].replace(ours, b"PPPPP"), code, "Whatever", joined_vias=joined),
+                          resp_ops).replace(b"PPPPP", ours)
+            trunk.sock.sendto(resp, ("127.0.0.1", rig.port))
+            rig.pump()
+            got += drain(trunk) + drain(caller)
+        outs.append(got)
+        assert rig.proxy.faults == 0
+    same(fast, slow, outs[0], outs[1])
+
+
+_fuzz_rigs: tuple[Rig, Rig, Sock, Sock] | None = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_fuzz_rigs() -> Iterator[None]:
+    yield
+    global _fuzz_rigs
+    if _fuzz_rigs is not None:
+        for part in _fuzz_rigs:
+            part.close()
+        _fuzz_rigs = None

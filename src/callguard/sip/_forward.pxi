@@ -547,7 +547,9 @@ cdef class Forwarder:
         self.any_prefix = False
         self.rt_ss = <sockaddr_storage*>malloc((nt + 1) * sizeof(sockaddr_storage))
         self.rt_len = <socklen_t*>malloc((nt + 1) * sizeof(socklen_t))
-        self.obuf_size = bufsize + 8192
+        # Each header line may grow by one byte (": " after the name) and each Via element by "Via: "
+        # and CRLF; the forwarded INVITE and the Route lines for our ACK share the buffer: 3n is ample.
+        self.obuf_size = 3 * bufsize + 8192
         self.obuf = <char*>malloc(self.obuf_size)
         if self.rt_ss == NULL or self.rt_len == NULL or self.obuf == NULL:
             raise MemoryError()
@@ -660,7 +662,7 @@ cdef class Forwarder:
         if via_head is None:
             return 0
         rr = <bytes>self.rr_lines[t]
-        if n + 4096 > self.obuf_size:
+        if 3 * n + 4096 > self.obuf_size:
             return 0
         ipb = ip.encode("ascii")
         iplen = PyBytes_GET_SIZE(ipb)
@@ -854,7 +856,7 @@ cdef class Forwarder:
         cdef Py_ssize_t k, ls, le, colon, vs, ne
         cdef const unsigned char* q
         cdef bytes out
-        if n + 1024 > self.obuf_size:
+        if 2 * n + 1024 > self.obuf_size:
             raise ValueError("response larger than the buffer")
         o = _put(o, <const char*>p, r.line_e + 2)
         for k in range(1, r.nvia):
