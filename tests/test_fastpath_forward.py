@@ -212,7 +212,8 @@ def call(rig: Rig, caller: Sock, trunk: Sock, inv: bytes, answers: list[dict[str
     final = None
     for a in answers:
         code = a["code"]
-        trunk.send(response(fwd, code, a.get("reason", "Whatever"), **a.get("kw", {})), rig)
+        data = response(fwd, code, a.get("reason", "Whatever"), **a.get("kw", {}))
+        trunk.send(a["edit"](data) if "edit" in a else data, rig)
         if code >= 300:
             got += trunk.take(1)            # our ACK
         relayed = 100 < code and (final is None or 200 <= code < 300)
@@ -590,3 +591,19 @@ def _close_fuzz_rigs() -> Iterator[None]:
         for part in _fuzz_rigs:
             part.close()
         _fuzz_rigs = None
+
+
+def test_largest_messages_of_tiny_headers_byte_for_byte(rigs: Any, socks: Any) -> None:
+    """Thousands of header lines that grow when re-spelled ("ab:c" -> "Ab: c"): larger than the datagram."""
+    caller, trunk = socks(), socks()
+    fast, slow = rigs([trunk.port], sip={"max_message_size": 65535})
+    tiny = tuple((f"x{i:x}", "c") for i in range(5000))
+
+    def make(c: str, cid: str, branch: str) -> bytes:
+        inv = invite(caller.port, c, call_id=cid, branch=branch, extra=tiny)
+        return inv.replace(b": c\r\n", b":c\r\n")
+
+    assert 40000 < len(make("13900000009", "big", "z9hG4bKbig")) < 50000
+    both(fast, slow, caller, trunk, make, [{"code": 486, "reason": "Busy Here",
+                                            "kw": {"extra": tuple((f"y{i:x}", "d") for i in range(5000))},
+                                            "edit": lambda m: m.replace(b": d\r\n", b":d\r\n")}])
