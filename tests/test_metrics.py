@@ -16,6 +16,28 @@ def value(m: Metrics, name: str, **labels: str) -> float:
     return 0.0 if v is None else v
 
 
+def test_a_batch_of_decisions_counts_as_the_same_decisions_one_by_one() -> None:
+    from callguard.metrics import LATENCY_BUCKETS
+
+    times = [0.5e-6, 1e-6, 3e-6, 3e-6, 7e-6, 40e-6, 2e-3, 0.5]
+    one, batch = Metrics(), Metrics()
+    for t in times:
+        one.decision("banned", t)
+    counts = [0] * len(LATENCY_BUCKETS)
+    for t in times:
+        counts[next(i for i, b in enumerate(LATENCY_BUCKETS) if t <= b)] += 1
+    batch.decisions([("banned", len(times))], counts, sum(times))
+    for m in (one, batch):
+        assert value(m, "callguard_decisions_total", rule="banned") == len(times)
+    for le in ("1e-06", "2.5e-06", "5e-06", "1e-05", "5e-05", "0.0025", "0.1", "+Inf"):
+        assert value(batch, "callguard_decision_latency_seconds_bucket", le=le) == \
+            value(one, "callguard_decision_latency_seconds_bucket", le=le), le
+    assert value(one, "callguard_decision_latency_seconds_bucket", le="1e-06") == 2   # <= bound: 0.5 µs and 1 µs
+    assert value(batch, "callguard_decision_latency_seconds_sum") == pytest.approx(sum(times))
+    with pytest.raises(ValueError):
+        batch.decisions([], [1, 2], 0.0)        # not one count per bucket
+
+
 def test_counters_change() -> None:
     m = Metrics()
     m.decision("banned", 12e-6)

@@ -13,14 +13,17 @@ Such an INVITE is decided with the compiled core's C entry point (``Core._decide
 same rules and the same rate-limit state as ``check``, no Verdict object).  A rejection is
 answered here: the response is assembled byte for byte as the proxy's Python path builds
 it, stored in the proxy's server-transaction table (so a retransmission gets the same
-bytes and the ACK is absorbed, with the same expiry queues) and sent with ``sendmmsg`` at
+bytes and the ACK is absorbed, with the same lingers) and sent with ``sendmmsg`` at
 the end of the batch.  An allowed call is handed to the proxy (``Proxy.fast_allowed``) with
 its decision, to be forwarded there.  Everything else -- responses, other methods, compact
 headers, folding, a To tag, anything the scan is unsure of -- goes, in arrival order, to
 the proxy's ordinary ``handle``: the Python path stays the reference.
 
-Per decision the fast path only appends one tuple (a call-record row plus the shadowed
-rules); the proxy drains them once per batch into records, metrics and logs.
+Per decision the fast path appends one tuple (a call-record row plus the shadowed rules) and
+counts the rule and the decision time in C; the proxy drains both once per batch into records,
+metrics and logs.  What it answered itself it forgets by itself: each rejection (and, once ACKed,
+its shorter linger) waits in a :class:`LingerQueue`, a C ring the proxy's timer tick empties with
+:meth:`FastPath.expire` -- no tuple per call for the garbage collector to walk.
 
 The syntax checks are those of ``_sipcore`` (the parser's Cython twin): both modules take
 them from ``_sipscan.pxd``, so that nothing the fast path accepts could be refused by the parser.
@@ -28,9 +31,11 @@ The recvmmsg/sendmmsg loops are those of ``_sipcore.UdpBatch``, shared the same 
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.errno cimport EINTR, errno
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy, memset, strlen
 
 from callguard._core cimport Core, Decision, Num
@@ -41,8 +46,6 @@ from callguard.sip._udpio cimport (
     AF_INET, AF_INET6, MSG_DONTWAIT, alloc_vectors, batch_family, free_vectors, inet_ntop, iovec, is_keepalive, mmsghdr,
     ntohl, ntohs, recv_batch, send_batch, sendmmsg, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
 )
-
-import hashlib
 
 cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
@@ -78,6 +81,8 @@ cdef enum:
     M_INVITE = 1
     M_ACK = 2
     MAX_VIAS = 16
+    MAX_RULES = 32
+    MAX_BUCKETS = 32
 
 
 cdef struct Scan:
@@ -391,6 +396,128 @@ TX_LINGER = 32.0
 T4 = 5.0
 
 
+# ---------------------------------------------------------------- forgetting what we answered
+cdef struct Linger:
+    double deadline
+    PyObject* key
+    PyObject* value
+
+
+cdef class LingerQueue:
+    """Entries of a transaction table to forget at their deadline, oldest first.
+
+    Every entry of one queue waits the same time, so arrival order is deadline order and a ring
+    suffices.  At 10k calls/s the proxy's deque of ``(deadline, table, key, value)`` tuples kept
+    some 300k tuples alive, each walked by every garbage collection; here they are three C fields.
+    """
+
+    cdef Linger* ring
+    cdef Py_ssize_t cap, head, count
+
+    def __cinit__(self):
+        self.cap = 1024
+        self.ring = <Linger*>malloc(self.cap * sizeof(Linger))
+        if self.ring == NULL:
+            raise MemoryError()
+        self.head = 0
+        self.count = 0
+
+    def __dealloc__(self):
+        self._drop(self.count)
+        free(self.ring)
+
+    cdef int push(self, double deadline, object key, object value) except -1:
+        cdef Linger* grown
+        cdef Py_ssize_t k, first
+        if self.count == self.cap:
+            grown = <Linger*>malloc(2 * self.cap * sizeof(Linger))
+            if grown == NULL:
+                raise MemoryError()
+            first = self.cap - self.head       # the entries up to the end of the ring, then the rest
+            memcpy(grown, self.ring + self.head, first * sizeof(Linger))
+            memcpy(grown + first, self.ring, self.head * sizeof(Linger))
+            free(self.ring)
+            self.ring = grown
+            self.head = 0
+            self.cap *= 2
+        k = (self.head + self.count) % self.cap
+        Py_INCREF(key)
+        Py_INCREF(value)
+        self.ring[k].deadline = deadline
+        self.ring[k].key = <PyObject*>key
+        self.ring[k].value = <PyObject*>value
+        self.count += 1
+        return 0
+
+    cdef void _drop(self, Py_ssize_t n):
+        cdef Linger* e
+        while n > 0 and self.count > 0:
+            e = &self.ring[self.head]
+            Py_DECREF(<object>e.key)
+            Py_DECREF(<object>e.value)
+            self.head = (self.head + 1) % self.cap
+            self.count -= 1
+            n -= 1
+
+    def expire(self, double now, dict table) -> int:
+        """Forget every entry due by ``now``: removed from ``table`` if it still holds that value."""
+        cdef Linger* e
+        cdef PyObject* held
+        cdef int done = 0
+        while self.count > 0 and self.ring[self.head].deadline <= now:
+            e = &self.ring[self.head]
+            held = PyDict_GetItem(table, <object>e.key)
+            if held != NULL and held == e.value:
+                PyDict_DelItem(table, <object>e.key)
+            self._drop(1)
+            done += 1
+        return done
+
+    def append(self, double deadline, key, value) -> None:
+        """Queue ``key`` to be forgotten at ``deadline`` if the table still holds ``value`` then
+        (deadlines must not decrease: the queue is taken in arrival order)."""
+        if self.count and deadline < self.ring[(self.head + self.count - 1) % self.cap].deadline:
+            raise ValueError("deadlines must not decrease")
+        self.push(deadline, key, value)
+
+    def clear(self) -> None:
+        """Forget the queue itself (the table keeps its entries)."""
+        self._drop(self.count)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+# ---------------------------------------------------------------- the To tag of our own rejections
+cdef inline unsigned long long _fnv1a(const unsigned char* s, Py_ssize_t n,
+                                      unsigned long long h) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ s[i]) * 1099511628211ULL
+    return h
+
+
+cdef unsigned long long FNV_OFFSET = 14695981039346656037ULL
+cdef const char* HEXD = b"0123456789abcdef"
+
+
+cdef inline void _hex12(unsigned long long h, char* out) noexcept nogil:
+    cdef int i
+    for i in range(12):
+        out[11 - i] = HEXD[h & 15]
+        h >>= 4
+
+
+def tag_digest(bytes data) -> str:
+    """12 hex digits of the 64-bit FNV-1a hash of ``data`` (its low 48 bits): the To tag of a response
+    we generate is ``"cg"`` + the digest of Call-ID, CSeq number, From tag and top Via joined by NUL
+    (``proxy.tag_digest`` is the pure-Python twin).  Not a secret: a tag only has to differ between
+    calls, and FNV costs a few ns per byte where blake2 cost half a microsecond per response."""
+    cdef char out[12]
+    _hex12(_fnv1a(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), FNV_OFFSET), out)
+    return PyUnicode_DecodeASCII(out, 12, NULL)
+
+
 cdef class FastPath:
     """recvmmsg, scan, decide, answer, sendmmsg: one batch per :meth:`run` call.
 
@@ -426,6 +553,15 @@ cdef class FastPath:
     cdef public bint enabled
     # per batch, read and reset by the proxy
     cdef public list decisions       # call-record rows + (shadowed,)
+    # decisions of the batch per rule index, and their core times by latency bucket (and summed)
+    cdef unsigned long rule_n[MAX_RULES]
+    cdef unsigned long lat_n[MAX_BUCKETS]
+    cdef double lat_bounds[MAX_BUCKETS]
+    cdef int n_bounds
+    cdef double lat_sum
+    cdef bint counted
+    # what the fast path answered, forgotten after TX_LINGER (or T4 once ACKed)
+    cdef readonly LingerQueue lingering, lingering_acked
     cdef public unsigned long invites_in, acks_in, retrans_out, slow
     cdef public dict out_codes
     cdef readonly unsigned long long dropped_keepalives
@@ -444,6 +580,10 @@ cdef class FastPath:
         self.nsend = 0
         self.decisions = []
         self.out_codes = {}
+        self.lingering = LingerQueue()
+        self.lingering_acked = LingerQueue()
+        self.n_bounds = 0
+        self._reset_counts()
         self.enabled = False
         self.max_size = 65535
 
@@ -457,7 +597,7 @@ cdef class FastPath:
         return self.fd
 
     def configure(self, core, rule_names, codes, reasons, bint hide_reason, str server_line,
-                  Py_ssize_t max_size, trust_identity):
+                  Py_ssize_t max_size, trust_identity, latency_bounds=()):
         """Take the decision core and the response texts; a core other than the compiled one disables the path.
 
         Args:
@@ -469,11 +609,21 @@ cdef class FastPath:
             server_line: ``"Server: ..."`` as the proxy writes it.
             max_size: larger datagrams go to the slow path (it answers 513).
             trust_identity: ``ip -> bool``, whether P-Asserted-Identity of that source is the caller.
+            latency_bounds: upper bounds (seconds) of the decision-time buckets counted per batch
+                (``metrics.LATENCY_BUCKETS``); the last one should be infinity.
         """
+        if len(latency_bounds) > MAX_BUCKETS:
+            raise ValueError(f"at most {MAX_BUCKETS} latency buckets")
+        self.n_bounds = len(latency_bounds)
+        for k, bound in enumerate(latency_bounds):
+            self.lat_bounds[k] = bound
+        self._reset_counts()
         if not isinstance(core, Core):
             self.enabled = False
             self.core = None
             return
+        if len(rule_names) > MAX_RULES:
+            raise ValueError(f"at most {MAX_RULES} rules")
         self.core = <Core>core
         self.rule_names = list(rule_names)
         self.r_allow = self.rule_names.index("allow")
@@ -540,8 +690,29 @@ cdef class FastPath:
         self.sdata = []
         return rest
 
-    def run(self, proxy, ep, dict stx, object expiry, object expiry_acked, double mono, long headroom,
-            unsigned int max_batch=64):
+    cdef void _reset_counts(self):
+        memset(self.rule_n, 0, sizeof(self.rule_n))
+        memset(self.lat_n, 0, sizeof(self.lat_n))
+        self.lat_sum = 0.0
+        self.counted = False
+
+    def take_counts(self):
+        """The batch's decisions since the last call, reset: ``None`` when there were none, else
+        ``([(rule, n), ...], [count per latency bucket], sum of decision times in seconds)``."""
+        cdef int k
+        if not self.counted:
+            return None
+        by_rule = [(self.rule_names[k], self.rule_n[k]) for k in range(len(self.rule_names)) if self.rule_n[k]]
+        buckets = [self.lat_n[k] for k in range(self.n_bounds)]
+        total = self.lat_sum
+        self._reset_counts()
+        return by_rule, buckets, total
+
+    def expire(self, double now, dict stx) -> int:
+        """Forget the answered transactions whose linger is over (the proxy's timer tick calls this)."""
+        return self.lingering.expire(now, stx) + self.lingering_acked.expire(now, stx)
+
+    def run(self, proxy, ep, dict stx, double mono, long headroom, unsigned int max_batch=64):
         """Receive and handle one batch; returns the number of datagrams read (raises OSError).
 
         ``headroom``: INVITEs that may still be forwarded before the proxy is at ``max_in_flight``
@@ -583,7 +754,7 @@ cdef class FastPath:
                 if type(prev) is bytes:
                     # The ACK to our own final: absorbed; the transaction goes after Timer I.
                     self.acks_in += 1
-                    expiry_acked.append((mono + T4, stx, key, prev))
+                    self.lingering_acked.push(mono + T4, key, prev)
                 elif prev is not None and (prev.final >= 300 or not prev.final):
                     # The ACK to a non-2xx final the proxy relayed (and ACKed itself): absorbed too.
                     self.acks_in += 1
@@ -626,6 +797,13 @@ cdef class FastPath:
             lat = _clock(CLOCK_MONOTONIC) - t0
             self.invites_in += 1
             rule = dec.rule
+            self.rule_n[rule] += 1
+            self.lat_sum += lat
+            for k in range(<unsigned int>self.n_bounds):
+                if lat <= self.lat_bounds[k]:
+                    self.lat_n[k] += 1
+                    break
+            self.counted = True
             call_id = _s(p, sc.cid_s, sc.cid_e)
             if dec.nshadow:
                 shadowed = tuple([self.rule_names[dec.shadow[k]] for k in range(dec.nshadow)])
@@ -644,7 +822,7 @@ cdef class FastPath:
                                    "reject", code, dec.score, <long>(lat * 1e6), shadowed))
             resp = self._reject(p, &sc, rule)
             stx[key] = resp
-            expiry.append((mono + TX_LINGER, stx, key, resp))
+            self.lingering.push(mono + TX_LINGER, key, resp)
             self._queue(resp, &self.addrs[i], alen)
             n = self.out_codes.get(code)
             self.out_codes[code] = 1 if n is None else n + 1
@@ -658,28 +836,20 @@ cdef class FastPath:
         cdef Py_ssize_t size, k, cseq_n
         cdef char* o
         cdef bytes out
-        cdef bytes tag
-        # "cg" + blake2b(call_id \0 cseq \0 from_tag \0 top via, 6 bytes) in hex
+        cdef char tag[12]
+        cdef unsigned long long h
+        cdef const unsigned char* zero = b"\0"
+        # "cg" + tag_digest(call_id \0 cseq \0 from_tag \0 top via), hashed in place
         cseq_n = sc.cseq_e - sc.cseq_s
-        size = (sc.cid_e - sc.cid_s) + 1 + cseq_n + 1 + (sc.ftag_e - sc.ftag_s if sc.ftag_s >= 0 else 0) + 1 \
-            + (sc.via_e[0] - sc.via_s[0])
-        seed = PyBytes_FromStringAndSize(NULL, size)
-        o = PyBytes_AS_STRING(seed)
-        memcpy(o, p + sc.cid_s, sc.cid_e - sc.cid_s)
-        o += sc.cid_e - sc.cid_s
-        o[0] = 0
-        o += 1
-        memcpy(o, p + sc.cseq_s, cseq_n)
-        o += cseq_n
-        o[0] = 0
-        o += 1
+        h = _fnv1a(p + sc.cid_s, sc.cid_e - sc.cid_s, FNV_OFFSET)
+        h = _fnv1a(zero, 1, h)
+        h = _fnv1a(p + sc.cseq_s, cseq_n, h)
+        h = _fnv1a(zero, 1, h)
         if sc.ftag_s >= 0:
-            memcpy(o, p + sc.ftag_s, sc.ftag_e - sc.ftag_s)
-            o += sc.ftag_e - sc.ftag_s
-        o[0] = 0
-        o += 1
-        memcpy(o, p + sc.via_s[0], sc.via_e[0] - sc.via_s[0])
-        tag = _blake2b(seed, digest_size=6).hexdigest().encode("ascii")
+            h = _fnv1a(p + sc.ftag_s, sc.ftag_e - sc.ftag_s, h)
+        h = _fnv1a(zero, 1, h)
+        h = _fnv1a(p + sc.via_s[0], sc.via_e[0] - sc.via_s[0], h)
+        _hex12(h, tag)
         size = PyBytes_GET_SIZE(status) + PyBytes_GET_SIZE(reason) + PyBytes_GET_SIZE(tail)
         for k in range(sc.nvia):
             size += 7 + sc.via_e[k] - sc.via_s[k]
@@ -698,7 +868,7 @@ cdef class FastPath:
         o = _put(o, b"\r\nTo: ", 6)
         o = _put(o, <const char*>p + sc.to_s, sc.to_e - sc.to_s)
         o = _put(o, b";tag=cg", 7)
-        o = _put(o, PyBytes_AS_STRING(tag), 12)
+        o = _put(o, tag, 12)
         o = _put(o, b"\r\nCall-ID: ", 11)
         o = _put(o, <const char*>p + sc.cid_s, sc.cid_e - sc.cid_s)
         o = _put(o, b"\r\nCSeq: ", 8)
@@ -712,9 +882,6 @@ cdef class FastPath:
 cdef inline char* _put(char* o, const char* s, Py_ssize_t n) noexcept nogil:
     memcpy(o, s, n)
     return o + n
-
-
-_blake2b = hashlib.blake2b
 
 
 def _clean(str text) -> str:

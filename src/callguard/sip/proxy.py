@@ -32,6 +32,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Config, parse_address
@@ -115,6 +116,28 @@ def _h(*parts: str) -> str:
     return hashlib.blake2b("\x00".join(parts).encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
 
 
+def tag_digest_py(data: bytes) -> str:
+    """12 hex digits of the 64-bit FNV-1a hash of ``data`` (low 48 bits): the pure-Python twin of
+    ``_fastpath.tag_digest``, which the To tag of our own responses uses (see ``_respond``)."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h & 0xFFFFFFFFFFFF:012x}"
+
+
+def _tag_digest_impl() -> Callable[[bytes], str]:
+    if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
+        try:
+            from ._fastpath import tag_digest
+            return tag_digest
+        except ImportError:
+            pass
+    return tag_digest_py
+
+
+tag_digest = _tag_digest_impl()
+
+
 def split_commas(value: str) -> list[str]:
     """Split a header value on commas outside <> and quotes (Route, Record-Route)."""
     if "," not in value:
@@ -161,6 +184,7 @@ class NullMetrics:
     """Stand-in when metrics are disabled: same methods, no effect."""
 
     def decision(self, rule: str, latency_seconds: float) -> None: ...
+    def decisions(self, by_rule: Any, latency_counts: Any, latency_sum: float) -> None: ...
     def message_in(self, method: str | int, n: int = 1) -> None: ...
     def message_out(self, method: str | int, n: int = 1) -> None: ...
     def parse_error(self) -> None: ...
@@ -454,7 +478,9 @@ class Proxy:
     def _respond(self, msg: Any, ep: Any, addr: Any, code: int, reason: str, *, to_tag: str | None = None,
                  extra: tuple[Any, ...] = ()) -> bytes:
         if to_tag is None and code >= 200 and not msg.to_tag:
-            to_tag = "cg" + _h(msg.call_id or "", str(msg.cseq), msg.from_tag or "", msg.vias[0] if msg.vias else "")
+            # the compiled fast path derives the same tag from the same bytes (see its _reject)
+            seed = "\x00".join((msg.call_id or "", str(msg.cseq), msg.from_tag or "", msg.vias[0] if msg.vias else ""))
+            to_tag = "cg" + tag_digest(seed.encode("utf-8", "surrogateescape"))
         data = self._response(msg, code, reason, to_tag, extra)
         self._send(ep, data, addr, "response")
         return data
@@ -488,10 +514,11 @@ class Proxy:
         if settings is None or os.environ.get("CALLGUARD_NO_FAST_PATH"):
             fast.configure(None, (), (), (), True, "", 0, None)
             return
+        from ..metrics import LATENCY_BUCKETS
         from ..settings import RULE_NAMES
 
         fast.configure(core, RULE_NAMES, settings.codes, settings.reasons, self.hide_reason, self._server_line,
-                       self.max_size, self._trust_identity)
+                       self.max_size, self._trust_identity, LATENCY_BUCKETS)
 
     def _trust_identity(self, ip: str) -> bool:
         return self._trust_of(ip)[1]
@@ -525,12 +552,12 @@ class Proxy:
             for code, n in fast.out_codes.items():
                 self.metrics.message_out(code, n)
             fast.out_codes.clear()
+        counts = fast.take_counts()
+        if counts is not None:
+            self.metrics.decisions(*counts)
         if not rows:
             return
         fast.decisions = []
-        metrics = self.metrics
-        for r in rows:
-            metrics.decision(r[5], r[9] / 1e6)
         add_many = getattr(self.records, "add_many", None)
         if add_many is not None:
             add_many(rows)
@@ -1278,9 +1305,18 @@ class Proxy:
             for b in value.branches:
                 self.expiry_acked.append((deadline, self.ctx, b, value))
 
+    def lingering_acked(self) -> int:
+        """Transactions ACKed and waiting out T4 before they are forgotten (ours and the fast path's)."""
+        return len(self.expiry_acked) + sum(len(f.lingering_acked) for f in self._fast_paths())
+
+    def _fast_paths(self) -> list[Any]:
+        return [f for f in (getattr(ep, "fast", None) for ep in self.udp) if f is not None]
+
     def _forget_due(self, now: float) -> None:
         """Forget finished transactions whose linger is over (every TICK: at 10k calls/s a once-a-second
         sweep stalled the loop for milliseconds, which the slowest answers then waited for)."""
+        for fast in self._fast_paths():
+            fast.expire(now, self.stx)
         for exp in (self.expiry, self.expiry_acked):
             while exp and exp[0][0] <= now:
                 _, table, key, value = exp.popleft()
