@@ -38,6 +38,27 @@ def test_a_batch_of_decisions_counts_as_the_same_decisions_one_by_one() -> None:
         batch.decisions([], [1, 2], 0.0)        # not one count per bucket
 
 
+def test_fast_batch_counts_what_the_per_call_methods_count() -> None:
+    from callguard.metrics import LATENCY_BUCKETS
+
+    one, batch = Metrics(), Metrics()
+    one.message_in("INVITE", 3)
+    one.message_in("ACK", 2)
+    one.message_out(403, 3)
+    one.message_out(486)
+    for t in (3e-6, 4e-6, 2e-3):
+        one.decision("banned", t)
+    buckets = [0] * len(LATENCY_BUCKETS)
+    buckets[2] += 2          # 3 µs and 4 µs: <= 5e-06
+    buckets[10] += 1         # 2 ms: <= 2.5e-03
+    batch.fast_batch(3, 2, [(403, 3), (486, 1)], [("banned", 3)], buckets, 3e-6 + 4e-6 + 2e-3)
+    def samples(m: Metrics) -> list[bytes]:   # creation times differ between the two registries
+        return [line for line in m.render().splitlines() if b"_created" not in line]
+
+    assert samples(batch) == samples(one)
+    assert value(batch, "callguard_sip_messages_out_total", method="4xx") == 4
+
+
 def test_counters_change() -> None:
     m = Metrics()
     m.decision("banned", 12e-6)

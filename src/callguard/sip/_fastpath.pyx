@@ -697,16 +697,23 @@ cdef class FastPath:
         self.counted = False
 
     def take_counts(self):
-        """The batch's decisions since the last call, reset: ``None`` when there were none, else
-        ``([(rule, n), ...], [count per latency bucket], sum of decision times in seconds)``."""
+        """What the fast path counted since the last call, reset: ``None`` when nothing, else
+        ``(INVITEs in, ACKs in, [(status sent, n), ...], [(rule, n), ...], [decisions per latency
+        bucket], sum of decision times in seconds)`` -- ``Metrics.fast_batch`` takes it as it is."""
         cdef int k
-        if not self.counted:
+        if not (self.counted or self.invites_in or self.acks_in or self.out_codes):
             return None
-        by_rule = [(self.rule_names[k], self.rule_n[k]) for k in range(len(self.rule_names)) if self.rule_n[k]]
-        buckets = [self.lat_n[k] for k in range(self.n_bounds)]
-        total = self.lat_sum
+        if self.counted:
+            by_rule = [(self.rule_names[k], self.rule_n[k]) for k in range(len(self.rule_names)) if self.rule_n[k]]
+            buckets = [self.lat_n[k] for k in range(self.n_bounds)]
+        else:
+            by_rule = []
+            buckets = [0] * self.n_bounds
+        out = (self.invites_in, self.acks_in, list(self.out_codes.items()), by_rule, buckets, self.lat_sum)
+        self.invites_in = self.acks_in = 0
+        self.out_codes.clear()
         self._reset_counts()
-        return by_rule, buckets, total
+        return out
 
     def expire(self, double now, dict stx) -> int:
         """Forget the answered transactions whose linger is over (the proxy's timer tick calls this)."""

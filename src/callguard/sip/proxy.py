@@ -185,6 +185,8 @@ class NullMetrics:
 
     def decision(self, rule: str, latency_seconds: float) -> None: ...
     def decisions(self, by_rule: Any, latency_counts: Any, latency_sum: float) -> None: ...
+    def fast_batch(self, invites: int, acks: int, out: Any, by_rule: Any, latency_counts: Any,
+                   latency_sum: float) -> None: ...
     def message_in(self, method: str | int, n: int = 1) -> None: ...
     def message_out(self, method: str | int, n: int = 1) -> None: ...
     def parse_error(self) -> None: ...
@@ -542,19 +544,9 @@ class Proxy:
     def on_batch(self, fast: Any) -> None:
         """After each fast-path batch: records, metrics and decision logs of the batch, at once."""
         rows = fast.decisions
-        if fast.invites_in:
-            self.metrics.message_in("INVITE", fast.invites_in)
-            fast.invites_in = 0
-        if fast.acks_in:
-            self.metrics.message_in("ACK", fast.acks_in)
-            fast.acks_in = 0
-        if fast.out_codes:
-            for code, n in fast.out_codes.items():
-                self.metrics.message_out(code, n)
-            fast.out_codes.clear()
         counts = fast.take_counts()
         if counts is not None:
-            self.metrics.decisions(*counts)
+            self.metrics.fast_batch(*counts)
         if not rows:
             return
         fast.decisions = []
