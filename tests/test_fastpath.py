@@ -137,9 +137,27 @@ def test_scan_recognises_plain_invite_and_ack() -> None:
     lambda m: m.replace(b"Call-ID: ", b"Call-ID: \xff"),
     lambda m: m[:40],
     lambda m: m.replace(b"\r\n", b"\n"),
+    # bytes outside printable ASCII anywhere in a header line (the scan checks eight at a time)
+    lambda m: m.replace(b"Call-ID: ", b"Call-ID: abcdefghijklmnop\x01"),
+    lambda m: m.replace(b"Call-ID: ", b"Call-ID: abcdefg\x7f"),
+    lambda m: m.replace(b"Call-ID: ", b"Call-ID: a\x80"),
+    lambda m: m.replace(b"CSeq: 1 INVITE", b"CSeq: 1 INVITE\x00"),
+    lambda m: m.replace(b"\r\n\r\n", b"\r\n"),                 # no empty line: no end of the head
+    lambda m: m.replace(b"\r\n\r\n", b"\r\n\r"),                # a CR with no LF
+    lambda m: m.replace(b"Content-Length: 0\r\n", b""),           # no Content-Length over UDP
+    lambda m: m.replace(b"SIP/2.0\r\n", b"SIP/2.0\r\nVia: SIP/2.0/UDP 10.9.9.9;branch=z9hG4bKcg1.x\r\n", 1),
 ])
 def test_scan_leaves_anything_unusual_to_the_python_path(change: Callable[[bytes], bytes]) -> None:
     assert fastpath.scan_kind(change(invite())) == 0
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.replace(b"SIP/2.0\r\n", b"SIP/2.0\r\nSubject: a tab\tinside a long header value\r\n", 1),
+    lambda m: m.replace(b"SIP/2.0\r\n", b"SIP/2.0\r\nSubject: z9hG4bKcg is only a loop in a Via\r\n", 1),
+    lambda m: m.replace(b"Content-Length: 0", b"Content-Length: 5") + b"v=0\r\n",
+])
+def test_scan_takes_plain_variants(change: Callable[[bytes], bytes]) -> None:
+    assert fastpath.scan_kind(change(invite())) == 1
 
 
 # ---------------------------------------------------------------- byte for byte
