@@ -411,6 +411,8 @@ class Proxy:
             if t.ka_handle is not None:
                 t.ka_handle.cancel()
                 t.ka_handle = None
+        for fast in self._fast_paths():
+            self.on_batch(fast)     # the last decisions of the fast path, before the records close
 
     def is_ours(self, host: str, port: int | None) -> bool:
         """Whether host:port (port None = 5060) is one of our listeners."""
@@ -931,6 +933,8 @@ class Proxy:
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         now = self.loop.time()
         self._forget_due(now)
+        for fast in self._fast_paths():
+            self.on_batch(fast)     # what the fast path decided since its last bookkeeping
         timers = self.timers
         while timers and timers[0][0] <= now:
             _, _, tx, attempt, kind = heapq.heappop(timers)
