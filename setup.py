@@ -33,7 +33,7 @@ MODULES = ["callguard._core", "callguard.sip._sipcore", "callguard.sip._fastpath
 # Extra link arguments per module.  The records inserter links the system's SQLite (the library
 # Python's sqlite3 module uses) by its run-time name, so no -dev package is needed; it is optional:
 # without it the records are written through Python's sqlite3 module.
-LINK = {"callguard._recwriter": ["-l:libsqlite3.so.0"]}
+LINK = {"callguard._recwriter": ["-l:libsqlite3.so.0", "-ldl"]}
 OPTIONAL = {"callguard._recwriter"}
 
 extensions = []

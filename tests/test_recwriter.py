@@ -81,7 +81,7 @@ def test_a_failed_insert_stores_nothing_and_says_why(tmp_path: Path) -> None:
     ins.prepare(INSERT)
     buf = recwriter.RowBuffer()
     buf.extend([ROWS[0][:10], ROWS[1][:10], (*ROWS[2][:7], 503, 0.0, 1)])
-    with pytest.raises(OSError, match="CHECK constraint"):
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint"):
         ins.insert(buf)
     assert conn.execute("SELECT count(*) FROM records").fetchone() == (0,)
     assert len(buf) == 3                       # left as it was, for the fallback
@@ -107,3 +107,29 @@ def test_prepare_checks_the_statement(tmp_path: Path) -> None:
 def test_the_record_fields_are_the_inserters_order() -> None:
     assert R.RECORD_FIELDS == ("time", "call_id", "source", "caller", "callee", "rule", "verdict", "code", "score",
                                "latency_us")
+
+
+def test_sharing_a_python_connection_inserts_inside_its_transaction(tmp_path: Path) -> None:
+    conn = _db(tmp_path / "r.sqlite3")
+    ins = recwriter.Inserter.sharing(conn)
+    assert not ins.owned
+    ins.prepare(INSERT)
+    buf = recwriter.RowBuffer()
+    buf.extend(r[:10] for r in ROWS)
+    with pytest.raises(RuntimeError):
+        ins.insert(buf)                       # no transaction open on the shared connection
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(INSERT, ROWS[0][:10])        # Python's module and the inserter, one transaction
+    assert ins.insert(buf) == 4
+    assert conn.execute("SELECT last_insert_rowid()").fetchone() == (4,)
+    conn.execute("ROLLBACK")                  # the owner decides: nothing was committed
+    assert _stored(conn) == []
+    conn.execute("BEGIN IMMEDIATE")
+    ins.insert(buf)
+    conn.execute("COMMIT")
+    other = sqlite3.connect(tmp_path / "r.sqlite3")
+    assert other.execute("SELECT count(*) FROM records").fetchone() == (3,)
+    ins.close()
+    assert conn.execute("SELECT count(*) FROM records").fetchone() == (3,)   # still open: not ours
+    with pytest.raises(TypeError):
+        recwriter.Inserter.sharing(object())

@@ -12,7 +12,17 @@ the entire transaction and speaks to SQLite's C API directly.
 The module links the system's ``libsqlite3.so.0`` (the library Python's own ``sqlite3`` module
 uses on Debian).  It is optional: when it cannot be built, ``records.py`` writes with
 ``executemany`` as before -- that path is also the reference the tests compare against.
+
+An :class:`Inserter` either owns a connection (one transaction per :meth:`Inserter.insert`) or
+shares a ``sqlite3.Connection`` (:meth:`Inserter.sharing`), inserting inside the transaction
+that connection has open: then the records writer keeps its own transaction, catalog and id
+bookkeeping in Python and only the rows go through here.  Sharing reads the ``sqlite3 *`` of the
+Python connection, the first field after the object header of CPython's connection object, and is
+only allowed when that module and this one use the very same loaded SQLite library (checked by
+symbol address): otherwise :meth:`Inserter.sharing` raises and the writer keeps ``executemany``.
 """
+
+import sqlite3 as _sqlite3_module
 
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t
@@ -38,7 +48,13 @@ cdef extern from *:
     int sqlite3_finalize(sqlite3_stmt *stmt);
     const char *sqlite3_errmsg(sqlite3 *db);
     long long sqlite3_last_insert_rowid(sqlite3 *db);
+    int sqlite3_get_autocommit(sqlite3 *db);
+    int sqlite3_libversion_number(void);
     #define CG_SQLITE_STATIC ((void (*)(void *))0)
+    /* CPython's sqlite3.Connection starts with the sqlite3 handle (Modules/_sqlite/connection.h) */
+    typedef struct { PyObject_HEAD sqlite3 *db; } cg_pysqlite_connection;
+    #include <dlfcn.h>
+    static void *cg_sqlite_symbol(void) { return (void *)&sqlite3_libversion_number; }
     """
     ctypedef struct sqlite3
     ctypedef struct sqlite3_stmt
@@ -57,10 +73,20 @@ cdef extern from *:
     int sqlite3_finalize(sqlite3_stmt* stmt) nogil
     const char* sqlite3_errmsg(sqlite3* db) nogil
     long long sqlite3_last_insert_rowid(sqlite3* db) nogil
+    int sqlite3_get_autocommit(sqlite3* db) nogil
     void (*SQLITE_STATIC "CG_SQLITE_STATIC")(void*)
+    ctypedef struct cg_pysqlite_connection:
+        sqlite3* db
+    void* dlopen(const char* path, int flags)
+    void* dlsym(void* handle, const char* name)
+    int dlclose(void* handle)
+    int RTLD_NOW
+    int RTLD_NOLOAD
+    void* cg_sqlite_symbol()
 
 cdef enum:
     SQLITE_OK = 0
+    SQLITE_CONSTRAINT = 19
     SQLITE_DONE = 101
     SQLITE_OPEN_READWRITE = 0x00000002
     N_TEXT = 6           # call_id, source, caller, callee, rule, verdict
@@ -202,14 +228,23 @@ cdef class Inserter:
     cdef sqlite3_stmt* stmt
     cdef readonly str sql
     cdef readonly str path
+    cdef readonly bint owned          # our own connection (else a shared sqlite3.Connection)
+    cdef object shared                # the sqlite3.Connection kept alive while we use its handle
 
-    def __cinit__(self, str path, int busy_timeout_ms=10000):
+    def __cinit__(self, str path, int busy_timeout_ms=10000, *, _shared=None):
         cdef bytes p = path.encode("utf-8", "surrogateescape")
         cdef int rc
         self.db = NULL
         self.stmt = NULL
         self.sql = None
         self.path = path
+        self.owned = _shared is None
+        self.shared = _shared
+        if _shared is not None:
+            self.db = (<cg_pysqlite_connection*><void*>_shared).db
+            if self.db == NULL:
+                raise ValueError("the connection is closed")
+            return
         rc = sqlite3_open_v2(p, &self.db, SQLITE_OPEN_READWRITE, NULL)
         if rc != SQLITE_OK:
             msg = self._error()
@@ -222,8 +257,31 @@ cdef class Inserter:
     def __dealloc__(self):
         if self.stmt != NULL:
             sqlite3_finalize(self.stmt)
-        if self.db != NULL:
+        if self.db != NULL and self.owned:
             sqlite3_close_v2(self.db)
+
+    @staticmethod
+    def sharing(conn) -> Inserter:
+        """An inserter working inside the transactions of ``conn``, a ``sqlite3.Connection``.
+
+        Raises:
+            TypeError: ``conn`` is not a ``sqlite3.Connection``.
+            RuntimeError: Python's sqlite3 module does not use the SQLite library this module uses.
+        """
+        cdef void* handle
+        cdef void* theirs
+        if not isinstance(conn, _sqlite3_module.Connection):
+            raise TypeError(f"expected a sqlite3.Connection, got {type(conn).__name__}")
+        module_file = __import__("_sqlite3").__file__.encode()
+        handle = dlopen(module_file, RTLD_NOW | RTLD_NOLOAD)
+        if handle == NULL:
+            raise RuntimeError("cannot look into Python's _sqlite3 module")
+        theirs = dlsym(handle, b"sqlite3_libversion_number")
+        dlclose(handle)
+        if theirs == NULL or theirs != cg_sqlite_symbol():
+            raise RuntimeError("Python's sqlite3 module uses another SQLite library than the records inserter")
+        path = conn.execute("PRAGMA database_list").fetchone()[2]
+        return Inserter(path or "", _shared=conn)
 
     cdef str _error(self):
         cdef bytes msg
@@ -249,6 +307,8 @@ cdef class Inserter:
         """Use ``sql``, an INSERT with ten parameters in ``RECORD_FIELDS`` order, from now on."""
         cdef bytes q = sql.encode("utf-8")
         cdef sqlite3_stmt* stmt = NULL
+        if self.db == NULL:
+            raise RuntimeError("the inserter is closed")
         if sql == self.sql:
             return
         if sqlite3_prepare_v2(self.db, q, -1, &stmt, NULL) != SQLITE_OK:
@@ -262,59 +322,66 @@ cdef class Inserter:
         self.sql = sql
 
     def insert(self, RowBuffer rows) -> int:
-        """Insert every row of ``rows`` in one transaction, without the GIL; returns the last rowid.
+        """Insert every row of ``rows`` without the GIL; returns the rowid of the last one.
 
-        On any failure the transaction is rolled back (nothing of the buffer is stored) and OSError
-        is raised; the buffer is left as it was.
+        Owning its connection, the inserter wraps the rows in one transaction and rolls it back on
+        any failure (nothing of the buffer is stored).  Sharing one, it inserts inside the
+        transaction the connection must have open, and leaves the rollback to its owner.  Either
+        way a failure raises ``sqlite3.IntegrityError`` (a constraint) or ``sqlite3.OperationalError``
+        and the buffer is left as it was.
         """
         cdef Py_ssize_t at = 0, end = rows.size
         cdef const char* data = rows.data
         cdef RowHead head
-        cdef int k, rc = SQLITE_DONE, col
+        cdef int k, rc = SQLITE_DONE
         cdef long long last = 0
         cdef const char* text
         cdef char* err = NULL
+        cdef bint owned = self.owned
         if self.stmt == NULL:
             raise RuntimeError("prepare() an INSERT first")
+        if not owned and sqlite3_get_autocommit(self.db):
+            raise RuntimeError("the shared connection has no transaction open")
         if rows.rows == 0:
             return 0
         with nogil:
-            rc = sqlite3_exec(self.db, b"BEGIN", NULL, NULL, &err)
-            if rc == SQLITE_OK:
-                rc = SQLITE_DONE
-                while at < end:
-                    memcpy(&head, data + at, sizeof(RowHead))
-                    at += sizeof(RowHead)
-                    sqlite3_bind_double(self.stmt, 1, head.time)
-                    for k in range(N_TEXT):
-                        text = data + at
-                        at += head.lens[k]
-                        sqlite3_bind_text(self.stmt, 2 + k, text, <int>head.lens[k], SQLITE_STATIC)
-                    sqlite3_bind_int64(self.stmt, 8, head.code)
-                    sqlite3_bind_double(self.stmt, 9, head.score)
-                    sqlite3_bind_double(self.stmt, 10, head.latency_us)
-                    rc = sqlite3_step(self.stmt)
-                    sqlite3_reset(self.stmt)
-                    if rc != SQLITE_DONE:
-                        break
-                if rc == SQLITE_DONE:
-                    last = sqlite3_last_insert_rowid(self.db)
+            if owned:
+                rc = sqlite3_exec(self.db, b"BEGIN", NULL, NULL, &err)
+                rc = SQLITE_DONE if rc == SQLITE_OK else rc
+            while rc == SQLITE_DONE and at < end:
+                memcpy(&head, data + at, sizeof(RowHead))
+                at += sizeof(RowHead)
+                sqlite3_bind_double(self.stmt, 1, head.time)
+                for k in range(N_TEXT):
+                    text = data + at
+                    at += head.lens[k]
+                    sqlite3_bind_text(self.stmt, 2 + k, text, <int>head.lens[k], SQLITE_STATIC)
+                sqlite3_bind_int64(self.stmt, 8, head.code)
+                sqlite3_bind_double(self.stmt, 9, head.score)
+                sqlite3_bind_double(self.stmt, 10, head.latency_us)
+                rc = sqlite3_step(self.stmt)
+                sqlite3_reset(self.stmt)
+            if rc == SQLITE_DONE:
+                last = sqlite3_last_insert_rowid(self.db)
+                if owned:
                     rc = sqlite3_exec(self.db, b"COMMIT", NULL, NULL, &err)
-                    if rc == SQLITE_OK:
-                        rc = SQLITE_DONE
+                    rc = SQLITE_DONE if rc == SQLITE_OK else rc
         if rc != SQLITE_DONE:
             msg = (<bytes>err).decode("utf-8", "replace") if err != NULL else self._error()
             sqlite3_free(err)
-            err = NULL
-            with nogil:
-                sqlite3_exec(self.db, b"ROLLBACK", NULL, NULL, NULL)
-            raise OSError(f"{self.path}: inserting records failed: {msg}")
+            if owned:
+                with nogil:
+                    sqlite3_exec(self.db, b"ROLLBACK", NULL, NULL, NULL)
+            kind = _sqlite3_module.IntegrityError if (rc & 0xFF) == SQLITE_CONSTRAINT else _sqlite3_module.OperationalError
+            raise kind(f"{self.path}: inserting records failed: {msg}")
         return last
 
     def close(self) -> None:
+        """Finalize the statement; close the connection if it is ours (a shared one stays open)."""
         if self.stmt != NULL:
             sqlite3_finalize(self.stmt)
             self.stmt = NULL
-        if self.db != NULL:
+        if self.db != NULL and self.owned:
             sqlite3_close_v2(self.db)
-            self.db = NULL
+        self.db = NULL
+        self.shared = None
