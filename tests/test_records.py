@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -38,6 +39,11 @@ def store(tmp_path: Path) -> Any:
     s = RecordStore(str(tmp_path / "records.sqlite3"), flush_interval=0.05)
     yield s
     s.close()
+
+
+def indexes_of(conn: sqlite3.Connection, *tables: str) -> set[str]:
+    return {r[0] for r in conn.execute(f"SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
+                                       f"({', '.join('?' * len(tables))})", tables)}
 
 
 def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
@@ -135,16 +141,17 @@ def test_wal_mode_and_schema(store: RecordStore, tmp_path: Path) -> None:
     assert store.pragma("journal_mode") == "wal"
     assert store.pragma("synchronous") == 1       # NORMAL
     assert Path(store.path + "-wal").exists()
-    # Another process's view (the records command while the proxy runs): same file, WAL, schema v2.
+    # Another process's view (the records command while the proxy runs): same file, WAL, schema v3.
     conn = sqlite3.connect(store.path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
-        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
-                                              "AND tbl_name = 'records'")}
-        # The decision table is insert-only: no Call-ID index, outcomes live in their own table.
-        assert indexes == {"records_caller_time", "records_callee_time", "records_time"}
-        assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 1
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        parts = conn.execute("SELECT name, outcomes, start_time, end_time, indexed, records FROM partitions").fetchall()
+        # One hour of decision time per partition by default, aligned on the hour.
+        assert parts == [("records_1", "outcomes_1", T0 - T0 % 3600, T0 - T0 % 3600 + 3600, 0, 1)]
+        # The partition being written has no secondary index: inserts touch no random-order B-tree.
+        assert indexes_of(conn, "records_1", "outcomes_1") == set()
+        assert conn.execute("SELECT count(*) FROM records_1").fetchone()[0] == 1
     finally:
         conn.close()
 
@@ -270,8 +277,11 @@ def test_version_1_file_is_migrated(tmp_path: Path, version_row: bool) -> None:
         assert s.pragma("journal_mode") == "wal"
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        # The tables became one closed, indexed partition (the outcome of y went to its outcomes).
         assert "final_code" not in {r[1] for r in conn.execute("PRAGMA table_info(records)")}
+        parts = conn.execute("SELECT name, outcomes, start_time, end_time, indexed, records FROM partitions").fetchall()
+        assert parts == [("records", "outcomes", T0, math.nextafter(T0 + 3, math.inf), 1, 4)]
     finally:
         conn.close()
 
@@ -317,7 +327,11 @@ def test_prune_drops_outcomes_of_pruned_records(tmp_path: Path) -> None:
         assert [(r["call_id"], r["final_code"]) for r in s.query(limit=0)] == [("new", None)]
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT count(*) FROM outcomes").fetchone()[0] == 0
+        # Dropped with their partitions: no outcome table is left but the new partition's, empty.
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                             "AND name LIKE 'outcomes%'")}
+        assert tables == {o for (o,) in conn.execute("SELECT outcomes FROM partitions")}
+        assert sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables) == 0
     finally:
         conn.close()
 

@@ -528,9 +528,9 @@ def open_records(cfg: Config) -> RecordStore | None:
     if not cfg.records.enabled:
         return None
     try:
-        # One writer transaction a second, as `callguard serve`: the random-order indexes cost per
-        # page touched, so bigger batches cost less per record.
-        return RecordStore(cfg.records.path, cfg.records.retention_days, flush_interval=RECORDS_FLUSH_INTERVAL)
+        # One writer transaction a second, as `callguard serve`: bigger batches cost less per record.
+        return RecordStore(cfg.records.path, cfg.records.retention_days,
+                           partition_minutes=cfg.records.partition_minutes, flush_interval=RECORDS_FLUSH_INTERVAL)
     except CallguardError as exc:
         log.error("records_failed", path=cfg.records.path, error=str(exc))
         return None
