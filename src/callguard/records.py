@@ -414,6 +414,7 @@ class RecordStore:
         self._wrote = False                  # indexes are built and partitions pruned by writing stores only
         self._maintaining = False
         self._maintain_after = 0.0
+        self._index_seconds = 0.0            # spent on the partition being indexed so far
         self._last_prune = time.time()
         self._thread = threading.Thread(target=self._run, name="callguard-records", daemon=True)
         self._thread.start()
@@ -793,18 +794,19 @@ class RecordStore:
             conn.execute("COMMIT")      # gone (another process pruned it); the catalog is reloaded
             return
         have = _existing_indexes(conn, part)
-        missing = [(name, sql) for name, sql in _partition_indexes(part) if name not in have]
+        missing = [sql for name, sql in _partition_indexes(part) if name not in have]
         started = time.perf_counter()
         if missing:
-            conn.execute(missing[0][1])
+            conn.execute(missing[0])
         if len(missing) <= 1:
             conn.execute("UPDATE partitions SET indexed = 1 WHERE name = ?", (part.name,))
         conn.execute("COMMIT")
+        self._index_seconds += time.perf_counter() - started
         if len(missing) <= 1:
             part.indexed = True
-        if missing:
-            _log().info("records_index_built", path=self.path, partition=part.name, index=missing[0][0],
-                        records=part.rows, seconds=round(time.perf_counter() - started, 3))
+            _log().info("records_partition_indexed", path=self.path, partition=part.name, records=part.rows,
+                        seconds=round(self._index_seconds, 3))
+            self._index_seconds = 0.0
 
     def _prune(self, now: float) -> int:
         """Drop the partitions whose end is older than the retention period, one per transaction."""
