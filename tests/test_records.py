@@ -886,3 +886,20 @@ def test_partition_period_floor() -> None:
     assert partition_seconds(30, 60) == 3600.0
     assert partition_seconds(30, 5) == 22 * 60.0          # 30 days in 5-minute partitions would be 8640
     assert 3650 * 86400 / partition_seconds(3650, 60) <= MAX_PARTITIONS
+
+
+def test_reader_opens_while_the_writer_holds_the_lock(tmp_path: Path) -> None:
+    # `callguard records` while the proxy's writer is in a long transaction (an index build):
+    # opening and querying need no write lock.
+    path = str(tmp_path / "r.sqlite3")
+    with RecordStore(path) as w:
+        w.add(rec(1, T0))
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("CREATE INDEX records_1_caller_time ON records_1 (caller, time)")
+        with RecordStore(path) as r:      # would fail with "database is locked" after the busy timeout
+            assert [x["call_id"] for x in r.query()] == ["call-1@test"]
+        other.execute("COMMIT")
+    finally:
+        other.close()

@@ -434,6 +434,10 @@ class RecordStore:
             if str(mode).lower() != "wal":
                 raise CallguardError(f"{self.path}: cannot switch the records database to WAL (got {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
+            if self._current_version(conn) == SCHEMA_VERSION:
+                # Nothing to create or migrate: no write lock, which the writer of a running proxy
+                # may hold for a while (an index build).
+                return conn
             # One IMMEDIATE transaction creates or migrates the schema, so a reader opening the
             # file while the proxy creates it waits instead of seeing half a schema.
             conn.execute("BEGIN IMMEDIATE")
@@ -479,6 +483,18 @@ class RecordStore:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _current_version(conn: sqlite3.Connection) -> int | None:
+        conn.execute("BEGIN")
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+                                ).fetchone():
+                return None
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            return row[0] if row else None
+        finally:
+            conn.execute("COMMIT")
 
     # ------------------------------------------------------------ the SIP path
     def add(self, record: dict[str, Any]) -> None:
