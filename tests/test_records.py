@@ -903,3 +903,28 @@ def test_reader_opens_while_the_writer_holds_the_lock(tmp_path: Path) -> None:
         other.execute("COMMIT")
     finally:
         other.close()
+
+
+def test_close_during_an_index_build_loses_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    rows = [(T0 + i * 0.01, f"c{i}", "lo", f"138{i % 997:08d}", f"0215{i % 991:07d}", "allow", "allow", 0, 0.0, 1.0)
+            for i in range(200_000)]
+    s = RecordStore(path, flush_interval=0.01)
+    s.add_many(rows)
+    s.flush(timeout=60)
+    s.add(rec(1, T0 + 2 * HOUR))     # closes the big partition: its index builds start after this flush
+    s.flush()
+    s.close()                         # interrupts a build under way
+    assert s.written == 200_001 and s.dropped == 0
+    with RecordStore(path, flush_interval=0.01) as again:
+        assert len(again.query(caller="13800000005", limit=0)) == len([r for r in rows if r[3] == "13800000005"])
+        again.add(rec(2, T0 + 2 * HOUR + 1))      # a writing store finishes what is left
+        again.flush()
+        assert wait_for(lambda: again.partitions()[0]["indexed"], timeout=60)
+        assert again.partitions()[0]["records"] == 200_000
+    conn = sqlite3.connect(path)
+    try:
+        assert len(indexes_of(conn, "records_1", "outcomes_1")) == 4
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
