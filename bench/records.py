@@ -12,6 +12,8 @@ at a time (``--rate`` rows, then a flush: one transaction each, as ``callguard s
   * schema 3 — the rows go to the partition being written, which has no secondary index; then a
     row in the next hour closes it and the writer builds its indexes in bulk (caller+time,
     callee+time, time, and the outcomes' Call-ID);
+  * schema 3, executemany — the same, with the rows written by ``executemany`` (the reference
+    path, used when the compiled inserter ``_recwriter`` is missing) instead of the inserter;
   * schema 2 layout — the same store with every index created with its partition, so each row
     pays for its index entries as it is inserted (``RecordStore._INDEX_ON_CREATE``), as schema 2
     did with its single table.
@@ -41,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from callguard import records as records_mod  # noqa: E402
 from callguard.log import configure as configure_logs  # noqa: E402
 from callguard.records import RecordStore  # noqa: E402
 
@@ -166,8 +169,12 @@ def main() -> None:
     callees = [rows[rnd.randrange(len(rows))][4] for _ in range(args.queries)]
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="callguard-bench-records-"))
     folder.mkdir(parents=True, exist_ok=True)
+    compiled = records_mod._recwriter
     try:
         v3 = run("schema3", RecordStore, folder, rows, args, callers, callees)
+        records_mod._recwriter = None
+        v3py = run("schema3-executemany", RecordStore, folder, rows, args, callers, callees)
+        records_mod._recwriter = compiled
         v2 = run("schema2-layout", IncrementalStore, folder, rows, args, callers, callees)
     finally:
         if not args.dir:
@@ -177,13 +184,16 @@ def main() -> None:
         return r["insert"] + r["outcomes"] * args.outcomes / args.rows + r["build"]
 
     print("\n## CPU µs per row (process CPU: the writer thread and the feeding)")
-    print(f"{'layout':<16} {'insert':>7} {'by quarter of the rows':>28} {'outcome':>8} {'bulk index':>10} "
+    if compiled is None:
+        print("(callguard._recwriter is not built: both schema 3 rows use executemany)")
+    print(f"{'layout':<23} {'insert':>7} {'by quarter of the rows':>28} {'outcome':>8} {'bulk index':>10} "
           f"{'total/decision':>14}")
-    for name, r in (("schema 3", v3), ("schema 2 layout", v2)):
+    for name, r in (("schema 3", v3), ("schema 3, executemany", v3py), ("schema 2 layout", v2)):
         quarters = " ".join(f"{q:6.2f}" for q in r["quarters"])
-        print(f"{name:<16} {r['insert']:7.2f} {quarters:>28} {r['outcomes']:8.2f} {r['build']:10.2f} "
+        print(f"{name:<23} {r['insert']:7.2f} {quarters:>28} {r['outcomes']:8.2f} {r['build']:10.2f} "
               f"{total(r):14.2f}")
-    print(f"ratio (schema 2 layout / schema 3), total per decision: {total(v2) / total(v3):.2f}x")
+    print(f"ratio (schema 2 layout / schema 3), total per decision: {total(v2) / total(v3):.2f}x; "
+          f"inserts, executemany / compiled inserter: {v3py['insert'] / v3['insert']:.2f}x")
     print("(total/decision = insert + outcomes × outcomes/rows + bulk index build; the schema 2 layout's "
           "bulk index column is the closing row only)")
     print("\n## database size (MB, file + WAL)")
@@ -193,8 +203,9 @@ def main() -> None:
     print(f"{'schema 3, partition being written':<34} {v3['q_caller_open']:9.2f} {v3['q_callee_open']:9.2f}")
     print(f"{'schema 3, partition indexed':<34} {v3['q_caller']:9.2f} {v3['q_callee']:9.2f}")
     print(f"{'schema 2 layout':<34} {v2['q_caller']:9.2f} {v2['q_callee']:9.2f}")
-    if v3["dropped"] or v2["dropped"]:
-        print(f"\nWARNING: records dropped (schema 3 {v3['dropped']:.0f}, schema 2 layout {v2['dropped']:.0f})")
+    if v3["dropped"] or v3py["dropped"] or v2["dropped"]:
+        print(f"\nWARNING: records dropped (schema 3 {v3['dropped']:.0f}, executemany {v3py['dropped']:.0f}, "
+              f"schema 2 layout {v2['dropped']:.0f})")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from callguard import records as records_mod
 from callguard.errors import CallguardError, InputError
-from callguard.records import RecordStore, parse_time, records_main
+from callguard.records import RECORD_FIELDS, RecordStore, parse_time, records_main
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_780_000_000.0
@@ -33,6 +34,18 @@ def make_record(i: int, t: float) -> dict[str, Any]:
             "callee": f"0215{i % 5:07d}", "rule": rule, "verdict": "allow" if rule == "allow" else "reject",
             "code": {"allow": 0, "banned": 403, "high_frequency": 603, "score": 608}[rule],
             "score": (i % 10) / 10, "latency_us": 10.0 + i % 3}
+
+
+@pytest.fixture(params=["compiled", "python"])
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which writes add_many rows: the compiled inserter, or executemany (the reference)."""
+    if request.param == "python":
+        monkeypatch.setattr(records_mod, "_recwriter", None)
+    elif records_mod._recwriter is None:
+        if os.environ.get("CI"):
+            pytest.fail("callguard._recwriter is not built")
+        pytest.skip("callguard._recwriter is not built")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -301,7 +314,8 @@ def test_outcome_applies_to_earlier_records_only(store: RecordStore) -> None:
     assert [(r["final_code"], r["ended_at"]) for r in store.query(limit=0)] == [(None, T0 + 5), (486, T0 + 5)]
 
 
-def test_add_many_none_takes_defaults(store: RecordStore) -> None:
+def test_add_many_none_takes_defaults(impl: str, store: RecordStore) -> None:
+    assert (store._inserter is not None) == (impl == "compiled")
     store.add_many([(T0, None, None, "13800000001", None, "allow", "allow", None, None, None, ("shadow",)),
                     (T0 + 1, "c2", "lo", "13800000002", "0215", "banned", "reject", 403, 0.5, 7.0)])
     store.flush()
@@ -506,6 +520,12 @@ class Model:
         store.add(record)
         self.records.append({**record, "_id": len(self.records) + 1})
 
+    def add_many(self, store: RecordStore, records: list[dict[str, Any]]) -> None:
+        # In the fast path's shape: the fields in order, then its shadowed rules.
+        store.add_many([(*(r[k] for k in RECORD_FIELDS), ("score",)) for r in records])
+        for r in records:
+            self.records.append({**r, "_id": len(self.records) + 1})
+
     def outcome(self, store: RecordStore, call_id: str, final_code: Any = None, answered_at: Any = None,
                 ended_at: Any = None) -> None:
         # Outcomes are queued after a flush of the records before them, so upto is exact here.
@@ -571,14 +591,16 @@ def check_same(store: RecordStore, model: Model) -> None:
             assert store.outcome_stats(since, short) == model.stats(since, short), (since, short)
 
 
-def test_partitions_give_the_same_results(tmp_path: Path) -> None:
+def test_partitions_give_the_same_results(tmp_path: Path, impl: str) -> None:
     # Four hours of decisions in 60-minute partitions, outcomes written over several partitions,
     # late records landing in closed partitions: every query must answer as one table would.
     path = str(tmp_path / "r.sqlite3")
     model = Model()
     with RecordStore(path, partition_minutes=60, flush_interval=0.01) as s:
-        for i in range(240):
-            model.add(s, rec(i, P0 + 600 + i * 30))             # P0+600 .. P0+7770: hours 0, 1, 2
+        assert (s._inserter is not None) == (impl == "compiled")
+        for start in range(0, 240, 40):                         # P0+600 .. P0+7770: hours 0, 1, 2
+            model.add_many(s, [rec(i, P0 + 600 + i * 30) for i in range(start, start + 40)])
+            s.flush()                                           # most batches within one partition
         model.add(s, rec(240, P0 + 5000, "call-7@test"))         # a second record of call-7, same time twice
         model.add(s, rec(241, P0 + 5000, "call-7@test"))
         s.flush()
@@ -587,8 +609,7 @@ def test_partitions_give_the_same_results(tmp_path: Path) -> None:
         for i in range(20, 60, 3):
             model.outcome(s, f"call-{i}@test", 200, answered_at=P0 + i * 30 + 700, ended_at=P0 + i * 30 + 703 + i % 9)
         s.flush()
-        for i in range(242, 300):
-            model.add(s, rec(i, P0 + 3 * HOUR + (i - 242) * 40))  # hour 3
+        model.add_many(s, [rec(i, P0 + 3 * HOUR + (i - 242) * 40) for i in range(242, 300)])   # hour 3
         model.add(s, rec(300, P0 + 700, "call-7@test"))           # late: into the first (closed) partition
         model.add(s, rec(301, P0 + HOUR + 1, "call-20@test"))
         model.add(s, rec(302, P0 - 5, "early"))                   # before everything: a new, older partition
@@ -835,7 +856,8 @@ def test_empty_version_2_file_is_migrated(tmp_path: Path) -> None:
         assert [r["call_id"] for r in s.query()] == ["call-1@test"]
 
 
-def test_unusable_times_are_counted(store: RecordStore) -> None:
+def test_unusable_times_are_counted(impl: str, store: RecordStore) -> None:
+    assert (store._inserter is not None) == (impl == "compiled")
     base = ("c", "lo", "13800000001", "0215", "allow", "allow", 0, 0.0, 1.0)
     with capture_logs() as logs:
         store.add_many([(T0, "ok", *base[1:]), ("not a time", *base), (math.inf, *base), (math.nan, *base),
@@ -928,3 +950,33 @@ def test_close_during_an_index_build_loses_nothing(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         conn.close()
+
+
+def test_compiled_inserter_stores_what_executemany_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if records_mod._recwriter is None:
+        if os.environ.get("CI"):
+            pytest.fail("callguard._recwriter is not built")
+        pytest.skip("callguard._recwriter is not built")
+    rows = [(T0 + i, f"呼叫-{i}@例子" if i % 3 else f"c{i}@h", "10.0.0.1", f"138{i:08d}" if i % 4 else "",
+             "0215", "banned" if i % 2 else "allow", "reject" if i % 2 else "allow", 403 * (i % 2),
+             0.5 if i % 5 else 1, i % 7, ("score",)) for i in range(1, 400)]
+    rows[7] = (T0 + 7.5, None, None, "13800000007", None, "allow", "allow", None, None, None)
+
+    def stored(name: str) -> list[tuple[Any, ...]]:
+        path = str(tmp_path / f"{name}.sqlite3")
+        with RecordStore(path) as s:
+            assert (s._inserter is not None) == (name == "compiled")
+            s.add_many(rows[:1])
+            s.flush()           # the first row creates the partition; the rest is one usual batch
+            s.add_many(rows[1:])
+        conn = sqlite3.connect(path)
+        try:
+            return conn.execute("SELECT * FROM records_1 ORDER BY id").fetchall()
+        finally:
+            conn.close()
+
+    compiled = stored("compiled")
+    monkeypatch.setattr(records_mod, "_recwriter", None)
+    assert compiled == stored("python")
+    assert [type(v) for v in compiled[7]] == [int, float, str, str, str, str, str, str, int, float, float]
+    assert compiled[7][1:] == (T0 + 7.5, "", "", "13800000007", "", "allow", "allow", 0, 0.0, 0.0)

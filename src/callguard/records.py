@@ -21,6 +21,10 @@ has taken writes, the writer thread builds its indexes in bulk (caller+time, cal
 Call-ID for the outcomes), which costs a fraction of the incremental inserts and does not grow
 with the file.  Pruning drops whole partitions.  Version 1 and 2 files are migrated when opened:
 the old tables become one closed, indexed partition.
+
+The rows of :meth:`RecordStore.add_many` are inserted by the compiled inserter (``_recwriter``)
+inside the writer's transaction, without the GIL; ``executemany`` is the reference and writes
+everything else (and everything when the module is missing or ``CALLGUARD_NO_EXTENSIONS`` is set).
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ from .errors import CallguardError, ConfigError, InputError
 from .lists import parse_time as lists_parse_time
 from .lists import parse_tz
 from .log import get_logger
+
+_recwriter: Any = None
+if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
+    try:
+        from . import _recwriter
+    except ImportError:     # optional at build time: executemany writes the rows instead
+        pass
 
 
 def _log() -> Any:
@@ -399,6 +410,17 @@ class RecordStore:
         # written over in full, through the WAL.  FAST zeroes only what is written anyway; the
         # freed pages are reused by the next partitions.
         self._wconn.execute("PRAGMA secure_delete = FAST")
+        # The compiled inserter (``_recwriter``) writes add_many rows inside the writer's own
+        # transactions with the GIL released for the whole batch; executemany is the reference
+        # and writes add() records, unusual rows and everything when the module is missing.
+        self._inserter: Any = None
+        self._buffer: Any = None
+        if _recwriter is not None:
+            try:
+                self._inserter = _recwriter.Inserter.sharing(self._wconn)
+                self._buffer = _recwriter.RowBuffer()
+            except (RuntimeError, TypeError, ValueError) as exc:
+                _log().info("records_inserter_unavailable", path=self.path, error=str(exc))
         # The writer's view of the catalog, loaded in its first transaction and again whenever
         # another connection has changed the file (PRAGMA data_version).
         self._dv: int | None = None
@@ -578,6 +600,7 @@ class RecordStore:
             updates: list[tuple[Any, ...]] = []
             markers: list[threading.Event] = []
             calls: list[_Call] = []
+            packable = True     # only add_many rows: the compiled inserter may take them
             n = 0
             while q and n < BATCH_MAX:
                 item = q.popleft()
@@ -586,6 +609,7 @@ class RecordStore:
                     inserts.extend(item.rows)
                 elif isinstance(item, dict):
                     inserts.append(_row_of(item))
+                    packable = False
                 elif isinstance(item, _Outcome):
                     updates.append(item.params)
                 elif isinstance(item, threading.Event):
@@ -594,7 +618,7 @@ class RecordStore:
                 elif isinstance(item, _Call):
                     calls.append(item)
                     break   # runs after what came before it is written
-            self._write(inserts, updates)
+            self._write(inserts, updates, packable)
             for m in markers:
                 m.set()
             for c in calls:
@@ -604,12 +628,12 @@ class RecordStore:
                     c.error = exc
                 c.done.set()
 
-    def _write(self, inserts: list[Sequence[Any]], updates: list[tuple[Any, ...]]) -> None:
+    def _write(self, inserts: list[Sequence[Any]], updates: list[tuple[Any, ...]], packable: bool = False) -> None:
         if not inserts and not updates:
             return
         conn = self._wconn
         try:
-            stored, bad = self._commit(inserts, updates)
+            stored, bad = self._commit(inserts, updates, packable)
         except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -617,17 +641,17 @@ class RecordStore:
             if isinstance(exc, sqlite3.IntegrityError) and any(map(_has_none, inserts)):
                 # Every column is NOT NULL: a None in a row (add_many) fails the batch instead of
                 # costing a check per row on every batch; store it with the column default.
-                self._write([_defaults_filled(row) if _has_none(row) else row for row in inserts], updates)
+                self._write([_defaults_filled(row) if _has_none(row) else row for row in inserts], updates, packable)
                 return
             if len(inserts) + len(updates) > 1:
                 # One bad record must not cost the whole batch: retry each half (the outcomes
                 # after all records, as in one batch).
                 h = len(inserts) // 2
                 if h:
-                    self._write(inserts[:h], [])
-                    self._write(inserts[h:], [])
+                    self._write(inserts[:h], [], packable)
+                    self._write(inserts[h:], [], packable)
                 elif inserts:
-                    self._write(inserts, [])
+                    self._write(inserts, [], packable)
                 h = len(updates) // 2
                 if h:
                     self._write([], updates[:h])
@@ -660,14 +684,18 @@ class RecordStore:
             self._rtable = self._otable = None
             self._dv = dv
 
-    def _commit(self, inserts: list[Sequence[Any]], updates: list[tuple[Any, ...]]) -> tuple[int, int]:
+    def _commit(self, inserts: list[Sequence[Any]], updates: list[tuple[Any, ...]],
+                packable: bool) -> tuple[int, int]:
         """Write one batch in one transaction; returns (records stored, records with an unusable time)."""
         conn = self._wconn
         self._begin()
         groups, bad = self._route(inserts) if inserts else ([], 0)
+        # The usual batch (add_many rows, every time a number in the partition being written)
+        # goes through the compiled inserter; a batch that needed sorting out goes row by row.
+        packable = packable and len(groups) == 1 and not bad and groups[0][0] is self._parts[-1]
         stored = 0
         for part, rows in groups:
-            self._insert(part, rows)
+            self._insert(part, rows, packable)
             stored += len(rows)
         if updates:
             # After the inserts: an outcome applies to the records stored up to now (its upto).
@@ -737,7 +765,7 @@ class RecordStore:
         self._starts.insert(i, start)
         return part
 
-    def _insert(self, part: _Part, rows: list[Sequence[Any]]) -> None:
+    def _insert(self, part: _Part, rows: list[Sequence[Any]], packable: bool = False) -> None:
         conn = self._wconn
         table = _quote(part.name)
         first = 0
@@ -748,11 +776,28 @@ class RecordStore:
             first = 1
         if len(rows) > first:
             rest = rows if not first else rows[first:]
-            conn.executemany(f"INSERT INTO {table} ({_FIELDS_SQL}) VALUES ({_MARKS_SQL})", map(_row_of_tuple, rest))
+            sql = f"INSERT INTO {table} ({_FIELDS_SQL}) VALUES ({_MARKS_SQL})"
+            if packable and self._pack(rest):
+                self._inserter.prepare(sql)
+                self._inserter.insert(self._buffer)
+            else:
+                conn.executemany(sql, map(_row_of_tuple, rest))
         self._rid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         self._rtable = part.name
         conn.execute("UPDATE partitions SET records = records + ? WHERE name = ?", (len(rows), part.name))
         part.rows += len(rows)
+
+    def _pack(self, rows: Sequence[Sequence[Any]]) -> bool:
+        """Pack ``rows`` for the compiled inserter; False when it is missing or a row does not pack."""
+        buf = self._buffer
+        if buf is None:
+            return False
+        buf.clear()
+        try:
+            buf.extend(rows)
+        except (TypeError, ValueError, OverflowError):
+            return False     # not a tuple, a number that is not one...: executemany sorts it out
+        return True
 
     def _insert_outcomes(self, updates: list[tuple[Any, ...]]) -> None:
         conn = self._wconn
@@ -927,6 +972,8 @@ class RecordStore:
         if self._thread.is_alive():
             _log().error("records_writer_stuck", path=self.path, pending=len(self._queue))
         else:
+            if self._inserter is not None:
+                self._inserter.close()
             self._wconn.close()
             # An add() racing with close() may land after the last drain: count it, do not lose it silently.
             left = sum(1 for item in self._queue if not isinstance(item, (threading.Event, _Call)))
