@@ -110,6 +110,12 @@ def test_writer_flushes_without_being_asked(store: RecordStore) -> None:
     assert len(store.query(caller="13800000001")) == 1
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names through /proc")
+def test_writer_thread_is_named_for_the_system(store: RecordStore) -> None:
+    tid = store._thread.native_id
+    assert wait_for(lambda: Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "cg-records")
+
+
 def test_outcomes_and_stats(store: RecordStore) -> None:
     # caller A: 4 finished calls, 3 answered, 2 of them short (< 6 s); 1 call still ringing.
     a, b = "13900000001", "13900000002"

@@ -50,6 +50,7 @@ from .errors import CallguardError, ConfigError, InputError
 from .lists import parse_time as lists_parse_time
 from .lists import parse_tz
 from .log import get_logger
+from .osthread import set_os_thread_name
 
 _recwriter: Any = None
 if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
@@ -577,6 +578,7 @@ class RecordStore:
 
     # ------------------------------------------------------------ the writer
     def _run(self) -> None:
+        set_os_thread_name("cg-records")
         while True:
             stopping = self._stop.is_set()
             busy = False
