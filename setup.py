@@ -29,13 +29,19 @@ if DEBUG:
     cflags = ["-O0", "-g"]
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
 
-MODULES = ["callguard._core", "callguard.sip._sipcore", "callguard.sip._fastpath"]
+MODULES = ["callguard._core", "callguard.sip._sipcore", "callguard.sip._fastpath", "callguard._recwriter"]
+# Extra link arguments per module.  The records inserter links the system's SQLite (the library
+# Python's sqlite3 module uses) by its run-time name, so no -dev package is needed; it is optional:
+# without it the records are written through Python's sqlite3 module.
+LINK = {"callguard._recwriter": ["-l:libsqlite3.so.0", "-ldl"]}
+OPTIONAL = {"callguard._recwriter"}
 
 extensions = []
 for name in MODULES:
     path = os.path.join("src", *name.split(".")) + ".pyx"
     if os.path.exists(path):
         extensions.append(Extension(name, [path], include_dirs=[numpy.get_include()],
-                                    extra_compile_args=cflags, define_macros=macros))
+                                    extra_compile_args=cflags, define_macros=macros,
+                                    extra_link_args=LINK.get(name, []), optional=name in OPTIONAL))
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=False))

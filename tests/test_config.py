@@ -58,6 +58,8 @@ def test_config_is_frozen() -> None:
     ("rules: {banned: {code: 200}}", "rules.banned.code", "400-699"),
     ("rules: {bannned: {code: 403}}", "rules.bannned", "unknown rule id"),
     ("records: {retention_days: 7}", "records.retention_days", "between 30"),
+    ("records: {partition_minutes: 0}", "records.partition_minutes", "between 1 and 1440"),
+    ("records: {partition_minutes: 1.5}", "records.partition_minutes", "an integer"),
     ("scoree: {}", "scoree", "unknown key"),
     ("sip: {listen: 'udp:127.0.0.1:99999'}", "sip.listen", "port out of range"),
     ("emergency_numbers: [11a]", "emergency_numbers", "digit strings"),

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .test_proxy_basic import (
     BANNED,
@@ -135,9 +137,27 @@ def test_scan_recognises_plain_invite_and_ack() -> None:
     lambda m: m.replace(b"Call-ID: ", b"Call-ID: \xff"),
     lambda m: m[:40],
     lambda m: m.replace(b"\r\n", b"\n"),
+    # bytes outside printable ASCII anywhere in a header line (the scan checks eight at a time)
+    lambda m: m.replace(b"Call-ID: ", b"Call-ID: abcdefghijklmnop\x01"),
+    lambda m: m.replace(b"Call-ID: ", b"Call-ID: abcdefg\x7f"),
+    lambda m: m.replace(b"Call-ID: ", b"Call-ID: a\x80"),
+    lambda m: m.replace(b"CSeq: 1 INVITE", b"CSeq: 1 INVITE\x00"),
+    lambda m: m.replace(b"\r\n\r\n", b"\r\n"),                 # no empty line: no end of the head
+    lambda m: m.replace(b"\r\n\r\n", b"\r\n\r"),                # a CR with no LF
+    lambda m: m.replace(b"Content-Length: 0\r\n", b""),           # no Content-Length over UDP
+    lambda m: m.replace(b"SIP/2.0\r\n", b"SIP/2.0\r\nVia: SIP/2.0/UDP 10.9.9.9;branch=z9hG4bKcg1.x\r\n", 1),
 ])
 def test_scan_leaves_anything_unusual_to_the_python_path(change: Callable[[bytes], bytes]) -> None:
     assert fastpath.scan_kind(change(invite())) == 0
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.replace(b"SIP/2.0\r\n", b"SIP/2.0\r\nSubject: a tab\tinside a long header value\r\n", 1),
+    lambda m: m.replace(b"SIP/2.0\r\n", b"SIP/2.0\r\nSubject: z9hG4bKcg is only a loop in a Via\r\n", 1),
+    lambda m: m.replace(b"Content-Length: 0", b"Content-Length: 5") + b"v=0\r\n",
+])
+def test_scan_takes_plain_variants(change: Callable[[bytes], bytes]) -> None:
+    assert fastpath.scan_kind(change(invite())) == 1
 
 
 # ---------------------------------------------------------------- byte for byte
@@ -187,7 +207,7 @@ def test_retransmission_answered_from_the_table_and_ack_absorbed(pair: Any) -> N
     key = (re.search(r"branch=([^;\s]+)", inv).group(1), f"127.0.0.1:{caller.port}")  # type: ignore[union-attr]
     assert fast.call(lambda: fast.proxy.stx.get(key)) == first
     caller.send(ack_for(inv, first.decode(), caller.port, port), port)
-    wait_until(lambda: fast.call(lambda: fast.proxy.scheduled_early()) == 1, 5, "the ACK to be absorbed")
+    wait_until(lambda: fast.call(lambda: fast.proxy.lingering_acked()) == 1, 5, "the ACK to be absorbed")
     assert trunk.silent(0.2)
     assert caller.silent(0.2)
     records = fast.server.records
@@ -231,6 +251,82 @@ def test_metrics_counted_per_batch(pair: Any) -> None:
                                  fast.server.metrics.render().decode()), 5, "three banned decisions counted")
     text = fast.server.metrics.render().decode()
     assert re.search(r'callguard_sip_messages_in_total\{method="INVITE"\} 3\.0', text), text
+    # the decision times, sorted into buckets in C, reach the histogram: three, and a positive sum
+    assert re.search(r'callguard_decision_latency_seconds_bucket\{le="\+Inf"\} 3\.0', text), text
+    total = re.search(r"callguard_decision_latency_seconds_sum (\S+)", text)
+    assert total and 0 < float(total.group(1)) < 1, text
+    trunk.close()
+    caller.close()
+
+
+# ---------------------------------------------------------------- pieces of the fast path on their own
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_tag_digest_is_its_python_twin(data: bytes) -> None:
+    from callguard.sip.proxy import tag_digest_py
+
+    assert fastpath.tag_digest(data) == tag_digest_py(data)
+    assert re.fullmatch(r"[0-9a-f]{12}", tag_digest_py(data))
+
+
+def test_tag_digest_known_value() -> None:
+    from callguard.sip.proxy import tag_digest_py
+
+    # FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c (the published test vector); the digest is its low 48 bits.
+    assert tag_digest_py(b"a") == fastpath.tag_digest(b"a") == "dc4c8601ec8c"
+    assert tag_digest_py(b"") == "9ce484222325"
+
+
+def test_linger_queue_forgets_only_what_the_table_still_holds() -> None:
+    queue = fastpath.LingerQueue()
+    table: dict[Any, Any] = {}
+    values = []
+    for i in range(3000):                      # past the ring's first size: it grows in order
+        key = (f"z9hG4bK{i}", "127.0.0.1:5060")
+        values.append(f"response {i}".encode())
+        table[key] = values[-1]
+        queue.append(float(i), key, values[-1])
+    replaced = ("z9hG4bK5", "127.0.0.1:5060")
+    table[replaced] = b"a newer transaction"    # same key, new value: must survive its old linger
+    assert len(queue) == 3000
+    assert queue.expire(9.5, table) == 10
+    assert len(table) == 2991 and table[replaced] == b"a newer transaction"
+    assert ("z9hG4bK9", "127.0.0.1:5060") not in table and ("z9hG4bK10", "127.0.0.1:5060") in table
+    assert queue.expire(9.9, table) == 0
+    assert queue.expire(2999.0, table) == 2990
+    assert table == {replaced: b"a newer transaction"} and len(queue) == 0
+    with pytest.raises(ValueError):
+        queue.append(5.0, replaced, b"x")
+        queue.append(4.0, replaced, b"x")
+
+
+def test_linger_queue_holds_and_releases_references() -> None:
+    import sys
+
+    queue = fastpath.LingerQueue()
+    key, value = ("k" * 20 + "1", "h"), bytearray(b"v")
+    before = sys.getrefcount(key), sys.getrefcount(value)
+    for t in range(5):
+        queue.append(float(t), key, value)
+    assert (sys.getrefcount(key), sys.getrefcount(value)) == (before[0] + 5, before[1] + 5)
+    queue.expire(1.0, {})
+    assert (sys.getrefcount(key), sys.getrefcount(value)) == (before[0] + 3, before[1] + 3)
+    queue.clear()
+    assert (sys.getrefcount(key), sys.getrefcount(value)) == before
+
+
+def test_rejections_are_forgotten_after_their_linger(pair: Any) -> None:
+    trunk, caller = Peer(), Peer()
+    fast, _ = pair(trunk.port)
+    port = port_of(fast)
+    inv = request("INVITE", caller.port, port, caller=BANNED)
+    exchange(caller, fast, inv)
+    fp = _fast(fast)
+    wait_until(lambda: fast.call(lambda: len(fp.lingering)) == 1, 5, "the rejection to linger")
+    assert fast.call(lambda: len(fast.proxy.stx)) == 1
+    # the proxy's tick forgets it once the linger is over: run it as if TX_LINGER had passed
+    fast.call(lambda: fast.proxy._forget_due(fast.proxy.loop.time() + fastpath.TX_LINGER + 1))
+    assert fast.call(lambda: (len(fast.proxy.stx), len(fp.lingering))) == (0, 0)
     trunk.close()
     caller.close()
 
@@ -272,7 +368,7 @@ def test_ack_to_a_relayed_rejection_absorbed_in_c(pair: Any) -> None:
     assert trunk.recv(match=is_method("ACK"))          # the proxy's own hop-by-hop ACK
     slow_before = fast.call(lambda: _fast(fast).slow)
     caller.send(ack_for(inv, busy, caller.port, port), port)
-    wait_until(lambda: fast.call(lambda: fast.proxy.scheduled_early()) >= 2, 5, "the caller's ACK absorbed")
+    wait_until(lambda: fast.call(lambda: fast.proxy.lingering_acked()) >= 2, 5, "the caller's ACK absorbed")
     assert fast.call(lambda: _fast(fast).slow) == slow_before
     assert trunk.silent(0.3, is_method("ACK"))
     trunk.close()

@@ -421,7 +421,7 @@ def test_compiled_transactions_are_forgotten_like_python_ones(rigs: Any, socks: 
         inv = invite(caller.port, "13900000004", call_id="fg1", branch="z9hG4bKfg1")
         call(rig, caller, trunk, inv, ANSWERS["busy"])
         assert len(rig.proxy.stx) == 1 and len(rig.proxy.ctx) == 1
-        assert rig.proxy.scheduled_early() == 2      # after the caller's ACK: Timer I for both entries
+        assert rig.proxy.lingering_acked() == 2      # after the caller's ACK: Timer I for both entries
         assert type(rig.proxy.tx_acked[0][2]).__name__ == ("FwdTx" if rig is fast else "Tx")
         rig.proxy._forget_due(rig.loop.time() + 4.0)
         assert len(rig.proxy.stx) == 1

@@ -16,6 +16,49 @@ def value(m: Metrics, name: str, **labels: str) -> float:
     return 0.0 if v is None else v
 
 
+def test_a_batch_of_decisions_counts_as_the_same_decisions_one_by_one() -> None:
+    from callguard.metrics import LATENCY_BUCKETS
+
+    times = [0.5e-6, 1e-6, 3e-6, 3e-6, 7e-6, 40e-6, 2e-3, 0.5]
+    one, batch = Metrics(), Metrics()
+    for t in times:
+        one.decision("banned", t)
+    counts = [0] * len(LATENCY_BUCKETS)
+    for t in times:
+        counts[next(i for i, b in enumerate(LATENCY_BUCKETS) if t <= b)] += 1
+    batch.decisions([("banned", len(times))], counts, sum(times))
+    for m in (one, batch):
+        assert value(m, "callguard_decisions_total", rule="banned") == len(times)
+    for le in ("1e-06", "2.5e-06", "5e-06", "1e-05", "5e-05", "0.0025", "0.1", "+Inf"):
+        assert value(batch, "callguard_decision_latency_seconds_bucket", le=le) == \
+            value(one, "callguard_decision_latency_seconds_bucket", le=le), le
+    assert value(one, "callguard_decision_latency_seconds_bucket", le="1e-06") == 2   # <= bound: 0.5 µs and 1 µs
+    assert value(batch, "callguard_decision_latency_seconds_sum") == pytest.approx(sum(times))
+    with pytest.raises(ValueError):
+        batch.decisions([], [1, 2], 0.0)        # not one count per bucket
+
+
+def test_fast_batch_counts_what_the_per_call_methods_count() -> None:
+    from callguard.metrics import LATENCY_BUCKETS
+
+    one, batch = Metrics(), Metrics()
+    one.message_in("INVITE", 3)
+    one.message_in("ACK", 2)
+    one.message_out(403, 3)
+    one.message_out(486)
+    for t in (3e-6, 4e-6, 2e-3):
+        one.decision("banned", t)
+    buckets = [0] * len(LATENCY_BUCKETS)
+    buckets[2] += 2          # 3 µs and 4 µs: <= 5e-06
+    buckets[10] += 1         # 2 ms: <= 2.5e-03
+    batch.fast_batch(3, 2, [(403, 3), (486, 1)], [("banned", 3)], buckets, 3e-6 + 4e-6 + 2e-3)
+    def samples(m: Metrics) -> list[bytes]:   # creation times differ between the two registries
+        return [line for line in m.render().splitlines() if b"_created" not in line]
+
+    assert samples(batch) == samples(one)
+    assert value(batch, "callguard_sip_messages_out_total", method="4xx") == 4
+
+
 def test_counters_change() -> None:
     m = Metrics()
     m.decision("banned", 12e-6)

@@ -397,7 +397,7 @@ def test_retransmitted_invite_gets_same_response_and_is_not_a_new_attempt(start:
     caller.send(ack_for(inv2, first, caller.port, port), port)
     caller.send(ack_for(inv1, busy, caller.port, port), port)
     # Both transactions are now kept only for Timer I, not 64*T1.
-    wait_until(lambda: ip.proxy.scheduled_early() >= 3, 3, "the ACKed transactions to be scheduled early")
+    wait_until(lambda: ip.proxy.lingering_acked() >= 3, 3, "the ACKed transactions to be scheduled early")
     assert trunk.silent(0.3, lambda m: m.startswith("ACK ") or m.startswith("INVITE "))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -16,8 +18,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from callguard import records as records_mod
 from callguard.errors import CallguardError, InputError
-from callguard.records import RecordStore, parse_time, records_main
+from callguard.records import RECORD_FIELDS, RecordStore, parse_time, records_main
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_780_000_000.0
@@ -33,11 +36,28 @@ def make_record(i: int, t: float) -> dict[str, Any]:
             "score": (i % 10) / 10, "latency_us": 10.0 + i % 3}
 
 
+@pytest.fixture(params=["compiled", "python"])
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which writes add_many rows: the compiled inserter, or executemany (the reference)."""
+    if request.param == "python":
+        monkeypatch.setattr(records_mod, "_recwriter", None)
+    elif records_mod._recwriter is None:
+        if os.environ.get("CI"):
+            pytest.fail("callguard._recwriter is not built")
+        pytest.skip("callguard._recwriter is not built")
+    return str(request.param)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
     s = RecordStore(str(tmp_path / "records.sqlite3"), flush_interval=0.05)
     yield s
     s.close()
+
+
+def indexes_of(conn: sqlite3.Connection, *tables: str) -> set[str]:
+    return {r[0] for r in conn.execute(f"SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
+                                       f"({', '.join('?' * len(tables))})", tables)}
 
 
 def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
@@ -90,6 +110,12 @@ def test_writer_flushes_without_being_asked(store: RecordStore) -> None:
     assert len(store.query(caller="13800000001")) == 1
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names through /proc")
+def test_writer_thread_is_named_for_the_system(store: RecordStore) -> None:
+    tid = store._thread.native_id
+    assert wait_for(lambda: Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "cg-records")
+
+
 def test_outcomes_and_stats(store: RecordStore) -> None:
     # caller A: 4 finished calls, 3 answered, 2 of them short (< 6 s); 1 call still ringing.
     a, b = "13900000001", "13900000002"
@@ -135,16 +161,17 @@ def test_wal_mode_and_schema(store: RecordStore, tmp_path: Path) -> None:
     assert store.pragma("journal_mode") == "wal"
     assert store.pragma("synchronous") == 1       # NORMAL
     assert Path(store.path + "-wal").exists()
-    # Another process's view (the records command while the proxy runs): same file, WAL, schema v2.
+    # Another process's view (the records command while the proxy runs): same file, WAL, schema v3.
     conn = sqlite3.connect(store.path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
-        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
-                                              "AND tbl_name = 'records'")}
-        # The decision table is insert-only: no Call-ID index, outcomes live in their own table.
-        assert indexes == {"records_caller_time", "records_callee_time", "records_time"}
-        assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 1
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        parts = conn.execute("SELECT name, outcomes, start_time, end_time, indexed, records FROM partitions").fetchall()
+        # One hour of decision time per partition by default, aligned on the hour.
+        assert parts == [("records_1", "outcomes_1", T0 - T0 % 3600, T0 - T0 % 3600 + 3600, 0, 1)]
+        # The partition being written has no secondary index: inserts touch no random-order B-tree.
+        assert indexes_of(conn, "records_1", "outcomes_1") == set()
+        assert conn.execute("SELECT count(*) FROM records_1").fetchone()[0] == 1
     finally:
         conn.close()
 
@@ -270,8 +297,11 @@ def test_version_1_file_is_migrated(tmp_path: Path, version_row: bool) -> None:
         assert s.pragma("journal_mode") == "wal"
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        # The tables became one closed, indexed partition (the outcome of y went to its outcomes).
         assert "final_code" not in {r[1] for r in conn.execute("PRAGMA table_info(records)")}
+        parts = conn.execute("SELECT name, outcomes, start_time, end_time, indexed, records FROM partitions").fetchall()
+        assert parts == [("records", "outcomes", T0, math.nextafter(T0 + 3, math.inf), 1, 4)]
     finally:
         conn.close()
 
@@ -290,7 +320,8 @@ def test_outcome_applies_to_earlier_records_only(store: RecordStore) -> None:
     assert [(r["final_code"], r["ended_at"]) for r in store.query(limit=0)] == [(None, T0 + 5), (486, T0 + 5)]
 
 
-def test_add_many_none_takes_defaults(store: RecordStore) -> None:
+def test_add_many_none_takes_defaults(impl: str, store: RecordStore) -> None:
+    assert (store._inserter is not None) == (impl == "compiled")
     store.add_many([(T0, None, None, "13800000001", None, "allow", "allow", None, None, None, ("shadow",)),
                     (T0 + 1, "c2", "lo", "13800000002", "0215", "banned", "reject", 403, 0.5, 7.0)])
     store.flush()
@@ -317,7 +348,11 @@ def test_prune_drops_outcomes_of_pruned_records(tmp_path: Path) -> None:
         assert [(r["call_id"], r["final_code"]) for r in s.query(limit=0)] == [("new", None)]
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT count(*) FROM outcomes").fetchone()[0] == 0
+        # Dropped with their partitions: no outcome table is left but the new partition's, empty.
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                             "AND name LIKE 'outcomes%'")}
+        assert tables == {o for (o,) in conn.execute("SELECT outcomes FROM partitions")}
+        assert sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables) == 0
     finally:
         conn.close()
 
@@ -473,3 +508,481 @@ def test_records_command_subprocess(tmp_path: Path) -> None:
     done = run_cli("records", "--config", str(cfg), "--since", "whenever")
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "not a time" in done.stderr
+
+
+# ---------------------------------------------------------------- partitions (schema 3)
+HOUR = 3600.0
+P0 = T0 - T0 % HOUR           # start of T0's hour: the first partition boundary is at P0 + HOUR
+
+
+class Model:
+    """The meaning of records and outcomes, written plainly: the reference the store must match."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.outcomes: list[tuple[str, int, Any, Any, Any]] = []
+
+    def add(self, store: RecordStore, record: dict[str, Any]) -> None:
+        store.add(record)
+        self.records.append({**record, "_id": len(self.records) + 1})
+
+    def add_many(self, store: RecordStore, records: list[dict[str, Any]]) -> None:
+        # In the fast path's shape: the fields in order, then its shadowed rules.
+        store.add_many([(*(r[k] for k in RECORD_FIELDS), ("score",)) for r in records])
+        for r in records:
+            self.records.append({**r, "_id": len(self.records) + 1})
+
+    def outcome(self, store: RecordStore, call_id: str, final_code: Any = None, answered_at: Any = None,
+                ended_at: Any = None) -> None:
+        # Outcomes are queued after a flush of the records before them, so upto is exact here.
+        store.outcome(call_id, final_code, answered_at=answered_at, ended_at=ended_at)
+        self.outcomes.append((call_id, len(self.records), final_code, answered_at, ended_at))
+
+    def merged(self, r: dict[str, Any]) -> dict[str, Any]:
+        out = {k: r.get(k) for k in ("time", "call_id", "source", "caller", "callee", "rule", "verdict", "code",
+                                     "score", "latency_us")}
+        for i, col in enumerate(("final_code", "answered_at", "ended_at")):
+            values = [o[2 + i] for o in self.outcomes if o[0] == r["call_id"] and o[1] >= r["_id"]
+                      and o[2 + i] is not None]
+            out[col] = values[-1] if values else None
+        return out
+
+    def query(self, caller: Any = None, callee: Any = None, rule: Any = None, since: Any = None, until: Any = None,
+              limit: int = 100) -> list[dict[str, Any]]:
+        rows = [r for r in self.records if (caller is None or r["caller"] == caller)
+                and (callee is None or r["callee"] == callee) and (rule is None or r["rule"] == rule)
+                and (since is None or r["time"] >= since) and (until is None or r["time"] < until)]
+        rows.sort(key=lambda r: (-r["time"], -r["_id"]))
+        return [self.merged(r) for r in (rows[:limit] if limit else rows)]
+
+    def stats(self, since: float, short: float = 6.0) -> list[tuple[str, int, int, int]]:
+        acc: dict[str, list[int]] = {}
+        for r in self.records:
+            m = self.merged(r)
+            if r["time"] < since or m["final_code"] is None:
+                continue
+            a = acc.setdefault(r["caller"], [0, 0, 0])
+            a[0] += 1
+            if m["answered_at"] is not None:
+                a[1] += 1
+                if m["ended_at"] is not None and m["ended_at"] - m["answered_at"] < short:
+                    a[2] += 1
+        return [(c, *v) for c, v in sorted(acc.items())]  # type: ignore[misc]
+
+
+def rec(i: int, t: float, call_id: str | None = None) -> dict[str, Any]:
+    r = make_record(i, t)
+    if call_id is not None:
+        r["call_id"] = call_id
+    return r
+
+
+def check_same(store: RecordStore, model: Model) -> None:
+    callers = sorted({r["caller"] for r in model.records})
+    callees = sorted({r["callee"] for r in model.records})
+    times = sorted(r["time"] for r in model.records)
+    cases: list[dict[str, Any]] = [{"limit": 0}, {"limit": 1}, {"limit": 7}, {"limit": 100}]
+    cases += [{"caller": c, "limit": lim} for c in callers for lim in (0, 3)]
+    cases += [{"callee": c, "limit": lim} for c in callees for lim in (0, 2)]
+    cases += [{"rule": r, "limit": 0} for r in RULES]
+    cases += [{"caller": callers[1], "callee": callees[2], "limit": 0}, {"rule": "banned", "caller": callers[3]}]
+    for since, until in ((P0 + HOUR, P0 + 2 * HOUR), (P0 + HOUR - 1, P0 + 3 * HOUR + 1), (times[5], times[-5]),
+                         (P0 + 2 * HOUR, None), (None, P0 + HOUR)):
+        cases += [{"since": since, "until": until, "limit": 0}, {"since": since, "until": until, "limit": 4},
+                  {"since": since, "until": until, "caller": callers[0], "limit": 0}]
+    for kw in cases:
+        assert store.query(**kw) == model.query(**kw), kw
+    for since in (P0 - HOUR, P0 + HOUR + 0.5, times[len(times) // 2]):
+        for short in (6.0, 30.0):
+            assert store.outcome_stats(since, short) == model.stats(since, short), (since, short)
+
+
+def test_partitions_give_the_same_results(tmp_path: Path, impl: str) -> None:
+    # Four hours of decisions in 60-minute partitions, outcomes written over several partitions,
+    # late records landing in closed partitions: every query must answer as one table would.
+    path = str(tmp_path / "r.sqlite3")
+    model = Model()
+    with RecordStore(path, partition_minutes=60, flush_interval=0.01) as s:
+        assert (s._inserter is not None) == (impl == "compiled")
+        for start in range(0, 240, 40):                         # P0+600 .. P0+7770: hours 0, 1, 2
+            model.add_many(s, [rec(i, P0 + 600 + i * 30) for i in range(start, start + 40)])
+            s.flush()                                           # most batches within one partition
+        model.add(s, rec(240, P0 + 5000, "call-7@test"))         # a second record of call-7, same time twice
+        model.add(s, rec(241, P0 + 5000, "call-7@test"))
+        s.flush()
+        model.outcome(s, "call-7@test", 200, answered_at=P0 + 5010)
+        model.outcome(s, "call-8@test", 486)
+        for i in range(20, 60, 3):
+            model.outcome(s, f"call-{i}@test", 200, answered_at=P0 + i * 30 + 700, ended_at=P0 + i * 30 + 703 + i % 9)
+        s.flush()
+        model.add_many(s, [rec(i, P0 + 3 * HOUR + (i - 242) * 40) for i in range(242, 300)])   # hour 3
+        model.add(s, rec(300, P0 + 700, "call-7@test"))           # late: into the first (closed) partition
+        model.add(s, rec(301, P0 + HOUR + 1, "call-20@test"))
+        model.add(s, rec(302, P0 - 5, "early"))                   # before everything: a new, older partition
+        s.flush()
+        model.outcome(s, "call-7@test", ended_at=P0 + 5100)      # applies to all three call-7 records
+        model.outcome(s, "call-20@test", ended_at=P0 + 2000)
+        model.outcome(s, "early", 603)
+        model.outcome(s, "call-250@test", 200, answered_at=P0 + 3 * HOUR + 400, ended_at=P0 + 3 * HOUR + 402)
+        s.flush()
+        check_same(s, model)
+        parts = s.partitions()
+        assert [(p["start"], p["end"], p["records"]) for p in parts] == [
+            (P0 - HOUR, P0, 1), (P0, P0 + HOUR, 101), (P0 + HOUR, P0 + 2 * HOUR, 123),
+            (P0 + 2 * HOUR, P0 + 3 * HOUR, 20), (P0 + 3 * HOUR, P0 + 4 * HOUR, 58)]
+        # Closed partitions get indexed in the background; the answers stay the same.
+        assert wait_for(lambda: all(p["indexed"] for p in s.partitions()[:-1]))
+        check_same(s, model)
+    with RecordStore(path, partition_minutes=60) as again:    # and after reopening
+        check_same(again, model)
+
+
+def test_closed_partitions_get_indexed(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    with RecordStore(path, flush_interval=0.01) as s:
+        s.add(rec(1, T0))
+        s.flush()
+        s.outcome("call-1@test", 486)
+        s.add(rec(2, T0 + 2 * HOUR))        # a newer partition takes writes: T0's partition closes
+        s.flush()
+        assert wait_for(lambda: s.partitions()[0]["indexed"])
+        conn = sqlite3.connect(path)
+        try:
+            assert indexes_of(conn, "records_1", "outcomes_1") == {
+                "records_1_caller_time", "records_1_callee_time", "records_1_time", "outcomes_1_call_id"}
+            # The one being written stays without index, although its period is over too.
+            assert indexes_of(conn, "records_2", "outcomes_2") == set()
+            assert conn.execute("SELECT name, indexed FROM partitions ORDER BY start_time").fetchall() == [
+                ("records_1", 1), ("records_2", 0)]
+            plan = " ".join(str(r) for r in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT * FROM records_1 WHERE caller = ? ORDER BY time DESC", ("x",)))
+            assert "records_1_caller_time" in plan
+        finally:
+            conn.close()
+        assert s.query(caller="13800000001")[0]["final_code"] == 486
+
+
+def test_query_sees_one_snapshot_while_partitions_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    with RecordStore(path) as w:
+        for i in range(30):
+            w.add(rec(i, T0 + i * 600))     # five hours
+    reader = RecordStore(path)
+    try:
+        expected = reader.query(limit=0)
+        assert len(expected) == 30
+        original = reader._read_catalog
+
+        def racing(conn: sqlite3.Connection) -> Any:
+            parts = original(conn)
+            # Right after the query read the catalog, another process indexes one partition and
+            # drops another (a prune), committing before the query reads them.
+            other = sqlite3.connect(path, isolation_level=None)
+            try:
+                other.execute("PRAGMA busy_timeout = 10000")
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("CREATE INDEX records_2_caller_time ON records_2 (caller, time)")
+                other.execute("DROP TABLE records_1")
+                other.execute("DROP TABLE outcomes_1")
+                other.execute("DELETE FROM partitions WHERE name = 'records_1'")
+                other.execute("COMMIT")
+            finally:
+                other.close()
+            monkeypatch.setattr(reader, "_read_catalog", original)
+            return parts
+
+        monkeypatch.setattr(reader, "_read_catalog", racing)
+        assert reader.query(limit=0) == expected                  # the snapshot it started with
+        oldest = {r["call_id"] for r in expected if r["time"] < T0 - T0 % HOUR + HOUR}
+        assert oldest and {r["call_id"] for r in reader.query(limit=0)} == {r["call_id"] for r in expected} - oldest
+    finally:
+        reader.close()
+
+
+def test_queries_while_a_partition_is_indexed(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    writer = RecordStore(path, flush_interval=0.01)
+    reader = RecordStore(path)
+    try:
+        rows = [(T0 + i * 0.01, f"c{i}", "lo", f"138{i % 97:08d}", f"0215{i % 89:07d}", "allow", "allow", 0, 0.0, 1.0)
+                for i in range(60_000)]
+        writer.add_many(rows)
+        writer.flush()
+        want_caller = sorted((r for r in rows if r[3] == "13800000005"), key=lambda r: -r[0])
+        want_callee = sorted((r for r in rows if r[4] == "02150000007"), key=lambda r: -r[0])
+        writer.add(rec(0, T0 + 2 * HOUR))   # closes the partition: the writer starts its index builds
+        checked = 0
+        while True:
+            indexed = reader.partitions()[0]["indexed"]
+            assert [r["call_id"] for r in reader.query(caller="13800000005", limit=0)] == [r[1] for r in want_caller]
+            assert [r["call_id"] for r in reader.query(callee="02150000007", limit=0)] == [r[1] for r in want_callee]
+            checked += 1
+            if indexed:
+                break
+            assert checked < 100_000, "the partition was never indexed"
+        assert writer.dropped == 0
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_prune_drops_old_partitions_only(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    now = T0 + 40 * DAY
+    cutoff = now - 30 * DAY          # 1600 s into an hour: its partition straddles the cutoff
+    assert cutoff % HOUR == 1600
+    times = {"old": cutoff - 2 * HOUR, "just-old": cutoff - 1, "young": cutoff + 1, "new": now}
+    with RecordStore(path, retention_days=30) as s:
+        for cid, t in times.items():
+            s.add({"time": t, "call_id": cid, "caller": "13800000001", "rule": "allow"})
+        s.flush()
+        s.outcome("young", 486)
+        assert s.prune(now=now) == 1
+        # The partition holding cutoff - 1 also holds cutoff + 1: it stays until its end is past.
+        assert sorted(r["call_id"] for r in s.query(limit=0)) == ["just-old", "new", "young"]
+        assert [r["final_code"] for r in s.query(limit=0) if r["call_id"] == "young"] == [486]
+        conn = sqlite3.connect(path)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert "records_1" not in tables and "outcomes_1" not in tables
+            assert {"records_2", "outcomes_2", "records_3", "outcomes_3"} <= tables
+            assert [r[0] for r in conn.execute("SELECT name FROM partitions ORDER BY start_time")] == [
+                "records_2", "records_3"]
+        finally:
+            conn.close()
+        later = now + 2000 + 1       # the straddling partition's end is now past the retention period
+        assert s.prune(now=later) == 2
+        assert [r["call_id"] for r in s.query(limit=0)] == ["new"]
+        assert s.prune(now=later) == 0
+
+
+def test_prune_never_drops_a_record_younger_than_retention(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    with RecordStore(path, retention_days=30, partition_minutes=60) as s:
+        ts = [T0 + k * 1234.5 for k in range(200)]          # ~2.9 days, across ~70 partitions
+        for i, t in enumerate(ts):
+            s.add(rec(i, t))
+        s.flush()
+        for step in range(0, 200, 9):
+            now = ts[step] + 30 * DAY
+            s.prune(now=now)
+            left = sorted(r["time"] for r in s.query(limit=0))
+            assert all(t in left for t in ts if t >= now - 30 * DAY), step
+            # And what is gone was older than the retention period, in partitions now past it.
+            assert all(t < now - 30 * DAY for t in ts if t not in left), step
+
+
+# Version 2 as released: one records table with three indexes, outcomes joined by Call-ID and upto.
+_V2_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version VALUES (2);
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, call_id TEXT NOT NULL DEFAULT '', source TEXT NOT NULL DEFAULT '',
+    caller TEXT NOT NULL DEFAULT '', callee TEXT NOT NULL DEFAULT '', rule TEXT NOT NULL DEFAULT '',
+    verdict TEXT NOT NULL DEFAULT '', code INTEGER NOT NULL DEFAULT 0, score REAL NOT NULL DEFAULT 0,
+    latency_us REAL NOT NULL DEFAULT 0);
+CREATE INDEX records_caller_time ON records (caller, time);
+CREATE INDEX records_callee_time ON records (callee, time);
+CREATE INDEX records_time ON records (time);
+CREATE TABLE outcomes (id INTEGER PRIMARY KEY, call_id TEXT NOT NULL, upto INTEGER NOT NULL, final_code INTEGER,
+    answered_at REAL, ended_at REAL);
+CREATE INDEX outcomes_call_id ON outcomes (call_id);
+CREATE INDEX outcomes_upto ON outcomes (upto);
+"""
+
+
+def test_version_2_file_is_migrated(tmp_path: Path) -> None:
+    path = str(tmp_path / "v2.sqlite3")
+    conn = sqlite3.connect(path)
+    conn.executescript(_V2_SCHEMA)
+    n = 500
+    conn.executemany("INSERT INTO records (id, time, call_id, source, caller, callee, rule, verdict, code, score, "
+                     "latency_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     [(i + 1, *(make_record(i, T0 + i * 60)[k] for k in ("time", "call_id", "source", "caller",
+                                                                          "callee", "rule", "verdict", "code",
+                                                                          "score", "latency_us")))
+                      for i in range(n)])
+    # call-3: answered (upto 10), a second record of it (id 11, same Call-ID), then its end (upto 20):
+    # the first record has both, the second only the end.
+    conn.execute("INSERT INTO records (id, time, call_id, caller, rule) VALUES (?, ?, ?, ?, ?)",
+                 (n + 1, T0 + n * 60, "call-3@test", "13800000003", "allow"))
+    conn.executemany("INSERT INTO outcomes (call_id, upto, final_code, answered_at, ended_at) VALUES (?, ?, ?, ?, ?)",
+                     [("call-3@test", 10, 200, T0 + 200, None), ("call-3@test", n + 1, None, None, T0 + 260),
+                      ("call-9@test", n + 1, 486, None, None)])
+    conn.commit()
+    before = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+    conn.close()
+    with RecordStore(path) as s:
+        rows = s.query(limit=0)
+        assert len(rows) == before == n + 1
+        by = collections.defaultdict(list)
+        for r in rows:
+            by[r["call_id"]].append((r["time"], r["final_code"], r["answered_at"], r["ended_at"]))
+        assert by["call-3@test"] == [(T0 + n * 60, None, None, T0 + 260), (T0 + 180, 200, T0 + 200, T0 + 260)]
+        assert by["call-9@test"] == [(T0 + 540, 486, None, None)]
+        assert sum(1 for r in rows if r["final_code"] is not None) == 2
+        assert [r["call_id"] for r in s.query(caller="13800000003", limit=3)] == [
+            "call-3@test", "call-493@test", "call-486@test"]
+        # New records go to a new partition after the old range, with ids after the old ones; an
+        # outcome written now applies to old records of its call too.
+        s.add(rec(9, T0 + n * 60 + 30, "call-9@test"))
+        s.add(rec(1000, T0 + 2 * DAY))
+        s.flush()
+        s.outcome("call-9@test", ended_at=T0 + 2 * DAY)
+        s.flush()
+        nine = [(r["time"], r["final_code"], r["ended_at"]) for r in s.query(limit=0) if r["call_id"] == "call-9@test"]
+        assert nine == [(T0 + n * 60 + 30, None, T0 + 2 * DAY), (T0 + 540, 486, T0 + 2 * DAY)]
+        # records_1 closes too (a newer partition took writes): only the newest stays unindexed.
+        assert wait_for(lambda: s.partitions()[1]["indexed"])
+        parts = s.partitions()
+        assert [(p["name"], p["indexed"], p["records"]) for p in parts] == [
+            ("records", True, n + 1), ("records_1", True, 1), ("records_2", False, 1)]
+        assert parts[0]["start"] == T0 and parts[0]["end"] == parts[1]["start"] == math.nextafter(T0 + n * 60, math.inf)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        assert conn.execute("SELECT id FROM records_1").fetchall() == [(n + 2,)]
+        assert conn.execute("SELECT id FROM records_2").fetchall() == [(n + 3,)]
+        assert conn.execute("SELECT id, upto FROM outcomes_2").fetchall() == [(4, n + 3)]
+        assert indexes_of(conn, "records", "outcomes") == {"records_caller_time", "records_callee_time",
+                                                           "records_time", "outcomes_call_id"}
+    finally:
+        conn.close()
+
+
+def test_empty_version_2_file_is_migrated(tmp_path: Path) -> None:
+    path = str(tmp_path / "v2.sqlite3")
+    conn = sqlite3.connect(path)
+    conn.executescript(_V2_SCHEMA)
+    conn.close()
+    with RecordStore(path) as s:
+        assert s.query(limit=0) == [] and s.partitions() == []
+        s.add(rec(1, T0))
+        s.flush()
+        assert [r["call_id"] for r in s.query()] == ["call-1@test"]
+
+
+def test_unusable_times_are_counted(impl: str, store: RecordStore) -> None:
+    assert (store._inserter is not None) == (impl == "compiled")
+    base = ("c", "lo", "13800000001", "0215", "allow", "allow", 0, 0.0, 1.0)
+    with capture_logs() as logs:
+        store.add_many([(T0, "ok", *base[1:]), ("not a time", *base), (math.inf, *base), (math.nan, *base),
+                        (None, "no-time", *base[1:]), ("1780000001.5", "numeric", *base[1:])])
+        store.flush()
+    assert store.written == 3 and store.dropped == 3
+    assert [(r["call_id"], r["time"]) for r in store.query(limit=0)] == [("numeric", T0 + 1.5), ("ok", T0),
+                                                                         ("no-time", 0.0)]
+    assert any(e["event"] == "records_write_failed" for e in logs)
+
+
+def test_writer_follows_another_process(tmp_path: Path) -> None:
+    # The records command prunes while the proxy writes: the proxy's writer sees the change
+    # (PRAGMA data_version) and goes on with the new catalog, its ids still increasing.
+    path = str(tmp_path / "r.sqlite3")
+    now = time.time()
+    a = RecordStore(path, flush_interval=0.01)
+    try:
+        a.add({"time": now - 40 * DAY, "call_id": "old", "caller": "13800000001", "rule": "allow"})
+        a.add({"time": now - HOUR, "call_id": "kept", "caller": "13800000001", "rule": "allow"})
+        a.flush()
+        with RecordStore(path) as b:
+            assert b.prune() == 1
+        a.add({"time": now - 40 * DAY, "call_id": "old-again", "caller": "13800000001", "rule": "allow"})
+        a.add({"time": now, "call_id": "now", "caller": "13800000001", "rule": "allow"})
+        a.flush()
+        a.outcome("kept", 200, answered_at=now)
+        a.flush()
+        assert a.dropped == 0 and a.written == 4
+        with RecordStore(path) as b:
+            rows = b.query(limit=0)
+            assert [(r["call_id"], r["final_code"]) for r in rows] == [("now", None), ("kept", 200),
+                                                                       ("old-again", None)]
+    finally:
+        a.close()
+    conn = sqlite3.connect(path)
+    try:
+        ids = {cid: i for p, in conn.execute("SELECT name FROM partitions").fetchall()
+               for i, cid in conn.execute(f"SELECT id, call_id FROM {p}")}
+        assert ids["kept"] < ids["old-again"] < ids["now"]
+    finally:
+        conn.close()
+
+
+def test_partition_period_floor() -> None:
+    from callguard.records import MAX_PARTITIONS, partition_seconds
+
+    assert partition_seconds(30, 60) == 3600.0
+    assert partition_seconds(30, 5) == 22 * 60.0          # 30 days in 5-minute partitions would be 8640
+    assert 3650 * 86400 / partition_seconds(3650, 60) <= MAX_PARTITIONS
+
+
+def test_reader_opens_while_the_writer_holds_the_lock(tmp_path: Path) -> None:
+    # `callguard records` while the proxy's writer is in a long transaction (an index build):
+    # opening and querying need no write lock.
+    path = str(tmp_path / "r.sqlite3")
+    with RecordStore(path) as w:
+        w.add(rec(1, T0))
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("CREATE INDEX records_1_caller_time ON records_1 (caller, time)")
+        with RecordStore(path) as r:      # would fail with "database is locked" after the busy timeout
+            assert [x["call_id"] for x in r.query()] == ["call-1@test"]
+        other.execute("COMMIT")
+    finally:
+        other.close()
+
+
+def test_close_during_an_index_build_loses_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    rows = [(T0 + i * 0.01, f"c{i}", "lo", f"138{i % 997:08d}", f"0215{i % 991:07d}", "allow", "allow", 0, 0.0, 1.0)
+            for i in range(200_000)]
+    s = RecordStore(path, flush_interval=0.01)
+    s.add_many(rows)
+    s.flush(timeout=60)
+    s.add(rec(1, T0 + 2 * HOUR))     # closes the big partition: its index builds start after this flush
+    s.flush()
+    s.close()                         # interrupts a build under way
+    assert s.written == 200_001 and s.dropped == 0
+    with RecordStore(path, flush_interval=0.01) as again:
+        assert len(again.query(caller="13800000005", limit=0)) == len([r for r in rows if r[3] == "13800000005"])
+        again.add(rec(2, T0 + 2 * HOUR + 1))      # a writing store finishes what is left
+        again.flush()
+        assert wait_for(lambda: again.partitions()[0]["indexed"], timeout=60)
+        assert again.partitions()[0]["records"] == 200_000
+    conn = sqlite3.connect(path)
+    try:
+        assert len(indexes_of(conn, "records_1", "outcomes_1")) == 4
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
+
+
+def test_compiled_inserter_stores_what_executemany_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if records_mod._recwriter is None:
+        if os.environ.get("CI"):
+            pytest.fail("callguard._recwriter is not built")
+        pytest.skip("callguard._recwriter is not built")
+    rows = [(T0 + i, f"呼叫-{i}@例子" if i % 3 else f"c{i}@h", "10.0.0.1", f"138{i:08d}" if i % 4 else "",
+             "0215", "banned" if i % 2 else "allow", "reject" if i % 2 else "allow", 403 * (i % 2),
+             0.5 if i % 5 else 1, i % 7, ("score",)) for i in range(1, 400)]
+    rows[7] = (T0 + 7.5, None, None, "13800000007", None, "allow", "allow", None, None, None)
+
+    def stored(name: str) -> list[tuple[Any, ...]]:
+        path = str(tmp_path / f"{name}.sqlite3")
+        with RecordStore(path) as s:
+            assert (s._inserter is not None) == (name == "compiled")
+            s.add_many(rows[:1])
+            s.flush()           # the first row creates the partition; the rest is one usual batch
+            s.add_many(rows[1:])
+        conn = sqlite3.connect(path)
+        try:
+            return conn.execute("SELECT * FROM records_1 ORDER BY id").fetchall()
+        finally:
+            conn.close()
+
+    compiled = stored("compiled")
+    monkeypatch.setattr(records_mod, "_recwriter", None)
+    assert compiled == stored("python")
+    assert [type(v) for v in compiled[7]] == [int, float, str, str, str, str, str, str, int, float, float]
+    assert compiled[7][1:] == (T0 + 7.5, "", "", "13800000007", "", "allow", "allow", 0, 0.0, 0.0)

@@ -89,7 +89,7 @@ def write_config(path: Path, lists: dict[str, Path], listen_port: int, trunk_por
 
     The shipped policy (rate limits, score, rules) is kept; only addresses, lists and file
     locations change.  Logging is at ``warning`` (per-call info lines would measure the log
-    sink, not the proxy) and the metrics endpoint is off (its fixed port would collide).
+    sink, not the proxy); the metrics endpoint is on, as shipped, on a free port.
     """
     cfg = {
         "sources": [{"name": "bench", "networks": ["127.0.0.0/8"], "customer": "bench", "direction": "outbound",
@@ -99,7 +99,7 @@ def write_config(path: Path, lists: dict[str, Path], listen_port: int, trunk_por
         "sip": {"listen": [f"udp:127.0.0.1:{listen_port}"]},
         "records": {"path": str(workdir / "records.sqlite3"), "state_path": str(workdir / "state.json")},
         "logging": {"level": "warning"},
-        "metrics": {"enabled": False},
+        "metrics": {"enabled": True, "listen": "127.0.0.1:0"},
     }
     path.write_text("# written by bench/load.py for one run\n" + yaml.safe_dump(cfg, sort_keys=False),
                     encoding="utf-8")

@@ -59,6 +59,25 @@ def cpu_seconds(pid: int, with_reaped_children: bool = True) -> float:
     return ticks / CLK_TCK
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of one process, keyed ``"<thread name>/<tid>"`` (empty when it is gone)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        out[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def children_map() -> dict[int, list[int]]:
     """ppid -> child pids for every process on the machine."""
     out: dict[int, list[int]] = {}

@@ -82,6 +82,7 @@ class Bench:
             running = system.start(ctx)
             time.sleep(0.3)   # let a just-started system settle (lazy imports, first allocations)
             cpu0 = procs.tree_cpu(running.pids())
+            threads0 = procs.thread_cpu(running.pids()[0])
             ksoft = procs.kernel_threads()
             ksoft0 = sum(procs.cpu_seconds(k) for k in ksoft)
             server_tree = [q for r in running.pids() for q in procs.tree(r)]
@@ -107,6 +108,7 @@ class Bench:
             time.sleep(o.duration)
             load_wall = time.monotonic() - t0
             cpu_mid = procs.tree_cpu(running.pids())
+            threads_mid = procs.thread_cpu(running.pids()[0])
             sipp_mid = [procs.cpu_seconds(p.pid) for p in uac.procs]
             uas_mid = procs.cpu_seconds(uas.pid) if uas else 0.0
             ksoft_mid = sum(procs.cpu_seconds(k) for k in ksoft)
@@ -136,6 +138,12 @@ class Bench:
                 probe = {"error": str(exc)}
             res.update(self._judge(results, cpu0, cpu1, wall, probe, uas_cpu1 - uas_cpu0, alive))
             res["server_cpu_by_process"] = procs.cpu_by_name(cpu0, cpu1, names)
+            # Threads of the first process during the load phase, in µs per call offered: e.g. serve's
+            # event loop against its records writer.
+            offered = max(1.0, rate * load_wall)
+            res["load_phase_cpu_us_per_call_by_thread"] = {
+                k: round((v - threads0.get(k, 0.0)) * 1e6 / offered, 2) for k, v in threads_mid.items()
+                if v - threads0.get(k, 0.0) > 0}
             per_proc = {p: cpu_mid.get(p, 0.0) - cpu0.get(p, 0.0) for p in cpu_mid if p > 0}
             res["load_phase"] = {
                 "seconds": round(load_wall, 2),

@@ -43,11 +43,13 @@ def _extend_path():
     here = os.path.dirname(os.path.abspath(__file__))
     paths = [p for p in (_define("CG_PYTHONPATH") or os.environ.get("CALLGUARD_PYTHONPATH", "")).split(":") if p]
     checkout = os.path.normpath(os.path.join(here, "..", "..", "src"))
+    first = None
     if os.path.isdir(os.path.join(checkout, "callguard")):
         # A checkout built in place wins; an unbuilt one only backs up an installed package.
         built = glob.glob(os.path.join(checkout, "callguard", "_core*.so"))
         if built:
             paths.insert(0, checkout)
+            first = checkout
         else:
             paths.append(checkout)
     before = list(sys.path)
@@ -56,6 +58,9 @@ def _extend_path():
     added = [p for p in sys.path if p not in before]
     # Ours first: Debian's dist-packages may hold older numpy/yaml than the environment's.
     sys.path[:] = added + before
+    if first is not None:
+        # Also when PYTHONPATH had put it on the path already, behind the folders added here.
+        sys.path[:] = [first] + [p for p in sys.path if p != first]
 
 
 def mod_init():

@@ -275,6 +275,10 @@ class RecordsSettings:
     enabled: bool = opt(True, "store a record of every decision")
     path: str = opt("callguard-records.sqlite3", "SQLite file of call records (relative to the config file)")
     retention_days: int = opt(30, "days records are kept before pruning (R9: at least 30)", between(30, 3650))
+    partition_minutes: int = opt(60, "decision time per records partition: the partition being written is "
+                                 "unindexed and scanned by queries, older ones are indexed in bulk and pruned "
+                                 "whole; raised to keep at most 2000 partitions over retention_days",
+                                 between(1, 1440))
     state_path: str = opt("callguard-state.json", "rate-limit snapshot written on stop and read on start")
 
 

@@ -3,10 +3,11 @@
 Each :class:`Metrics` owns its own ``CollectorRegistry`` (not the process-global one), so a
 proxy, a test and a benchmark can each have theirs in one process.
 
-The per-call methods are cheap: label children for the known rule ids, SIP methods,
-response classes and trunks are bound once, and a call is one dict lookup plus the
-client's increment.  Label values from the network are folded into a fixed set (unknown
-methods count as ``other``) so a hostile peer cannot grow the number of series.
+The families counted on every call -- decisions, messages in and out, decision latency --
+are collectors of our own (:class:`LabelledCounter`, :class:`LatencyHistogram`): an
+increment is a dict update under one lock, and a batch of the compiled fast path is added at
+once; the rest are prometheus-client's own.  Label values from the network are folded into a
+fixed set (unknown methods count as ``other``) so a hostile peer cannot grow the number of series.
 
 Families (all prefixed ``callguard_``):
 
@@ -27,10 +28,13 @@ Families (all prefixed ``callguard_``):
 
 from __future__ import annotations
 
+import bisect
 import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
 from .config import RULE_IDS
@@ -66,22 +70,126 @@ def method_label(method: str | int) -> str:
     return up if up in SIP_METHODS else OTHER
 
 
+class LatencyHistogram:
+    """A histogram with fixed buckets that also takes whole batches of observations.
+
+    prometheus-client's ``Histogram`` costs a lock and a bucket search per observation; the
+    compiled fast path already sorts a batch's decision times into these buckets, so the batch
+    is added here at once (one lock per batch).  Exposed as an ordinary histogram family.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 lock: threading.Lock | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds: tuple[float, ...] = tuple(buckets)
+        if not self.bounds or self.bounds[-1] != float("inf"):
+            self.bounds += (float("inf"),)
+        self.counts = [0] * len(self.bounds)      # per bucket, not cumulative
+        self.sum = 0.0
+        self._lock = lock or threading.Lock()
+
+    def observe(self, amount: float) -> None:
+        """One observation (seconds)."""
+        i = bisect.bisect_left(self.bounds, amount)
+        with self._lock:
+            self.counts[min(i, len(self.counts) - 1)] += 1
+            self.sum += amount
+
+    def add(self, counts: Sequence[int], total: float) -> None:
+        """A batch: ``counts[i]`` observations fell in bucket ``i`` (``value <= bounds[i]``, first such
+        bucket); ``total`` is their sum."""
+        with self._lock:
+            self.add_locked(counts, total)
+
+    def add_locked(self, counts: Sequence[int], total: float) -> None:
+        """:meth:`add` for a caller that holds the lock."""
+        if len(counts) != len(self.counts):
+            raise ValueError(f"expected {len(self.counts)} bucket counts, got {len(counts)}")
+        mine = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                mine[i] += n
+        self.sum += total
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counts = list(self.counts)
+            total = self.sum
+        cumulative = []
+        running = 0
+        for bound, n in zip(self.bounds, counts, strict=True):
+            running += n
+            cumulative.append(("+Inf" if bound == float("inf") else _float_label(bound), running))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=total)
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+class LabelledCounter:
+    """A counter family with one label, its children plain numbers behind one lock.
+
+    prometheus-client's ``Counter`` child costs a chain of Python calls and a lock per increment;
+    the proxy counts messages and decisions once per batch, several families each time, so its
+    hot families are these: an increment is one dict update under the lock.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, values: Sequence[str] = (),
+                 lock: threading.Lock | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.counts: dict[str, float] = dict.fromkeys(values, 0)
+        self._lock = lock or threading.Lock()
+
+    def inc(self, value: str, n: float = 1) -> None:
+        """Add ``n`` (>= 0) to the child labelled ``value``."""
+        if n < 0:
+            raise ValueError("counters only go up")
+        with self._lock:
+            self.counts[value] = self.counts.get(value, 0) + n
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            items = list(self.counts.items())
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, n in items:
+            family.add_metric([value], float(n))
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+
+
+def _float_label(value: float) -> str:
+    # prometheus-client's own spelling of bucket bounds ("1e-05", "0.0001", "2.5e-06")
+    return repr(float(value))
+
+
 class Metrics:
     """The metric families of one proxy (or test), in a registry of their own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
-        self._decisions = Counter("callguard_decisions_total", "Decisions by rule id (allow: nothing fired)",
-                                  ["rule"], registry=reg)
-        self._latency = Histogram("callguard_decision_latency_seconds", "Time the core took for one decision",
-                                  buckets=LATENCY_BUCKETS, registry=reg)
-        self._msg_in = Counter("callguard_sip_messages_in_total",
-                               "SIP messages received: requests by method, responses by status class",
-                               ["method"], registry=reg)
-        self._msg_out = Counter("callguard_sip_messages_out_total",
-                                "SIP messages sent: requests by method, responses by status class",
-                                ["method"], registry=reg)
+        labels = SIP_METHODS + RESPONSE_CLASSES + (OTHER,)
+        # One lock for the families counted on every call, so a batch takes it once.
+        self._hot = threading.Lock()
+        self._decisions = LabelledCounter("callguard_decisions_total", "Decisions by rule id (allow: nothing fired)",
+                                          "rule", _RULES, self._hot)
+        reg.register(self._decisions)
+        self._latency = LatencyHistogram("callguard_decision_latency_seconds", "Time the core took for one decision",
+                                         LATENCY_BUCKETS, self._hot)
+        reg.register(self._latency)
+        self._msg_in = LabelledCounter("callguard_sip_messages_in_total",
+                                       "SIP messages received: requests by method, responses by status class",
+                                       "method", labels, self._hot)
+        self._msg_out = LabelledCounter("callguard_sip_messages_out_total",
+                                        "SIP messages sent: requests by method, responses by status class",
+                                        "method", labels, self._hot)
+        reg.register(self._msg_in)
+        reg.register(self._msg_out)
         self._parse_errors = Counter("callguard_sip_parse_errors_total", "SIP messages that could not be parsed",
                                      registry=reg)
         self._trunk_up = Gauge("callguard_trunk_up", "1 while the trunk answers, 0 while it is marked down",
@@ -93,11 +201,8 @@ class Metrics:
                                  "INVITEs answered 503 because too many transactions were in flight", registry=reg)
         self._faults = Counter("callguard_internal_faults_total",
                                "Internal faults that failed open (the call passed)", registry=reg)
-        # Bound once: labels() takes a lock and builds a key, too slow to do per call.
-        self._by_rule: dict[str, Any] = {r: self._decisions.labels(r) for r in _RULES}
-        labels = SIP_METHODS + RESPONSE_CLASSES + (OTHER,)
-        self._in: dict[str | int, Any] = {m: self._msg_in.labels(m) for m in labels}
-        self._out: dict[str | int, Any] = {m: self._msg_out.labels(m) for m in labels}
+        # Label of each method or status seen (statuses are remembered: at most 600 of them).
+        self._method_labels: dict[str | int, str] = {m: m for m in labels}
         self._trunks: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._server: Any = None
@@ -106,33 +211,51 @@ class Metrics:
     # ------------------------------------------------------------ per call
     def decision(self, rule: str, latency_seconds: float) -> None:
         """Count one decision of ``rule`` and observe how long the core took."""
-        child = self._by_rule.get(rule)
-        if child is None:
-            child = self._bind_rule(rule)
-        child.inc()
+        self._decisions.inc(rule)
         self._latency.observe(latency_seconds)
 
-    def _bind_rule(self, rule: str) -> Any:
-        # Rule ids come from the core, not the network, so the set stays small.
-        with self._lock:
-            child = self._by_rule.get(rule)
-            if child is None:
-                child = self._by_rule[rule] = self._decisions.labels(rule)
-        return child
+    def decisions(self, by_rule: Sequence[tuple[str, int]], latency_counts: Sequence[int], latency_sum: float) -> None:
+        """A batch of decisions: ``(rule, n)`` pairs, and their decision times already sorted into
+        :data:`LATENCY_BUCKETS` (count per bucket, not cumulative) with their sum in seconds."""
+        # Rule ids come from the core, not the network, so the set of labels stays small.
+        for rule, n in by_rule:
+            self._decisions.inc(rule, n)
+        self._latency.add(latency_counts, latency_sum)
 
     def message_in(self, method: str | int, n: int = 1) -> None:
         """Count ``n`` received messages: a request method, or a response status / class (``2xx``)."""
-        child = self._in.get(method)
-        if child is None:
-            child = _lookup(self._in, method)
-        child.inc(n)
+        label = self._method_labels.get(method)
+        self._msg_in.inc(label if label is not None else self._label_of(method), n)
 
     def message_out(self, method: str | int, n: int = 1) -> None:
         """Count ``n`` sent messages, labelled like :meth:`message_in`."""
-        child = self._out.get(method)
-        if child is None:
-            child = _lookup(self._out, method)
-        child.inc(n)
+        label = self._method_labels.get(method)
+        self._msg_out.inc(label if label is not None else self._label_of(method), n)
+
+    def fast_batch(self, invites: int, acks: int, out: Sequence[tuple[int, int]], by_rule: Sequence[tuple[str, int]],
+                   latency_counts: Sequence[int], latency_sum: float) -> None:
+        """What one batch of the compiled fast path counted (``FastPath.take_counts``), under one lock:
+        INVITEs and ACKs received, responses sent by status, decisions by rule and their times by
+        latency bucket with their sum."""
+        labels = self._method_labels
+        out_labels = [(labels.get(code) or self._label_of(code), n) for code, n in out]
+        with self._hot:
+            received = self._msg_in.counts
+            received["INVITE"] += invites
+            received["ACK"] += acks
+            sent = self._msg_out.counts
+            for label, n in out_labels:
+                sent[label] = sent.get(label, 0) + n
+            decided = self._decisions.counts
+            for rule, n in by_rule:
+                decided[rule] = decided.get(rule, 0) + n
+            self._latency.add_locked(latency_counts, latency_sum)
+
+    def _label_of(self, method: str | int) -> str:
+        label = method_label(method)
+        if isinstance(method, int) and 100 <= method <= 699:
+            self._method_labels[method] = label   # at most 600 status codes: safe to remember
+        return label
 
     def parse_error(self) -> None:
         """Count a message that could not be parsed."""
@@ -189,13 +312,6 @@ class Metrics:
             server.server_close()
             if thread is not None:
                 thread.join(timeout=5.0)
-
-
-def _lookup(children: dict[str | int, Any], method: str | int) -> Any:
-    child = children[method_label(method)]
-    if isinstance(method, int) and 100 <= method <= 699:
-        children[method] = child   # at most 600 status codes: safe to remember for the next time
-    return child
 
 
 def parse_listen(text: str) -> tuple[str, int]:

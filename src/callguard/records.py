@@ -12,18 +12,29 @@ while the proxy writes.  Numbers are stored as given (the proxy gives them norma
 NORMAL syncs the WAL at checkpoints only: a crash of the process loses nothing committed, a
 power loss may lose the last committed batches but never corrupts the file.
 
-Schema 2 keeps both tables insert-only: decisions in ``records`` (indexed by time, caller+time
-and callee+time), outcomes in ``outcomes`` (by Call-ID), joined when read.  A version 1 file is
-migrated when opened (one transaction; the table is rewritten once, so a large file takes a
-while).
+Schema 3 partitions the records by time, the way CDR stores do.  Each partition covers
+``partition_minutes`` of decision time and owns two insert-only tables: its decisions
+(``records_N``) and the outcomes written while it was the newest partition (``outcomes_N``);
+the ``partitions`` table lists them.  The partition being written has no secondary index, so
+an insert costs no random-order B-tree update; once its period is over and a newer partition
+has taken writes, the writer thread builds its indexes in bulk (caller+time, callee+time, time;
+Call-ID for the outcomes), which costs a fraction of the incremental inserts and does not grow
+with the file.  Pruning drops whole partitions.  Version 1 and 2 files are migrated when opened:
+the old tables become one closed, indexed partition.
+
+The rows of :meth:`RecordStore.add_many` are inserted by the compiled inserter (``_recwriter``)
+inside the writer's transaction, without the GIL; ``executemany`` is the reference and writes
+everything else (and everything when the module is missing or ``CALLGUARD_NO_EXTENSIONS`` is set).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import datetime as dt
 import json
+import math
 import operator
 import os
 import re
@@ -39,6 +50,14 @@ from .errors import CallguardError, ConfigError, InputError
 from .lists import parse_time as lists_parse_time
 from .lists import parse_tz
 from .log import get_logger
+from .osthread import set_os_thread_name
+
+_recwriter: Any = None
+if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
+    try:
+        from . import _recwriter
+    except ImportError:     # optional at build time: executemany writes the rows instead
+        pass
 
 
 def _log() -> Any:
@@ -47,11 +66,13 @@ def _log() -> Any:
     return get_logger("callguard.records")
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIN_RETENTION_DAYS = 30
 PRUNE_EVERY = 3600.0        # seconds between the writer's own pruning runs
-PRUNE_CHUNK = 20_000        # rows per DELETE, so a big prune never holds the write lock for long
 BATCH_MAX = 50_000          # queue items per transaction
+MAX_PARTITIONS = 2000       # over the retention period: every schema change re-reads the whole schema
+PRUNE_TIMEOUT = 600.0       # seconds prune() waits for the writer thread
+RETRY_MAINTENANCE = 60.0    # seconds before a failed index build is tried again
 
 #: Columns given by the proxy, in table order.
 RECORD_FIELDS: tuple[str, ...] = ("time", "call_id", "source", "caller", "callee", "rule", "verdict", "code",
@@ -60,11 +81,68 @@ RECORD_FIELDS: tuple[str, ...] = ("time", "call_id", "source", "caller", "callee
 OUTCOME_FIELDS: tuple[str, ...] = ("final_code", "answered_at", "ended_at")
 COLUMNS: tuple[str, ...] = RECORD_FIELDS + OUTCOME_FIELDS
 
-# Schema 2: the decision table is insert-only.  Outcomes go to their own insert-only table and
-# are joined at query time, so the hot table needs no Call-ID index (a random-order key that cost
-# a page read-modify-write per insert) and is never updated.  Rule queries use the time index
-# and filter; records_time also serves pruning and unfiltered time ranges.
-_OUTCOMES_SCHEMA = """
+# The tables of one partition.  Both are insert-only.  outcomes.upto is the highest record id
+# when the outcome was written: an outcome applies to the records of its Call-ID with id <= upto,
+# i.e. those stored before it (or in the same batch), as the UPDATE of version 1 did.  Several
+# outcomes of one call each fill their own columns; for every column the newest (highest id)
+# non-NULL value wins (the former COALESCE update).  Record ids and outcome ids are increasing
+# across all partitions (``last_ids`` keeps the highest ever given), so upto and "newest" keep
+# their meaning whatever partition a row lands in.
+_RECORDS_TABLE = """(
+    id          INTEGER PRIMARY KEY,
+    time        REAL    NOT NULL,
+    call_id     TEXT    NOT NULL DEFAULT '',
+    source      TEXT    NOT NULL DEFAULT '',
+    caller      TEXT    NOT NULL DEFAULT '',
+    callee      TEXT    NOT NULL DEFAULT '',
+    rule        TEXT    NOT NULL DEFAULT '',
+    verdict     TEXT    NOT NULL DEFAULT '',
+    code        INTEGER NOT NULL DEFAULT 0,
+    score       REAL    NOT NULL DEFAULT 0,
+    latency_us  REAL    NOT NULL DEFAULT 0
+)"""
+_OUTCOMES_TABLE = """(
+    id          INTEGER PRIMARY KEY,
+    call_id     TEXT    NOT NULL,
+    upto        INTEGER NOT NULL,
+    final_code  INTEGER,
+    answered_at REAL,
+    ended_at    REAL
+)"""
+# The indexes of a closed partition, named <table>_<suffix>: the queries by caller or callee
+# (newest first), by time range, and by rule (time index, then filtered); the outcomes by Call-ID.
+_RECORD_INDEXES: tuple[tuple[str, str], ...] = (("caller_time", "caller, time"), ("callee_time", "callee, time"),
+                                                ("time", "time"))
+_OUTCOME_INDEXES: tuple[tuple[str, str], ...] = (("call_id", "call_id"),)
+
+# Where an outcome goes: into the outcomes table of the newest partition (greatest start) at the
+# time it is written.  So an outcome of a record in partition P is in P's outcomes table or in
+# that of a newer partition — never an older one — which lets a read look at those only, and
+# lets pruning drop a partition's outcomes with it (every record they can apply to is in that
+# partition or an older one, all dropped together).
+_CATALOG = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS partitions (
+    name        TEXT    PRIMARY KEY,
+    outcomes    TEXT    NOT NULL UNIQUE,
+    start_time  REAL    NOT NULL,
+    end_time    REAL    NOT NULL,
+    indexed     INTEGER NOT NULL DEFAULT 0,
+    records     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS last_ids (
+    record      INTEGER NOT NULL,
+    outcome     INTEGER NOT NULL,
+    partition   INTEGER NOT NULL
+);
+"""
+# partitions: records with start_time <= time < end_time are in table `name`; ranges never
+# overlap.  indexed: its indexes are built.  records: its row count (kept by the writer, so a
+# prune can say how many went without counting).  last_ids: the highest record id, outcome id
+# and partition number ever given.
+
+# Version 2: one records table (indexes on time, caller+time, callee+time) and one outcomes table.
+_V2_OUTCOMES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
     id          INTEGER PRIMARY KEY,
     call_id     TEXT    NOT NULL,
@@ -76,13 +154,9 @@ CREATE TABLE IF NOT EXISTS outcomes (
 CREATE INDEX IF NOT EXISTS outcomes_call_id ON outcomes (call_id);
 CREATE INDEX IF NOT EXISTS outcomes_upto ON outcomes (upto);
 """
-# outcomes.upto is the highest records.id when the outcome was written: an outcome applies to the
-# records of its Call-ID with id <= upto, i.e. those stored before it (or in the same batch), as
-# the former UPDATE did.  Several outcomes of one call each fill their own columns; for every
-# column the newest non-NULL value wins (the former COALESCE update).
 
 # Version 1 kept the outcome in the records row (UPDATE by Call-ID) and had five indexes.
-_MIGRATE_1_TO_2 = _OUTCOMES_SCHEMA + """
+_MIGRATE_1_TO_2 = _V2_OUTCOMES_SCHEMA + """
 INSERT INTO outcomes (call_id, upto, final_code, answered_at, ended_at)
     SELECT call_id, id, final_code, answered_at, ended_at FROM records
     WHERE final_code IS NOT NULL OR answered_at IS NOT NULL OR ended_at IS NOT NULL ORDER BY id;
@@ -100,39 +174,22 @@ UPDATE schema_version SET version = 2;
 # later record of the same Call-ID got every update the earlier one got after its insert, so the
 # newest non-NULL value per column is the same.
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS records (
-    id          INTEGER PRIMARY KEY,
-    time        REAL    NOT NULL,
-    call_id     TEXT    NOT NULL DEFAULT '',
-    source      TEXT    NOT NULL DEFAULT '',
-    caller      TEXT    NOT NULL DEFAULT '',
-    callee      TEXT    NOT NULL DEFAULT '',
-    rule        TEXT    NOT NULL DEFAULT '',
-    verdict     TEXT    NOT NULL DEFAULT '',
-    code        INTEGER NOT NULL DEFAULT 0,
-    score       REAL    NOT NULL DEFAULT 0,
-    latency_us  REAL    NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS records_caller_time ON records (caller, time);
-CREATE INDEX IF NOT EXISTS records_callee_time ON records (callee, time);
-CREATE INDEX IF NOT EXISTS records_time ON records (time);
-""" + _OUTCOMES_SCHEMA
+_FIELDS_SQL = ", ".join(RECORD_FIELDS)
+_MARKS_SQL = ", ".join("?" * len(RECORD_FIELDS))
 
-_INSERT = f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
-_INSERT_OUTCOME = ("INSERT INTO outcomes (final_code, answered_at, ended_at, call_id, upto) "
-                   "VALUES (?, ?, ?, ?, ifnull((SELECT max(id) FROM records), 0))")
+# Reading: a query's outcomes are looked up by the Call-IDs of its rows (put in cg_want);
+# outcome_stats gathers the outcomes of the partitions it reads in cg_out.  Both are temporary
+# tables of the reading connection, so filling them never takes the database's write lock.
+_READER_TEMP = """
+CREATE TEMP TABLE IF NOT EXISTS cg_want (call_id PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS cg_out (id INTEGER PRIMARY KEY, call_id, upto, final_code, answered_at, ended_at);
+CREATE INDEX IF NOT EXISTS temp.cg_out_call_id ON cg_out (call_id);
+"""
 
 
 def _outcome_column(column: str) -> str:
-    return (f"(SELECT o.{column} FROM outcomes o WHERE o.call_id = r.call_id AND o.upto >= r.id "
+    return (f"(SELECT o.{column} FROM temp.cg_out o WHERE o.call_id = r.call_id AND o.upto >= r.id "
             f"AND o.{column} IS NOT NULL ORDER BY o.id DESC LIMIT 1)")
-
-
-# The columns of a query, outcome columns joined from their table.
-_SELECT = ("SELECT " + ", ".join(f"r.{c}" for c in RECORD_FIELDS) + ", "
-           + ", ".join(f"{_outcome_column(c)} AS {c}" for c in OUTCOME_FIELDS) + " FROM records r")
 
 
 def _statements(script: str) -> list[str]:
@@ -140,8 +197,13 @@ def _statements(script: str) -> list[str]:
     return [stmt.strip() for stmt in script.split(";") if stmt.strip()]
 
 
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 _DEFAULTS: dict[str, Any] = {"time": 0.0, "call_id": "", "source": "", "caller": "", "callee": "", "rule": "",
                              "verdict": "", "code": 0, "score": 0.0, "latency_us": 0.0}
+_NFIELDS = len(RECORD_FIELDS)
 
 
 def _row_of(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -153,11 +215,13 @@ def _row_of(record: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _defaults_filled(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``row`` with each None replaced by its column's default."""
-    if None not in row:
-        return row
-    return tuple(_DEFAULTS[name] if v is None else v for name, v in zip(RECORD_FIELDS, row, strict=True))
+def _has_none(row: Sequence[Any]) -> bool:
+    return None in row[:_NFIELDS]
+
+
+def _defaults_filled(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The insert parameters of ``row`` with each None replaced by its column's default."""
+    return tuple(_DEFAULTS[name] if v is None else v for name, v in zip(RECORD_FIELDS, row[:_NFIELDS], strict=True))
 
 
 class _Rows:
@@ -169,9 +233,9 @@ class _Rows:
         self.rows = rows
 
 
-_NFIELDS = len(RECORD_FIELDS)
 # The insert parameters of a row: its first RECORD_FIELDS items (C-level; a 10-tuple is returned as is).
 _row_of_tuple = operator.itemgetter(slice(0, _NFIELDS))
+_time_of = operator.itemgetter(0)
 
 
 class _Outcome:
@@ -183,11 +247,95 @@ class _Outcome:
         self.params = params
 
 
+class _Call:
+    """Work for the writer thread (a prune), run in queue order; the caller waits for ``done``."""
+
+    __slots__ = ("fn", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _Part:
+    """One partition, as listed in the ``partitions`` table."""
+
+    __slots__ = ("name", "outcomes", "start", "end", "indexed", "rows")
+
+    def __init__(self, name: str, outcomes: str, start: float, end: float, indexed: int, rows: int) -> None:
+        self.name = name
+        self.outcomes = outcomes
+        self.start = start
+        self.end = end
+        self.indexed = bool(indexed)
+        self.rows = rows
+
+
+def _catalog(conn: sqlite3.Connection) -> list[_Part]:
+    """The partitions, oldest first."""
+    return [_Part(*row) for row in conn.execute(
+        "SELECT name, outcomes, start_time, end_time, indexed, records FROM partitions ORDER BY start_time")]
+
+
+def _index_sql(table: str, suffix: str, columns: str) -> str:
+    return f"CREATE INDEX IF NOT EXISTS {_quote(table + '_' + suffix)} ON {_quote(table)} ({columns})"
+
+
+def _partition_indexes(part: _Part) -> list[tuple[str, str]]:
+    """(index name, CREATE statement) of every index a closed partition has."""
+    return ([(f"{part.name}_{s}", _index_sql(part.name, s, c)) for s, c in _RECORD_INDEXES]
+            + [(f"{part.outcomes}_{s}", _index_sql(part.outcomes, s, c)) for s, c in _OUTCOME_INDEXES])
+
+
+def _existing_indexes(conn: sqlite3.Connection, part: _Part) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN (?, ?)",
+                                       (part.name, part.outcomes))}
+
+
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """The version 2 tables become one closed partition covering their time range (no row is copied)."""
+    for stmt in _statements(_CATALOG):
+        conn.execute(stmt)
+    conn.execute("DROP INDEX IF EXISTS outcomes_upto")   # served pruning by DELETE only
+    max_rid = conn.execute("SELECT max(id) FROM records").fetchone()[0]
+    max_oid = conn.execute("SELECT max(id) FROM outcomes").fetchone()[0] or 0
+    if max_rid is None:
+        # No record: nothing to keep (an outcome only ever applies to an older record).
+        conn.execute("DROP TABLE records")
+        conn.execute("DROP TABLE outcomes")
+        max_rid = 0
+    else:
+        # The range of its finite times (the time index answers both); a row with some other
+        # time (only a bad add() could store one) stays in the table, outside every range.
+        big = sys.float_info.max
+        lo = conn.execute("SELECT time FROM records WHERE time >= ? ORDER BY time LIMIT 1", (-big,)).fetchone()
+        hi = conn.execute("SELECT time FROM records WHERE time <= ? ORDER BY time DESC LIMIT 1", (big,)).fetchone()
+        start = float(lo[0]) if lo else 0.0
+        end = math.nextafter(float(hi[0]), math.inf) if hi else 0.0
+        count = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+        part = _Part("records", "outcomes", start, end, 0, count)
+        have = _existing_indexes(conn, part)
+        indexed = all(name in have for name, _ in _partition_indexes(part))
+        conn.execute("INSERT INTO partitions (name, outcomes, start_time, end_time, indexed, records) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", ("records", "outcomes", start, end, int(indexed), count))
+    conn.execute("INSERT INTO last_ids (record, outcome, partition) VALUES (?, ?, 0)", (max_rid, max_oid))
+    conn.execute("UPDATE schema_version SET version = 3")
+
+
 def _connect(path: str) -> sqlite3.Connection:
     # isolation_level=None: transactions are explicit (BEGIN/COMMIT), so a batch is exactly one.
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 10000")
     return conn
+
+
+def partition_seconds(retention_days: int, partition_minutes: float) -> float:
+    """The partition period used: ``partition_minutes``, or longer when the retention period
+    would otherwise hold more than :data:`MAX_PARTITIONS` partitions."""
+    least = retention_days * 86400.0 / MAX_PARTITIONS
+    return max(float(partition_minutes) * 60.0, math.ceil(least / 60.0) * 60.0)
 
 
 class RecordStore:
@@ -196,6 +344,7 @@ class RecordStore:
     Args:
         path: SQLite file; its parent folder is created when missing.
         retention_days: records older than this are pruned (at least 30, R9).
+        partition_minutes: decision time covered by one partition (see :func:`partition_seconds`).
         flush_interval: seconds between the writer's batches.
         queue_max: records and outcomes held in memory before new ones are dropped.
         on_written: called from the writer thread with the number of records each batch inserted
@@ -212,16 +361,27 @@ class RecordStore:
             newer callguard.
     """
 
-    def __init__(self, path: str, retention_days: int = 30, *, flush_interval: float = 0.2,
-                 queue_max: int = 1_000_000, on_written: Callable[[int], None] | None = None,
+    #: Build a partition's indexes when it is created instead of when it closes (the schema 2
+    #: way of paying for them, row by row; bench/records.py compares the two).
+    _INDEX_ON_CREATE = False
+
+    def __init__(self, path: str, retention_days: int = 30, *, partition_minutes: float = 60,
+                 flush_interval: float = 0.2, queue_max: int = 1_000_000,
+                 on_written: Callable[[int], None] | None = None,
                  on_dropped: Callable[[int], None] | None = None) -> None:
         if retention_days < MIN_RETENTION_DAYS:
             raise CallguardError(f"records retention must be at least {MIN_RETENTION_DAYS} days "
                                  f"(got {retention_days})")
         if queue_max < 1:
             raise CallguardError(f"records queue_max must be >= 1 (got {queue_max})")
+        if not partition_minutes > 0:
+            raise CallguardError(f"records partition_minutes must be > 0 (got {partition_minutes})")
         self.path = str(path)
         self.retention_days = retention_days
+        self.period = partition_seconds(retention_days, partition_minutes)
+        if self.period > float(partition_minutes) * 60.0:
+            _log().info("records_partition_raised", path=self.path, partition_minutes=partition_minutes,
+                        used_minutes=self.period / 60.0, retention_days=retention_days, max_partitions=MAX_PARTITIONS)
         self.flush_interval = max(0.001, float(flush_interval))
         self.queue_max = queue_max
         self._on_written = on_written
@@ -237,15 +397,47 @@ class RecordStore:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._read_lock = threading.Lock()
-        self._conn = self._open()           # for query/prune from callers' threads
+        self._conn = self._open()           # for queries from callers' threads
+        for stmt in _statements(_READER_TEMP):
+            self._conn.execute(stmt)
         self._wconn = _connect(self.path)   # the writer thread's own connection
         self._wconn.execute("PRAGMA synchronous = NORMAL")
-        # A 64 MB page cache for the writer: the caller and callee indexes take inserts at random
-        # places, and re-reading their pages would cost a large part of each insert.
         self._wconn.execute("PRAGMA cache_size = -65536")
-        # Checkpoint after ~80 MB of WAL instead of ~4 MB: an index page changed by many batches
-        # is then copied into the database once, not once per checkpoint.
+        # Checkpoint after ~80 MB of WAL instead of ~4 MB, and truncate a WAL left bigger (an
+        # index build writes its whole index to the WAL once) back to 64 MB.
         self._wconn.execute("PRAGMA wal_autocheckpoint = 20000")
+        self._wconn.execute("PRAGMA journal_size_limit = 67108864")
+        # Debian's SQLite zeroes every freed page (SECURE_DELETE): a dropped partition would be
+        # written over in full, through the WAL.  FAST zeroes only what is written anyway; the
+        # freed pages are reused by the next partitions.
+        self._wconn.execute("PRAGMA secure_delete = FAST")
+        # The compiled inserter (``_recwriter``) writes add_many rows inside the writer's own
+        # transactions with the GIL released for the whole batch; executemany is the reference
+        # and writes add() records, unusual rows and everything when the module is missing.
+        self._inserter: Any = None
+        self._buffer: Any = None
+        if _recwriter is not None:
+            try:
+                self._inserter = _recwriter.Inserter.sharing(self._wconn)
+                self._buffer = _recwriter.RowBuffer()
+            except (RuntimeError, TypeError, ValueError) as exc:
+                _log().info("records_inserter_unavailable", path=self.path, error=str(exc))
+        # The writer's view of the catalog, loaded in its first transaction and again whenever
+        # another connection has changed the file (PRAGMA data_version).
+        self._dv: int | None = None
+        self._parts: list[_Part] = []        # oldest first
+        self._starts: list[float] = []
+        self._rid = 0                        # highest record id given
+        self._oid = 0                        # highest outcome id given
+        self._pno = 0                        # highest partition number given
+        # The tables holding the highest record / outcome id: rows inserted there get the next
+        # id from SQLite itself (max + 1); elsewhere the first row of a batch is given it.
+        self._rtable: str | None = None
+        self._otable: str | None = None
+        self._wrote = False                  # indexes are built and partitions pruned by writing stores only
+        self._maintaining = False
+        self._maintain_after = 0.0
+        self._index_seconds = 0.0            # spent on the partition being indexed so far
         self._last_prune = time.time()
         self._thread = threading.Thread(target=self._run, name="callguard-records", daemon=True)
         self._thread.start()
@@ -265,6 +457,10 @@ class RecordStore:
             if str(mode).lower() != "wal":
                 raise CallguardError(f"{self.path}: cannot switch the records database to WAL (got {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
+            if self._current_version(conn) == SCHEMA_VERSION:
+                # Nothing to create or migrate: no write lock, which the writer of a running proxy
+                # may hold for a while (an index build).
+                return conn
             # One IMMEDIATE transaction creates or migrates the schema, so a reader opening the
             # file while the proxy creates it waits instead of seeing half a schema.
             conn.execute("BEGIN IMMEDIATE")
@@ -282,17 +478,22 @@ class RecordStore:
                         conn.execute("INSERT INTO schema_version (version) VALUES (1)")
                         version = 1
                     else:
-                        for stmt in _statements(_SCHEMA):
+                        for stmt in _statements(_CATALOG):
                             conn.execute(stmt)
+                        conn.execute("INSERT INTO last_ids (record, outcome, partition) VALUES (0, 0, 0)")
                         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                         version = SCHEMA_VERSION
                 if version > SCHEMA_VERSION:
                     raise CallguardError(f"{self.path}: records schema version {version} is newer than this "
                                          f"callguard understands ({SCHEMA_VERSION})")
-                elif version == 1:
-                    _log().info("records_migrating", path=self.path, from_version=1, to_version=SCHEMA_VERSION)
+                if version < SCHEMA_VERSION:
+                    _log().info("records_migrating", path=self.path, from_version=version, to_version=SCHEMA_VERSION)
+                if version == 1:
                     for stmt in _statements(_MIGRATE_1_TO_2):
                         conn.execute(stmt)
+                    version = 2
+                if version == 2:
+                    _migrate_2_to_3(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -305,6 +506,18 @@ class RecordStore:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _current_version(conn: sqlite3.Connection) -> int | None:
+        conn.execute("BEGIN")
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+                                ).fetchone():
+                return None
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            return row[0] if row else None
+        finally:
+            conn.execute("COMMIT")
 
     # ------------------------------------------------------------ the SIP path
     def add(self, record: dict[str, Any]) -> None:
@@ -337,8 +550,8 @@ class RecordStore:
                 ended_at: float | None = None) -> None:
         """Queue the outcome of a call: its final response, when it was answered, when it ended.
 
-        Updates every record of that Call-ID; arguments left at None keep what is stored, so
-        the answer and the end may be reported by separate calls.
+        Applies to every record of that Call-ID stored so far; arguments left at None keep what
+        is stored, so the answer and the end may be reported by separate calls.
         """
         if self._closed or len(self._queue) >= self.queue_max:
             self._drop()
@@ -351,7 +564,7 @@ class RecordStore:
             # Logged once when dropping starts; the writer logs when it stops, with the count.
             self._dropping = True
             _log().warning("records_dropping", path=self.path, reason="closed" if self._closed else "queue full",
-                        queue_max=self.queue_max, dropped=self.dropped)
+                           queue_max=self.queue_max, dropped=self.dropped)
 
     @property
     def dropped(self) -> int:
@@ -365,77 +578,334 @@ class RecordStore:
 
     # ------------------------------------------------------------ the writer
     def _run(self) -> None:
+        set_os_thread_name("cg-records")
         while True:
             stopping = self._stop.is_set()
+            busy = False
             try:
                 self._drain()
-                if time.time() - self._last_prune >= PRUNE_EVERY:
-                    self._last_prune = time.time()
-                    self._prune(self._wconn, time.time())
+                if not stopping and self._wrote:
+                    busy = self._maintain()
                 self._report()
             except Exception:  # the writer must survive anything; logged with the traceback
                 _log().exception("records_writer_fault", path=self.path)
             if stopping:
                 break
-            self._wake.wait(self.flush_interval)
-            self._wake.clear()
+            if not busy:
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
 
     def _drain(self) -> None:
         q = self._queue
         while q:
-            inserts: list[tuple[Any, ...]] = []
+            inserts: list[Sequence[Any]] = []
             updates: list[tuple[Any, ...]] = []
             markers: list[threading.Event] = []
+            calls: list[_Call] = []
+            packable = True     # only add_many rows: the compiled inserter may take them
             n = 0
             while q and n < BATCH_MAX:
                 item = q.popleft()
                 n += 1
-                if isinstance(item, dict):
+                if isinstance(item, _Rows):
+                    inserts.extend(item.rows)
+                elif isinstance(item, dict):
                     inserts.append(_row_of(item))
-                elif isinstance(item, _Rows):
-                    inserts.extend(map(_row_of_tuple, item.rows))
+                    packable = False
                 elif isinstance(item, _Outcome):
                     updates.append(item.params)
                 elif isinstance(item, threading.Event):
                     markers.append(item)
                     break   # a flush marker: commit what came before it, then release the waiter
-            self._write(inserts, updates)
+                elif isinstance(item, _Call):
+                    calls.append(item)
+                    break   # runs after what came before it is written
+            self._write(inserts, updates, packable)
             for m in markers:
                 m.set()
+            for c in calls:
+                try:
+                    c.result = c.fn()
+                except Exception as exc:  # handed to the waiting caller
+                    c.error = exc
+                c.done.set()
 
-    def _write(self, inserts: list[tuple[Any, ...]], updates: list[tuple[Any, ...]]) -> None:
+    def _write(self, inserts: list[Sequence[Any]], updates: list[tuple[Any, ...]], packable: bool = False) -> None:
         if not inserts and not updates:
             return
         conn = self._wconn
         try:
-            conn.execute("BEGIN")
-            if inserts:
-                conn.executemany(_INSERT, inserts)
-            if updates:
-                # After the inserts: an outcome applies to the records stored up to now (its upto).
-                conn.executemany(_INSERT_OUTCOME, updates)
-            conn.execute("COMMIT")
+            stored, bad = self._commit(inserts, updates, packable)
         except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.IntegrityError) and any(None in row for row in inserts):
+            self._dv = None     # the catalog may have changed in the rolled-back transaction: reload
+            if isinstance(exc, sqlite3.IntegrityError) and any(map(_has_none, inserts)):
                 # Every column is NOT NULL: a None in a row (add_many) fails the batch instead of
                 # costing a check per row on every batch; store it with the column default.
-                self._write([_defaults_filled(row) for row in inserts], updates)
+                self._write([_defaults_filled(row) if _has_none(row) else row for row in inserts], updates, packable)
                 return
             if len(inserts) + len(updates) > 1:
-                # One bad record must not cost the whole batch: retry row by row.
-                for row in inserts:
-                    self._write([row], [])
-                for upd in updates:
-                    self._write([], [upd])
+                # One bad record must not cost the whole batch: retry each half (the outcomes
+                # after all records, as in one batch).
+                h = len(inserts) // 2
+                if h:
+                    self._write(inserts[:h], [], packable)
+                    self._write(inserts[h:], [], packable)
+                elif inserts:
+                    self._write(inserts, [], packable)
+                h = len(updates) // 2
+                if h:
+                    self._write([], updates[:h])
+                    self._write([], updates[h:])
+                elif updates:
+                    self._write([], updates)
                 return
             self._dropped_failed += 1
             _log().error("records_write_failed", path=self.path, error=str(exc), dropped=self.dropped)
             return
-        self.written += len(inserts)
-        if inserts and self._on_written is not None:
-            self._on_written(len(inserts))
+        self._wrote = True
+        if bad:
+            self._dropped_failed += bad
+            _log().error("records_write_failed", path=self.path, error="time is not a finite number",
+                         records=bad, dropped=self.dropped)
+        self.written += stored
+        if stored and self._on_written is not None:
+            self._on_written(stored)
+
+    def _begin(self) -> None:
+        """Start a write transaction, with the catalog as committed (another process may write too)."""
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        dv = conn.execute("PRAGMA data_version").fetchone()[0]
+        if dv != self._dv:
+            self._parts = _catalog(conn)
+            self._starts = [p.start for p in self._parts]
+            self._rid, self._oid, self._pno = conn.execute(
+                "SELECT record, outcome, partition FROM last_ids").fetchone()
+            self._rtable = self._otable = None
+            self._dv = dv
+
+    def _commit(self, inserts: list[Sequence[Any]], updates: list[tuple[Any, ...]],
+                packable: bool) -> tuple[int, int]:
+        """Write one batch in one transaction; returns (records stored, records with an unusable time)."""
+        conn = self._wconn
+        self._begin()
+        groups, bad = self._route(inserts) if inserts else ([], 0)
+        # The usual batch (add_many rows, every time a number in the partition being written)
+        # goes through the compiled inserter; a batch that needed sorting out goes row by row.
+        packable = packable and len(groups) == 1 and not bad and groups[0][0] is self._parts[-1]
+        stored = 0
+        for part, rows in groups:
+            self._insert(part, rows, packable)
+            stored += len(rows)
+        if updates:
+            # After the inserts: an outcome applies to the records stored up to now (its upto).
+            self._insert_outcomes(updates)
+        conn.execute("UPDATE last_ids SET record = ?, outcome = ?, partition = ?", (self._rid, self._oid, self._pno))
+        conn.execute("COMMIT")
+        return stored, bad
+
+    def _route(self, rows: list[Sequence[Any]]) -> tuple[list[tuple[_Part, list[Sequence[Any]]]], int]:
+        """The rows grouped by partition (created when missing), and how many have no usable time."""
+        if self._parts:
+            cur = self._parts[-1]
+            try:
+                # The usual batch: every row in the partition being written (two C-level passes).
+                if cur.start <= min(map(_time_of, rows)) and max(map(_time_of, rows)) < cur.end:
+                    return [(cur, rows)], 0
+            except TypeError:
+                pass    # a None or a non-number: sorted out row by row
+        groups: dict[str, tuple[_Part, list[Sequence[Any]]]] = {}
+        bad = 0
+        for row in rows:
+            t = row[0]
+            if t is None:
+                t = 0.0     # stored as the default, 0
+            elif type(t) is not float:
+                try:
+                    t = float(t)
+                except (TypeError, ValueError, OverflowError):
+                    bad += 1
+                    continue
+            if not math.isfinite(t):
+                bad += 1
+                continue
+            part = self._partition_for(t)
+            group = groups.get(part.name)
+            if group is None:
+                groups[part.name] = group = (part, [])
+            group[1].append(row)
+        return list(groups.values()), bad
+
+    def _partition_for(self, t: float) -> _Part:
+        i = bisect.bisect_right(self._starts, t)
+        if i and t < self._parts[i - 1].end:
+            return self._parts[i - 1]
+        start = math.floor(t / self.period) * self.period
+        end = start + self.period
+        # Never overlap a neighbour (after a change of partition_minutes, or next to a migrated file).
+        if i:
+            start = max(start, self._parts[i - 1].end)
+        if i < len(self._parts):
+            end = min(end, self._parts[i].start)
+        start = min(start, t)
+        if not end > t:
+            end = math.nextafter(t, math.inf)
+        self._pno += 1
+        part = _Part(f"records_{self._pno}", f"outcomes_{self._pno}", start, end, 0, 0)
+        conn = self._wconn
+        conn.execute(f"CREATE TABLE {_quote(part.name)} {_RECORDS_TABLE}")
+        conn.execute(f"CREATE TABLE {_quote(part.outcomes)} {_OUTCOMES_TABLE}")
+        if self._INDEX_ON_CREATE:
+            for _, sql in _partition_indexes(part):
+                conn.execute(sql)
+            part.indexed = True
+        conn.execute("INSERT INTO partitions (name, outcomes, start_time, end_time, indexed) VALUES (?, ?, ?, ?, ?)",
+                     (part.name, part.outcomes, start, end, int(part.indexed)))
+        self._parts.insert(i, part)
+        self._starts.insert(i, start)
+        return part
+
+    def _insert(self, part: _Part, rows: list[Sequence[Any]], packable: bool = False) -> None:
+        conn = self._wconn
+        table = _quote(part.name)
+        first = 0
+        if self._rtable != part.name:
+            # The next id is one past the highest anywhere, not in this table.
+            conn.execute(f"INSERT INTO {table} (id, {_FIELDS_SQL}) VALUES (?, {_MARKS_SQL})",
+                         (self._rid + 1, *rows[0][:_NFIELDS]))
+            first = 1
+        if len(rows) > first:
+            rest = rows if not first else rows[first:]
+            sql = f"INSERT INTO {table} ({_FIELDS_SQL}) VALUES ({_MARKS_SQL})"
+            if packable and self._pack(rest):
+                self._inserter.prepare(sql)
+                self._inserter.insert(self._buffer)
+            else:
+                conn.executemany(sql, map(_row_of_tuple, rest))
+        self._rid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        self._rtable = part.name
+        conn.execute("UPDATE partitions SET records = records + ? WHERE name = ?", (len(rows), part.name))
+        part.rows += len(rows)
+
+    def _pack(self, rows: Sequence[Sequence[Any]]) -> bool:
+        """Pack ``rows`` for the compiled inserter; False when it is missing or a row does not pack."""
+        buf = self._buffer
+        if buf is None:
+            return False
+        buf.clear()
+        try:
+            buf.extend(rows)
+        except (TypeError, ValueError, OverflowError):
+            return False     # not a tuple, a number that is not one...: executemany sorts it out
+        return True
+
+    def _insert_outcomes(self, updates: list[tuple[Any, ...]]) -> None:
+        conn = self._wconn
+        part = self._parts[-1] if self._parts else self._partition_for(time.time())
+        table = _quote(part.outcomes)
+        upto = int(self._rid)
+        first = 0
+        if self._otable != part.outcomes:
+            conn.execute(f"INSERT INTO {table} (id, final_code, answered_at, ended_at, call_id, upto) "
+                         f"VALUES (?, ?, ?, ?, ?, {upto})", (self._oid + 1, *updates[0]))
+            first = 1
+        if len(updates) > first:
+            conn.executemany(f"INSERT INTO {table} (final_code, answered_at, ended_at, call_id, upto) "
+                             f"VALUES (?, ?, ?, ?, {upto})", updates if not first else updates[first:])
+        self._oid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        self._otable = part.outcomes
+
+    # ------------------------------------------------------------ upkeep (writer thread)
+    def _maintain(self) -> bool:
+        """One step of upkeep: a due prune, or one index of a closed partition.  True if it did one."""
+        now = time.time()
+        if now - self._last_prune >= PRUNE_EVERY:
+            self._last_prune = now
+            self._prune(now)
+            return True
+        if now < self._maintain_after:
+            return False
+        # Closed: its period is over and a newer partition has taken writes (it is not the last).
+        part = next((p for p in self._parts[:-1] if not p.indexed and p.end <= now), None)
+        if part is None:
+            return False
+        self._maintaining = True
+        try:
+            if self._stop.is_set():
+                return False
+            self._index_step(part)
+        except sqlite3.Error as exc:
+            if self._wconn.in_transaction:
+                self._wconn.execute("ROLLBACK")
+            self._dv = None
+            if self._stop.is_set():
+                _log().info("records_index_interrupted", path=self.path, partition=part.name)
+            else:
+                self._maintain_after = time.time() + RETRY_MAINTENANCE
+                _log().error("records_index_failed", path=self.path, partition=part.name, error=str(exc))
+        finally:
+            self._maintaining = False
+        return True
+
+    def _index_step(self, part: _Part) -> None:
+        """Build the first missing index of ``part`` (one per transaction: batches go in between)."""
+        conn = self._wconn
+        self._begin()
+        if not any(p is part for p in self._parts):
+            conn.execute("COMMIT")      # gone (another process pruned it); the catalog is reloaded
+            return
+        have = _existing_indexes(conn, part)
+        missing = [sql for name, sql in _partition_indexes(part) if name not in have]
+        started = time.perf_counter()
+        if missing:
+            conn.execute(missing[0])
+        if len(missing) <= 1:
+            conn.execute("UPDATE partitions SET indexed = 1 WHERE name = ?", (part.name,))
+        conn.execute("COMMIT")
+        self._index_seconds += time.perf_counter() - started
+        if len(missing) <= 1:
+            part.indexed = True
+            _log().info("records_partition_indexed", path=self.path, partition=part.name, records=part.rows,
+                        seconds=round(self._index_seconds, 3))
+            self._index_seconds = 0.0
+
+    def _prune(self, now: float) -> int:
+        """Drop the partitions whose end is older than the retention period, one per transaction."""
+        cutoff = now - self.retention_days * 86400.0
+        conn = self._wconn
+        total = 0
+        dropped = 0
+        try:
+            while True:
+                self._begin()
+                part = next((p for p in self._parts if p.end <= cutoff), None)
+                if part is None:
+                    conn.execute("COMMIT")
+                    break
+                # Its outcomes go with it: they apply to records in it or in older partitions only.
+                conn.execute(f"DROP TABLE IF EXISTS {_quote(part.name)}")
+                conn.execute(f"DROP TABLE IF EXISTS {_quote(part.outcomes)}")
+                conn.execute("DELETE FROM partitions WHERE name = ?", (part.name,))
+                conn.execute("COMMIT")
+                i = self._parts.index(part)
+                del self._parts[i]
+                del self._starts[i]
+                if self._rtable == part.name:
+                    self._rtable = None
+                if self._otable == part.outcomes:
+                    self._otable = None
+                total += part.rows
+                dropped += 1
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._dv = None
+            raise
+        if dropped:
+            _log().info("records_pruned", path=self.path, deleted=total, partitions=dropped, older_than=cutoff)
+        return total
 
     def _report(self) -> None:
         dropped = self.dropped
@@ -464,51 +934,55 @@ class RecordStore:
                                  f"({len(self._queue)} items pending)")
 
     def prune(self, now: float | None = None) -> int:
-        """Delete records older than ``retention_days`` before ``now``; returns how many went."""
-        if not self._closed:
-            self.flush()
-        with self._read_lock:
-            return self._prune(self._conn, time.time() if now is None else now)
+        """Drop the partitions whose records are all older than ``retention_days`` before ``now``
+        (after writing what is queued); returns how many records went.
 
-    def _prune(self, conn: sqlite3.Connection, now: float) -> int:
-        cutoff = now - self.retention_days * 86400.0
-        total = 0
-        while True:
-            cur = conn.execute("DELETE FROM records WHERE id IN (SELECT id FROM records WHERE time < ? LIMIT ?)",
-                               (cutoff, PRUNE_CHUNK))
-            total += cur.rowcount
-            if cur.rowcount < PRUNE_CHUNK:
-                break
-        if total:
-            # Outcomes of records all gone go too.  An outcome past the newest remaining record is
-            # capped to it: SQLite may hand a deleted highest id out again, and the outcome must
-            # not apply to a new record that happens to reuse it.
-            lo, hi = conn.execute("SELECT min(id), max(id) FROM records").fetchone()
-            lo = lo if lo is not None else 1 << 62
-            hi = hi if hi is not None else 0
-            while True:
-                cur = conn.execute("DELETE FROM outcomes WHERE id IN (SELECT id FROM outcomes WHERE upto < ? LIMIT ?)",
-                                   (lo, PRUNE_CHUNK))
-                if cur.rowcount < PRUNE_CHUNK:
-                    break
-            conn.execute("UPDATE outcomes SET upto = ? WHERE upto > ?", (hi, hi))
-            _log().info("records_pruned", path=self.path, deleted=total, older_than=cutoff)
-        return total
+        A partition goes once its end is past the retention period, so a record may stay up to
+        one partition period longer; none goes earlier.
+
+        Raises:
+            CallguardError: the store is closed, or the writer did not manage within
+                :data:`PRUNE_TIMEOUT` seconds or failed.
+        """
+        if self._closed:
+            raise CallguardError(f"{self.path}: the records store is closed")
+        when = time.time() if now is None else float(now)
+        call = _Call(lambda: self._prune(when))
+        self._queue.append(call)     # like a flush, never dropped
+        self._wake.set()
+        if not call.done.wait(PRUNE_TIMEOUT):
+            raise CallguardError(f"{self.path}: records not pruned within {PRUNE_TIMEOUT} s")
+        if call.error is not None:
+            raise CallguardError(f"{self.path}: cannot prune the records: {call.error}") from call.error
+        return int(call.result)
 
     def close(self) -> None:
-        """Write everything queued, stop the writer and close the database. Safe to call twice."""
+        """Write everything queued, stop the writer and close the database. Safe to call twice.
+
+        An index build under way is interrupted (the next writer builds it again).
+        """
         if self._closed:
             return
         self._closed = True
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30.0)
+        deadline = time.monotonic() + 30.0
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if self._maintaining:
+                self._wconn.interrupt()
+            self._thread.join(timeout=0.05)
         if self._thread.is_alive():
             _log().error("records_writer_stuck", path=self.path, pending=len(self._queue))
         else:
+            if self._inserter is not None:
+                self._inserter.close()
             self._wconn.close()
             # An add() racing with close() may land after the last drain: count it, do not lose it silently.
-            left = sum(1 for item in self._queue if not isinstance(item, threading.Event))
+            left = sum(1 for item in self._queue if not isinstance(item, (threading.Event, _Call)))
+            for item in self._queue:
+                if isinstance(item, _Call):
+                    item.error = CallguardError(f"{self.path}: the records store is closed")
+                    item.done.set()
             self._queue.clear()
             if left:
                 self._dropped_failed += left
@@ -523,6 +997,10 @@ class RecordStore:
         self.close()
 
     # ------------------------------------------------------------ reading
+    def _read_catalog(self, conn: sqlite3.Connection) -> list[_Part]:
+        """The partitions, newest first, as of the read transaction ``conn`` is in."""
+        return _catalog(conn)[::-1]
+
     def query(self, caller: str | None = None, callee: str | None = None, rule: str | None = None,
               since: float | None = None, until: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Records matching every given filter, newest first.
@@ -535,48 +1013,133 @@ class RecordStore:
             until: epoch seconds, exclusive.
             limit: at most this many rows; 0 for all.
         """
+        if limit < 0:
+            raise InputError(f"limit must be >= 0 (got {limit})")
         where: list[str] = []
         params: list[Any] = []
         for column, value in (("caller", caller), ("callee", callee), ("rule", rule)):
             if value is not None:
-                where.append(f"r.{column} = ?")
+                where.append(f"{column} = ?")
                 params.append(value)
-        if since is not None:
-            where.append("r.time >= ?")
-            params.append(float(since))
-        if until is not None:
-            where.append("r.time < ?")
-            params.append(float(until))
-        if limit < 0:
-            raise InputError(f"limit must be >= 0 (got {limit})")
-        sql = _SELECT
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY r.time DESC, r.id DESC"
-        if limit:
-            sql += " LIMIT ?"
-            params.append(int(limit))
+        lo = None if since is None else float(since)
+        hi = None if until is None else float(until)
+        if lo is not None:
+            where.append("time >= ?")
+            params.append(lo)
+        if hi is not None:
+            where.append("time < ?")
+            params.append(hi)
+        tail = (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY time DESC, id DESC"
         with self._read_lock:
-            rows = self._conn.execute(sql, params).fetchall()
-        return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+            conn = self._conn
+            # One read transaction: the catalog and every partition as of one moment, whatever
+            # the writer switches, indexes or drops meanwhile.
+            conn.execute("BEGIN")
+            try:
+                parts = self._read_catalog(conn)
+                found: list[tuple[float, tuple[Any, ...]]] = []
+                for p in parts:
+                    # Partitions are disjoint time ranges, newest first: their rows come in query order.
+                    if (lo is not None and p.end <= lo) or (hi is not None and p.start >= hi):
+                        continue
+                    sql = f"SELECT id, {_FIELDS_SQL} FROM {_quote(p.name)}{tail}"
+                    if limit:
+                        rows = conn.execute(sql + " LIMIT ?", (*params, limit - len(found))).fetchall()
+                    else:
+                        rows = conn.execute(sql, params).fetchall()
+                    found.extend((p.start, row) for row in rows)
+                    if limit and len(found) >= limit:
+                        break
+                outcomes = self._outcomes_of(conn, parts, found)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return [dict(zip(COLUMNS, (*row[1:], *outcome), strict=True)) for (_, row), outcome in zip(found, outcomes)]
+
+    @staticmethod
+    def _outcomes_of(conn: sqlite3.Connection, parts: list[_Part],
+                     found: list[tuple[float, tuple[Any, ...]]]) -> list[tuple[Any, Any, Any]]:
+        """(final_code, answered_at, ended_at) of each found (partition start, (id, fields...)) row."""
+        if not found:
+            return []
+        conn.execute("DELETE FROM temp.cg_want")
+        conn.executemany("INSERT OR IGNORE INTO temp.cg_want (call_id) VALUES (?)", ((row[2],) for _, row in found))
+        oldest = min(start for start, _ in found)
+        by_call: dict[Any, list[tuple[Any, ...]]] = collections.defaultdict(list)
+        for p in parts:
+            if p.start < oldest:
+                continue    # written before any of these records: its outcomes cannot apply
+            for o in conn.execute("SELECT id, call_id, upto, final_code, answered_at, ended_at "
+                                  f"FROM {_quote(p.outcomes)} WHERE call_id IN (SELECT call_id FROM temp.cg_want)"):
+                by_call[o[1]].append(o)
+        for outs in by_call.values():
+            outs.sort(reverse=True)     # newest (highest id) first
+        out: list[tuple[Any, Any, Any]] = []
+        for _, row in found:
+            rid = row[0]
+            final = answered = ended = None
+            for _oid, _cid, upto, f, a, e in by_call.get(row[2], ()):
+                if upto < rid:
+                    continue
+                if final is None:
+                    final = f
+                if answered is None:
+                    answered = a
+                if ended is None:
+                    ended = e
+            out.append((final, answered, ended))
+        return out
 
     def outcome_stats(self, since: float, short_seconds: float = 6.0) -> list[tuple[str, int, int, int]]:
         """Per caller since ``since``: (caller, finished, answered, short).
 
         ``finished`` counts records with a final response, ``answered`` those answered, ``short``
         those answered and ended less than ``short_seconds`` later.  Callers without any
-        finished call are left out.  Ordered by caller.
+        finished call are left out.  Ordered by caller.  Reads every record since ``since`` and
+        the outcomes written since then: meant for short periods.
         """
         sql = ("SELECT caller, count(*), count(answered_at), "
                "sum(CASE WHEN answered_at IS NOT NULL AND ended_at IS NOT NULL "
                "AND ended_at - answered_at < ? THEN 1 ELSE 0 END) "
                f"FROM (SELECT r.caller AS caller, {_outcome_column('final_code')} AS final_code, "
                f"{_outcome_column('answered_at')} AS answered_at, {_outcome_column('ended_at')} AS ended_at "
-               "FROM records r WHERE r.time >= ? AND EXISTS (SELECT 1 FROM outcomes o WHERE o.call_id = r.call_id)) "
-               "WHERE final_code IS NOT NULL GROUP BY caller ORDER BY caller")
+               "FROM {table} r WHERE r.time >= ? AND EXISTS (SELECT 1 FROM temp.cg_out o WHERE o.call_id = r.call_id)) "
+               "WHERE final_code IS NOT NULL GROUP BY caller")
+        stats: dict[str, list[int]] = {}
         with self._read_lock:
-            rows = self._conn.execute(sql, (float(short_seconds), float(since))).fetchall()
-        return [(str(c), int(f), int(a), int(s or 0)) for c, f, a, s in rows]
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                conn.execute("DELETE FROM temp.cg_out")
+                # Newest partition first: when partition P is read, cg_out holds the outcomes of
+                # P and of every newer partition, the only ones that can apply to P's records.
+                for p in self._read_catalog(conn):
+                    if p.end <= since:
+                        break
+                    conn.execute("INSERT INTO temp.cg_out SELECT id, call_id, upto, final_code, answered_at, "
+                                 f"ended_at FROM {_quote(p.outcomes)}")
+                    for c, f, a, s in conn.execute(sql.replace("{table}", _quote(p.name)),
+                                                   (float(short_seconds), float(since))):
+                        acc = stats.setdefault(str(c), [0, 0, 0])
+                        acc[0] += int(f)
+                        acc[1] += int(a)
+                        acc[2] += int(s or 0)
+                conn.execute("DELETE FROM temp.cg_out")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return [(c, acc[0], acc[1], acc[2]) for c, acc in sorted(stats.items())]
+
+    def partitions(self) -> list[dict[str, Any]]:
+        """The partitions, oldest first: name, outcomes (its outcomes table), start, end (epoch
+        seconds, records with start <= time < end), indexed, records (row count)."""
+        with self._read_lock:
+            return [{"name": p.name, "outcomes": p.outcomes, "start": p.start, "end": p.end, "indexed": p.indexed,
+                     "records": p.rows} for p in _catalog(self._conn)]
 
     def pragma(self, name: str) -> Any:
         """The value of a read-only PRAGMA (``journal_mode``, ``synchronous``...), for checks."""
@@ -677,7 +1240,7 @@ def records_main(args: argparse.Namespace) -> int:
         if not os.path.exists(path) and not prune:
             print(f"no records yet: {path} does not exist", file=sys.stderr)
             return 0
-        store = RecordStore(path, cfg.records.retention_days)
+        store = RecordStore(path, cfg.records.retention_days, partition_minutes=cfg.records.partition_minutes)
         try:
             if prune:
                 n = store.prune()

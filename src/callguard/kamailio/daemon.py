@@ -46,6 +46,7 @@ from ..guard import Guard, load_lists
 from ..lists import Lists
 from ..log import configure as configure_logging
 from ..log import get_logger
+from ..osthread import set_os_thread_name
 from ..records import RecordStore
 from . import protocol as proto
 from .protocol import CheckReply, CheckRequest, Outcome
@@ -282,6 +283,7 @@ class Decider:
 
     def _load(self) -> None:
         """Load the config and lists (the slow part); a bad file keeps the old ones and logs why."""
+        set_os_thread_name("cg-reload")
         try:
             cfg = config_mod.load(self.config_path)
             mtimes = _mtimes(cfg, self.config_path)
@@ -528,9 +530,9 @@ def open_records(cfg: Config) -> RecordStore | None:
     if not cfg.records.enabled:
         return None
     try:
-        # One writer transaction a second, as `callguard serve`: the random-order indexes cost per
-        # page touched, so bigger batches cost less per record.
-        return RecordStore(cfg.records.path, cfg.records.retention_days, flush_interval=RECORDS_FLUSH_INTERVAL)
+        # One writer transaction a second, as `callguard serve`: bigger batches cost less per record.
+        return RecordStore(cfg.records.path, cfg.records.retention_days,
+                           partition_minutes=cfg.records.partition_minutes, flush_interval=RECORDS_FLUSH_INTERVAL)
     except CallguardError as exc:
         log.error("records_failed", path=cfg.records.path, error=str(exc))
         return None

@@ -13,7 +13,7 @@ Such an INVITE is decided with the compiled core's C entry point (``Core._decide
 same rules and the same rate-limit state as ``check``, no Verdict object).  A rejection is
 answered here: the response is assembled byte for byte as the proxy's Python path builds
 it, stored in the proxy's server-transaction table (so a retransmission gets the same
-bytes and the ACK is absorbed, with the same expiry queues) and sent with ``sendmmsg`` at
+bytes and the ACK is absorbed, with the same lingers) and sent with ``sendmmsg`` at
 the end of the batch.  An allowed call is forwarded here too when its trunk is reached over
 UDP through this listener, and the trunk's responses to it are relayed (and non-2xx finals
 ACKed) here (``_forward.pxi``); otherwise it is handed to the proxy (``Proxy.fast_allowed``)
@@ -21,8 +21,11 @@ with its decision, to be forwarded there.  Everything else -- other responses, o
 methods, compact headers, folding, a To tag, anything the scans are unsure of -- goes, in
 arrival order, to the proxy's ordinary ``handle``: the Python path stays the reference.
 
-Per decision the fast path only appends one tuple (a call-record row plus the shadowed
-rules); the proxy drains them once per batch into records, metrics and logs.
+Per decision the fast path appends one tuple (a call-record row plus the shadowed rules) and
+counts the rule and the decision time in C; the proxy drains both once per batch into records,
+metrics and logs.  What it answered itself it forgets by itself: each rejection (and, once ACKed,
+its shorter linger) waits in a :class:`LingerQueue`, a C ring the proxy's timer tick empties with
+:meth:`FastPath.expire` -- no tuple per call for the garbage collector to walk.
 
 The syntax checks are those of ``_sipcore`` (the parser's Cython twin): both modules take
 them from ``_sipscan.pxd``, so that nothing the fast path accepts could be refused by the parser.
@@ -30,9 +33,11 @@ The recvmmsg/sendmmsg loops are those of ``_sipcore.UdpBatch``, shared the same 
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.errno cimport EINTR, errno
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy, memset, strlen
 
 from callguard._core cimport Core, Decision, Num
@@ -43,8 +48,6 @@ from callguard.sip._udpio cimport (
     AF_INET, AF_INET6, MSG_DONTWAIT, alloc_vectors, batch_family, free_vectors, inet_ntop, iovec, is_keepalive, mmsghdr,
     ntohl, ntohs, recv_batch, send_batch, sendmmsg, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
 )
-
-import hashlib
 
 cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
@@ -69,9 +72,27 @@ cdef extern from *:
         ['+'] = 1, ['-'] = 1, ['.'] = 1, ['_'] = 1, ['!'] = 1, ['~'] = 1, ['*'] = 1, ['#'] = 1};
     /* header line bytes the fast path accepts: printable ASCII and HT */
     static const int cg_fp_valc[256] = {[32 ... 126] = 1, [9] = 1};
+    /* all of s[0..n) are such bytes: eight at a time (any byte below 0x20 or above 0x7e sends
+       those eight to the table, where HT passes), the per-byte loop cost half the scan */
+    static int cg_fp_printable(const unsigned char *s, Py_ssize_t n) {
+        Py_ssize_t i = 0, k;
+        const unsigned long long ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+        for (; i + 8 <= n; i += 8) {
+            unsigned long long w;
+            memcpy(&w, s + i, 8);
+            if ((((w - ones * 0x20) & ~w) | ((w + ones * (127 - 0x7e)) | w)) & highs) {
+                for (k = i; k < i + 8; k++)
+                    if (!cg_fp_valc[s[k]]) return 0;
+            }
+        }
+        for (; i < n; i++)
+            if (!cg_fp_valc[s[i]]) return 0;
+        return 1;
+    }
     """
     const int USERC "cg_fp_userc"[256]
     const int VALC "cg_fp_valc"[256]
+    bint printable "cg_fp_printable"(const unsigned char* s, Py_ssize_t n) noexcept nogil
 
 
 # ---------------------------------------------------------------- the strict scan
@@ -80,6 +101,8 @@ cdef enum:
     M_INVITE = 1
     M_ACK = 2
     MAX_VIAS = 16
+    MAX_RULES = 32
+    MAX_BUCKETS = 32
 
 
 cdef struct Scan:
@@ -173,6 +196,7 @@ cdef inline bint memcmp7(const unsigned char* s) noexcept nogil:
 cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
     """Fill ``sc`` for a plain INVITE or ACK; returns the method, M_OTHER for anything else."""
     cdef Py_ssize_t i, le, ls, colon, ne, vs, ve, body, k, at
+    cdef long long content_length
     cdef const unsigned char* q
     cdef Py_ssize_t tag_s, tag_e
     cdef int method
@@ -188,16 +212,13 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
         i = 4
     else:
         return M_OTHER
-    # the message head ends at the first empty line; our own Via anywhere in it: the loop check, in Python
-    q = <const unsigned char*>memmem(p, n, b"\r\n\r\n", 4)
-    if q == NULL:
-        return M_OTHER
-    body = (q - p) + 4
-    if memmem(p, body, b"z9hG4bKcg", 9) != NULL:
-        return M_OTHER
+    # The message head ends at the first empty line, found by the line loop below (a search for
+    # CRLFCRLF first was another pass over the head).
+    body = -1
+    content_length = -1
     # Request-URI: "sip:user@host..." (a user part as it is, no escapes), then " SIP/2.0"
     sc.uri_s = i
-    while i < body and p[i] != 32:
+    while i < n and p[i] != 32:
         if bad_request_uri_char(p[i]):
             return M_OTHER
         i += 1
@@ -226,7 +247,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
     sc.user_e = k
     if sc.user_e == sc.user_s:
         return M_OTHER
-    if i + 9 > body or p[i + 1] != 83 or p[i + 2] != 73 or p[i + 3] != 80 or p[i + 4] != 47 or p[i + 5] != 50 \
+    if i + 9 >= n or p[i + 1] != 83 or p[i + 2] != 73 or p[i + 3] != 80 or p[i + 4] != 47 or p[i + 5] != 50 \
             or p[i + 6] != 46 or p[i + 7] != 48 or p[i + 8] != 13 or p[i + 9] != 10:
         return M_OTHER
     i += 10
@@ -234,20 +255,25 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
     sc.from_s = sc.to_s = sc.cid_s = sc.cseq_s = sc.pai_s = -1
     sc.mf = -1
     # header lines: "Name: value" with CRLF, no folding, no compact names, printable ASCII only
-    while i < body - 2:
+    while True:
         ls = i
-        q = <const unsigned char*>memchr(p + i, 13, body - i)
+        q = <const unsigned char*>memchr(p + i, 13, n - i)
+        if q == NULL:
+            return M_OTHER
         le = q - p
-        if p[le + 1] != 10 or is_ws(p[ls]):
+        if le + 1 >= n or p[le + 1] != 10:
             return M_OTHER
-        colon = -1
-        for k in range(ls, le):
-            if not VALC[p[k]]:
-                return M_OTHER
-            if colon < 0 and p[k] == 58:
-                colon = k
-        if colon < 0:
+        if le == ls:
+            body = le + 2
+            break
+        if is_ws(p[ls]):
             return M_OTHER
+        if not printable(p + ls, le - ls):
+            return M_OTHER
+        q = <const unsigned char*>memchr(p + ls, 58, le - ls)
+        if q == NULL:
+            return M_OTHER
+        colon = q - p
         ne = colon - ls
         if ne < 2:
             return M_OTHER
@@ -261,6 +287,9 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
         i = le + 2
         if _name_is(p + ls, ne, "via", 3):
             if sc.nvia >= MAX_VIAS or memchr(p + vs, 44, ve - vs) != NULL or check_via(p + vs, ve - vs) < 0:
+                return M_OTHER
+            # our own branch mark in a Via: maybe a loop, which the Python path checks (482)
+            if memmem(p + vs, ve - vs, b"z9hG4bKcg", 9) != NULL:
                 return M_OTHER
             if sc.nvia == 0 and _top_via(p, vs, ve, sc) < 0:
                 return M_OTHER
@@ -322,9 +351,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
             if seen_cl or ve - vs > 6:
                 return M_OTHER
             seen_cl = True
-            num = parse_digits(p + vs, ve - vs)   # -1 when not digits
-            if num != n - body:
-                return M_OTHER
+            content_length = parse_digits(p + vs, ve - vs)   # -1 when not digits; checked at the end
         elif _name_is(p + ls, ne, "p-asserted-identity", 19):
             if sc.pai_s >= 0 or memchr(p + vs, 44, ve - vs) != NULL:
                 return M_OTHER
@@ -335,7 +362,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
                                                       and parse_addr(p + vs, ve - vs, NULL, NULL) == 0):
                     continue
             return M_OTHER
-    if i != body - 2:
+    if content_length != n - body:
         return M_OTHER
     if sc.nvia == 0 or sc.from_s < 0 or sc.to_s < 0 or sc.cid_s < 0 or sc.cseq_s < 0 or not seen_cl:
         return M_OTHER
@@ -393,6 +420,128 @@ TX_LINGER = 32.0
 T4 = 5.0
 
 
+# ---------------------------------------------------------------- forgetting what we answered
+cdef struct Linger:
+    double deadline
+    PyObject* key
+    PyObject* value
+
+
+cdef class LingerQueue:
+    """Entries of a transaction table to forget at their deadline, oldest first.
+
+    Every entry of one queue waits the same time, so arrival order is deadline order and a ring
+    suffices.  At 10k calls/s the proxy's deque of ``(deadline, table, key, value)`` tuples kept
+    some 300k tuples alive, each walked by every garbage collection; here they are three C fields.
+    """
+
+    cdef Linger* ring
+    cdef Py_ssize_t cap, head, count
+
+    def __cinit__(self):
+        self.cap = 1024
+        self.ring = <Linger*>malloc(self.cap * sizeof(Linger))
+        if self.ring == NULL:
+            raise MemoryError()
+        self.head = 0
+        self.count = 0
+
+    def __dealloc__(self):
+        self._drop(self.count)
+        free(self.ring)
+
+    cdef int push(self, double deadline, object key, object value) except -1:
+        cdef Linger* grown
+        cdef Py_ssize_t k, first
+        if self.count == self.cap:
+            grown = <Linger*>malloc(2 * self.cap * sizeof(Linger))
+            if grown == NULL:
+                raise MemoryError()
+            first = self.cap - self.head       # the entries up to the end of the ring, then the rest
+            memcpy(grown, self.ring + self.head, first * sizeof(Linger))
+            memcpy(grown + first, self.ring, self.head * sizeof(Linger))
+            free(self.ring)
+            self.ring = grown
+            self.head = 0
+            self.cap *= 2
+        k = (self.head + self.count) % self.cap
+        Py_INCREF(key)
+        Py_INCREF(value)
+        self.ring[k].deadline = deadline
+        self.ring[k].key = <PyObject*>key
+        self.ring[k].value = <PyObject*>value
+        self.count += 1
+        return 0
+
+    cdef void _drop(self, Py_ssize_t n):
+        cdef Linger* e
+        while n > 0 and self.count > 0:
+            e = &self.ring[self.head]
+            Py_DECREF(<object>e.key)
+            Py_DECREF(<object>e.value)
+            self.head = (self.head + 1) % self.cap
+            self.count -= 1
+            n -= 1
+
+    def expire(self, double now, dict table) -> int:
+        """Forget every entry due by ``now``: removed from ``table`` if it still holds that value."""
+        cdef Linger* e
+        cdef PyObject* held
+        cdef int done = 0
+        while self.count > 0 and self.ring[self.head].deadline <= now:
+            e = &self.ring[self.head]
+            held = PyDict_GetItem(table, <object>e.key)
+            if held != NULL and held == e.value:
+                PyDict_DelItem(table, <object>e.key)
+            self._drop(1)
+            done += 1
+        return done
+
+    def append(self, double deadline, key, value) -> None:
+        """Queue ``key`` to be forgotten at ``deadline`` if the table still holds ``value`` then
+        (deadlines must not decrease: the queue is taken in arrival order)."""
+        if self.count and deadline < self.ring[(self.head + self.count - 1) % self.cap].deadline:
+            raise ValueError("deadlines must not decrease")
+        self.push(deadline, key, value)
+
+    def clear(self) -> None:
+        """Forget the queue itself (the table keeps its entries)."""
+        self._drop(self.count)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+# ---------------------------------------------------------------- the To tag of our own rejections
+cdef inline unsigned long long _fnv1a(const unsigned char* s, Py_ssize_t n,
+                                      unsigned long long h) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ s[i]) * 1099511628211ULL
+    return h
+
+
+cdef unsigned long long FNV_OFFSET = 14695981039346656037ULL
+cdef const char* HEXD = b"0123456789abcdef"
+
+
+cdef inline void _hex12(unsigned long long h, char* out) noexcept nogil:
+    cdef int i
+    for i in range(12):
+        out[11 - i] = HEXD[h & 15]
+        h >>= 4
+
+
+def tag_digest(bytes data) -> str:
+    """12 hex digits of the 64-bit FNV-1a hash of ``data`` (its low 48 bits): the To tag of a response
+    we generate is ``"cg"`` + the digest of Call-ID, CSeq number, From tag and top Via joined by NUL
+    (``proxy.tag_digest`` is the pure-Python twin).  Not a secret: a tag only has to differ between
+    calls, and FNV costs a few ns per byte where blake2 cost half a microsecond per response."""
+    cdef char out[12]
+    _hex12(_fnv1a(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), FNV_OFFSET), out)
+    return PyUnicode_DecodeASCII(out, 12, NULL)
+
+
 cdef class FastPath:
     """recvmmsg, scan, decide, answer, sendmmsg: one batch per :meth:`run` call.
 
@@ -430,13 +579,21 @@ cdef class FastPath:
     cdef public bint enabled
     # per batch, read and reset by the proxy
     cdef public list decisions       # call-record rows + (shadowed,)
+    # decisions of the batch per rule index, and their core times by latency bucket (and summed)
+    cdef unsigned long rule_n[MAX_RULES]
+    cdef unsigned long lat_n[MAX_BUCKETS]
+    cdef double lat_bounds[MAX_BUCKETS]
+    cdef int n_bounds
+    cdef double lat_sum
+    cdef bint counted
+    # what the fast path answered, forgotten after TX_LINGER (or T4 once ACKed)
+    cdef readonly LingerQueue lingering, lingering_acked
     cdef public unsigned long invites_in, acks_in, retrans_out, slow
     cdef public dict out_codes
     cdef readonly unsigned long long dropped_keepalives
     # the compiled forward path (_forward.pxi); None: allowed calls and responses go to the proxy
     cdef Forwarder fwd
     cdef public dict in_codes        # responses handled here, by code
-    cdef public unsigned long out_invites, out_acks
 
     def __cinit__(self, int fd, unsigned int capacity=64, size_t bufsize=65535):
         self.family = batch_family(fd, capacity, bufsize)
@@ -455,6 +612,10 @@ cdef class FastPath:
         self.in_codes = {}
         self.decisions = []
         self.out_codes = {}
+        self.lingering = LingerQueue()
+        self.lingering_acked = LingerQueue()
+        self.n_bounds = 0
+        self._reset_counts()
         self.enabled = False
         self.max_size = 65535
 
@@ -468,7 +629,7 @@ cdef class FastPath:
         return self.fd
 
     def configure(self, core, rule_names, codes, reasons, bint hide_reason, str server_line,
-                  Py_ssize_t max_size, trust_identity):
+                  Py_ssize_t max_size, trust_identity, latency_bounds=()):
         """Take the decision core and the response texts; a core other than the compiled one disables the path.
 
         Args:
@@ -480,11 +641,21 @@ cdef class FastPath:
             server_line: ``"Server: ..."`` as the proxy writes it.
             max_size: larger datagrams go to the slow path (it answers 513).
             trust_identity: ``ip -> bool``, whether P-Asserted-Identity of that source is the caller.
+            latency_bounds: upper bounds (seconds) of the decision-time buckets counted per batch
+                (``metrics.LATENCY_BUCKETS``); the last one should be infinity.
         """
+        if len(latency_bounds) > MAX_BUCKETS:
+            raise ValueError(f"at most {MAX_BUCKETS} latency buckets")
+        self.n_bounds = len(latency_bounds)
+        for k, bound in enumerate(latency_bounds):
+            self.lat_bounds[k] = bound
+        self._reset_counts()
         if not isinstance(core, Core):
             self.enabled = False
             self.core = None
             return
+        if len(rule_names) > MAX_RULES:
+            raise ValueError(f"at most {MAX_RULES} rules")
         self.core = <Core>core
         self.rule_names = list(rule_names)
         self.r_allow = self.rule_names.index("allow")
@@ -587,8 +758,36 @@ cdef class FastPath:
         """Whether allowed INVITEs and the trunks' responses are handled here."""
         return self.fwd is not None
 
-    def run(self, proxy, ep, dict stx, object expiry, object expiry_acked, double mono, long headroom,
-            unsigned int max_batch=64):
+    cdef void _reset_counts(self):
+        memset(self.rule_n, 0, sizeof(self.rule_n))
+        memset(self.lat_n, 0, sizeof(self.lat_n))
+        self.lat_sum = 0.0
+        self.counted = False
+
+    def take_counts(self):
+        """What the fast path counted since the last call, reset: ``None`` when nothing, else
+        ``(INVITEs in, ACKs in, [(status sent, n), ...], [(rule, n), ...], [decisions per latency
+        bucket], sum of decision times in seconds)`` -- ``Metrics.fast_batch`` takes it as it is."""
+        cdef int k
+        if not (self.counted or self.invites_in or self.acks_in or self.out_codes):
+            return None
+        if self.counted:
+            by_rule = [(self.rule_names[k], self.rule_n[k]) for k in range(len(self.rule_names)) if self.rule_n[k]]
+            buckets = [self.lat_n[k] for k in range(self.n_bounds)]
+        else:
+            by_rule = []
+            buckets = [0] * self.n_bounds
+        out = (self.invites_in, self.acks_in, list(self.out_codes.items()), by_rule, buckets, self.lat_sum)
+        self.invites_in = self.acks_in = 0
+        self.out_codes.clear()
+        self._reset_counts()
+        return out
+
+    def expire(self, double now, dict stx) -> int:
+        """Forget the answered transactions whose linger is over (the proxy's timer tick calls this)."""
+        return self.lingering.expire(now, stx) + self.lingering_acked.expire(now, stx)
+
+    def run(self, proxy, ep, dict stx, double mono, long headroom, unsigned int max_batch=64):
         """Receive and handle one batch; returns the number of datagrams read (raises OSError).
 
         ``headroom``: INVITEs that may still be forwarded before the proxy is at ``max_in_flight``
@@ -638,7 +837,7 @@ cdef class FastPath:
                 if type(prev) is bytes:
                     # The ACK to our own final: absorbed; the transaction goes after Timer I.
                     self.acks_in += 1
-                    expiry_acked.append((mono + T4, stx, key, prev))
+                    self.lingering_acked.push(mono + T4, key, prev)
                 elif prev is not None and (prev.final >= 300 or not prev.final):
                     # The ACK to a non-2xx final the proxy relayed (and ACKed itself): absorbed too.
                     self.acks_in += 1
@@ -681,6 +880,13 @@ cdef class FastPath:
             lat = _clock(CLOCK_MONOTONIC) - t0
             self.invites_in += 1
             rule = dec.rule
+            self.rule_n[rule] += 1
+            self.lat_sum += lat
+            for k in range(<unsigned int>self.n_bounds):
+                if lat <= self.lat_bounds[k]:
+                    self.lat_n[k] += 1
+                    break
+            self.counted = True
             call_id = _s(p, sc.cid_s, sc.cid_e)
             if dec.nshadow:
                 shadowed = tuple([self.rule_names[dec.shadow[k]] for k in range(dec.nshadow)])
@@ -702,7 +908,7 @@ cdef class FastPath:
                                    "reject", code, dec.score, <long>(lat * 1e6), shadowed))
             resp = self._reject(p, &sc, rule)
             stx[key] = resp
-            expiry.append((mono + TX_LINGER, stx, key, resp))
+            self.lingering.push(mono + TX_LINGER, key, resp)
             self._queue(resp, &self.addrs[i], alen)
             n = self.out_codes.get(code)
             self.out_codes[code] = 1 if n is None else n + 1
@@ -731,28 +937,20 @@ cdef class FastPath:
         cdef Py_ssize_t size, k, cseq_n
         cdef char* o
         cdef bytes out
-        cdef bytes tag
-        # "cg" + blake2b(call_id \0 cseq \0 from_tag \0 top via, 6 bytes) in hex
+        cdef char tag[12]
+        cdef unsigned long long h
+        cdef const unsigned char* zero = b"\0"
+        # "cg" + tag_digest(call_id \0 cseq \0 from_tag \0 top via), hashed in place
         cseq_n = sc.cseq_e - sc.cseq_s
-        size = (sc.cid_e - sc.cid_s) + 1 + cseq_n + 1 + (sc.ftag_e - sc.ftag_s if sc.ftag_s >= 0 else 0) + 1 \
-            + (sc.via_e[0] - sc.via_s[0])
-        seed = PyBytes_FromStringAndSize(NULL, size)
-        o = PyBytes_AS_STRING(seed)
-        memcpy(o, p + sc.cid_s, sc.cid_e - sc.cid_s)
-        o += sc.cid_e - sc.cid_s
-        o[0] = 0
-        o += 1
-        memcpy(o, p + sc.cseq_s, cseq_n)
-        o += cseq_n
-        o[0] = 0
-        o += 1
+        h = _fnv1a(p + sc.cid_s, sc.cid_e - sc.cid_s, FNV_OFFSET)
+        h = _fnv1a(zero, 1, h)
+        h = _fnv1a(p + sc.cseq_s, cseq_n, h)
+        h = _fnv1a(zero, 1, h)
         if sc.ftag_s >= 0:
-            memcpy(o, p + sc.ftag_s, sc.ftag_e - sc.ftag_s)
-            o += sc.ftag_e - sc.ftag_s
-        o[0] = 0
-        o += 1
-        memcpy(o, p + sc.via_s[0], sc.via_e[0] - sc.via_s[0])
-        tag = _blake2b(seed, digest_size=6).hexdigest().encode("ascii")
+            h = _fnv1a(p + sc.ftag_s, sc.ftag_e - sc.ftag_s, h)
+        h = _fnv1a(zero, 1, h)
+        h = _fnv1a(p + sc.via_s[0], sc.via_e[0] - sc.via_s[0], h)
+        _hex12(h, tag)
         size = PyBytes_GET_SIZE(status) + PyBytes_GET_SIZE(reason) + PyBytes_GET_SIZE(tail)
         for k in range(sc.nvia):
             size += 7 + sc.via_e[k] - sc.via_s[k]
@@ -771,7 +969,7 @@ cdef class FastPath:
         o = _put(o, b"\r\nTo: ", 6)
         o = _put(o, <const char*>p + sc.to_s, sc.to_e - sc.to_s)
         o = _put(o, b";tag=cg", 7)
-        o = _put(o, PyBytes_AS_STRING(tag), 12)
+        o = _put(o, tag, 12)
         o = _put(o, b"\r\nCall-ID: ", 11)
         o = _put(o, <const char*>p + sc.cid_s, sc.cid_e - sc.cid_s)
         o = _put(o, b"\r\nCSeq: ", 8)
@@ -785,9 +983,6 @@ cdef class FastPath:
 cdef inline char* _put(char* o, const char* s, Py_ssize_t n) noexcept nogil:
     memcpy(o, s, n)
     return o + n
-
-
-_blake2b = hashlib.blake2b
 
 
 def _clean(str text) -> str:

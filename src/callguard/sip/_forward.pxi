@@ -310,8 +310,8 @@ cdef class FwdTx:
     def to_tag(self):
         if self._to_tag is None:
             cseq = self.raw[self.cseq_s:self.cseq_e].decode("ascii")
-            self._to_tag = "cg" + _blake2b("\x00".join((self.call_id, cseq, str(self.key))).encode(
-                "utf-8", "surrogateescape"), digest_size=6).hexdigest()
+            self._to_tag = "cg" + blake2b_hex6("\x00".join((self.call_id, cseq, str(self.key))).encode(
+                "utf-8", "surrogateescape"))
         return self._to_tag
 
     @to_tag.setter
@@ -791,7 +791,7 @@ cdef class Forwarder:
         fp._queue(trying, &tx.up_ss, tx.up_len)
         fp._queue(fwd, &self.rt_ss[t], self.rt_len[t])
         _count(fp.out_codes, 100)
-        fp.out_invites += 1
+        _count(fp.out_codes, "INVITE")
         self.q_trunk.append((mono + self.trunk_timeout, next(self.seq), tx, tx.attempt, K_TRUNK))
         self.q_retrans.append((mono + _T1, next(self.seq), tx, tx.attempt, K_RETRANS))
         return 1
@@ -920,7 +920,7 @@ cdef class Forwarder:
         o = _put(o, PyBytes_AS_STRING(self.ua_line), PyBytes_GET_SIZE(self.ua_line))
         o = _put(o, b"Content-Length: 0\r\n\r\n", 21)
         fp._queue(PyBytes_FromStringAndSize(self.obuf, o - self.obuf), &fp.addrs[i], fp.msgs[i].msg_hdr.msg_namelen)
-        fp.out_acks += 1
+        _count(fp.out_codes, "ACK")
         return 0
 
     cdef int _finish_failed(self, FwdTx tx, int code, double mono) except -1:

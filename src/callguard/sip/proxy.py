@@ -31,6 +31,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Config, parse_address
@@ -118,6 +119,28 @@ def _h(*parts: str) -> str:
     return hashlib.blake2b("\x00".join(parts).encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
 
 
+def tag_digest_py(data: bytes) -> str:
+    """12 hex digits of the 64-bit FNV-1a hash of ``data`` (low 48 bits): the pure-Python twin of
+    ``_fastpath.tag_digest``, which the To tag of our own responses uses (see ``_respond``)."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h & 0xFFFFFFFFFFFF:012x}"
+
+
+def _tag_digest_impl() -> Callable[[bytes], str]:
+    if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
+        try:
+            from ._fastpath import tag_digest
+            return tag_digest
+        except ImportError:
+            pass
+    return tag_digest_py
+
+
+tag_digest = _tag_digest_impl()
+
+
 def split_commas(value: str) -> list[str]:
     """Split a header value on commas outside <> and quotes (Route, Record-Route)."""
     if "," not in value:
@@ -192,6 +215,9 @@ class NullMetrics:
     """Stand-in when metrics are disabled: same methods, no effect."""
 
     def decision(self, rule: str, latency_seconds: float) -> None: ...
+    def decisions(self, by_rule: Any, latency_counts: Any, latency_sum: float) -> None: ...
+    def fast_batch(self, invites: int, acks: int, out: Any, by_rule: Any, latency_counts: Any,
+                   latency_sum: float) -> None: ...
     def message_in(self, method: str | int, n: int = 1) -> None: ...
     def message_out(self, method: str | int, n: int = 1) -> None: ...
     def parse_error(self) -> None: ...
@@ -425,6 +451,8 @@ class Proxy:
             if t.ka_handle is not None:
                 t.ka_handle.cancel()
                 t.ka_handle = None
+        for fast in self._fast_paths():
+            self.on_batch(fast)     # the last decisions of the fast path, before the records close
 
     def is_ours(self, host: str, port: int | None) -> bool:
         """Whether host:port (port None = 5060) is one of our listeners."""
@@ -494,7 +522,9 @@ class Proxy:
     def _respond(self, msg: Any, ep: Any, addr: Any, code: int, reason: str, *, to_tag: str | None = None,
                  extra: tuple[Any, ...] = ()) -> bytes:
         if to_tag is None and code >= 200 and not msg.to_tag:
-            to_tag = "cg" + _h(msg.call_id or "", str(msg.cseq), msg.from_tag or "", msg.vias[0] if msg.vias else "")
+            # the compiled fast path derives the same tag from the same bytes (see its _reject)
+            seed = "\x00".join((msg.call_id or "", str(msg.cseq), msg.from_tag or "", msg.vias[0] if msg.vias else ""))
+            to_tag = "cg" + tag_digest(seed.encode("utf-8", "surrogateescape"))
         data = self._response(msg, code, reason, to_tag, extra)
         self._send(ep, data, addr, "response")
         return data
@@ -532,10 +562,11 @@ class Proxy:
         if settings is None or os.environ.get("CALLGUARD_NO_FAST_PATH"):
             fast.configure(None, (), (), (), True, "", 0, None)
             return
+        from ..metrics import LATENCY_BUCKETS
         from ..settings import RULE_NAMES
 
         fast.configure(core, RULE_NAMES, settings.codes, settings.reasons, self.hide_reason, self._server_line,
-                       self.max_size, self._trust_identity)
+                       self.max_size, self._trust_identity, LATENCY_BUCKETS)
         if configure_forward is None or ep is None or os.environ.get("CALLGUARD_NO_FAST_FORWARD"):
             return
         routes = []
@@ -572,32 +603,17 @@ class Proxy:
     def on_batch(self, fast: Any) -> None:
         """After each fast-path batch: records, metrics and decision logs of the batch, at once."""
         rows = fast.decisions
-        if fast.invites_in:
-            self.metrics.message_in("INVITE", fast.invites_in)
-            fast.invites_in = 0
-        if fast.acks_in:
-            self.metrics.message_in("ACK", fast.acks_in)
-            fast.acks_in = 0
-        if fast.out_codes:
-            for code, n in fast.out_codes.items():
-                self.metrics.message_out(code, n)
-            fast.out_codes.clear()
+        counts = fast.take_counts()
+        if counts is not None:
+            self.metrics.fast_batch(*counts)
         if fast.in_codes:
+            # the trunks' responses the compiled forward path handled, by status
             for code, n in fast.in_codes.items():
                 self.metrics.message_in(code, n)
             fast.in_codes.clear()
-        if fast.out_invites:
-            self.metrics.message_out("INVITE", fast.out_invites)
-            fast.out_invites = 0
-        if fast.out_acks:
-            self.metrics.message_out("ACK", fast.out_acks)
-            fast.out_acks = 0
         if not rows:
             return
         fast.decisions = []
-        metrics = self.metrics
-        for r in rows:
-            metrics.decision(r[5], r[9] / 1e6)
         add_many = getattr(self.records, "add_many", None)
         if add_many is not None:
             add_many(rows)
@@ -992,6 +1008,8 @@ class Proxy:
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         now = self.loop.time()
         self._forget_due(now)
+        for fast in self._fast_paths():
+            self.on_batch(fast)     # what the fast path decided since its last bookkeeping
         due: list[tuple[float, int, Tx, int, int]] = []
         queues = 0
         for q in self.timers.values():
@@ -1366,13 +1384,20 @@ class Proxy:
         for b in value.branches:
             self.branch_acked.append((deadline, b, value))
 
-    def scheduled_early(self) -> int:
-        """Entries (transactions and their branches) to be forgotten after Timer I, not TX_LINGER."""
-        return len(self.expiry_acked) + len(self.tx_acked) + len(self.branch_acked)
+    def lingering_acked(self) -> int:
+        """Entries ACKed and waiting out T4 before they are forgotten: rejections (ours and the fast
+        path's), forwarded transactions and their branches."""
+        return len(self.expiry_acked) + len(self.tx_acked) + len(self.branch_acked) \
+            + sum(len(f.lingering_acked) for f in self._fast_paths())
+
+    def _fast_paths(self) -> list[Any]:
+        return [f for f in (getattr(ep, "fast", None) for ep in self.udp) if f is not None]
 
     def _forget_due(self, now: float) -> None:
         """Forget finished transactions whose linger is over (every TICK: at 10k calls/s a once-a-second
         sweep stalled the loop for milliseconds, which the slowest answers then waited for)."""
+        for fast in self._fast_paths():
+            fast.expire(now, self.stx)
         for exp in (self.expiry, self.expiry_acked):
             while exp and exp[0][0] <= now:
                 _, table, key, value = exp.popleft()
