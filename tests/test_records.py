@@ -114,6 +114,10 @@ def test_writer_flushes_without_being_asked(store: RecordStore) -> None:
 def test_writer_thread_is_named_for_the_system(store: RecordStore) -> None:
     tid = store._thread.native_id
     assert wait_for(lambda: Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "cg-records")
+    # and it runs at a lower priority than the SIP path (nice: field 19 of stat)
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    assert int(stat[stat.rindex(")") + 2:].split()[16]) == records_mod.WRITER_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != records_mod.WRITER_NICE
 
 
 def test_outcomes_and_stats(store: RecordStore) -> None:

@@ -70,6 +70,8 @@ SCHEMA_VERSION = 3
 MIN_RETENTION_DAYS = 30
 PRUNE_EVERY = 3600.0        # seconds between the writer's own pruning runs
 BATCH_MAX = 50_000          # queue items per transaction
+PACK_ROWS = 1000            # rows packed for the compiled inserter at a time (see _insert)
+WRITER_NICE = 19            # scheduling priority of the writer thread (see _lower_priority)
 MAX_PARTITIONS = 2000       # over the retention period: every schema change re-reads the whole schema
 PRUNE_TIMEOUT = 600.0       # seconds prune() waits for the writer thread
 RETRY_MAINTENANCE = 60.0    # seconds before a failed index build is tried again
@@ -577,8 +579,22 @@ class RecordStore:
         return len(self._queue)
 
     # ------------------------------------------------------------ the writer
+    @staticmethod
+    def _lower_priority() -> None:
+        """Run the writer at nice WRITER_NICE: on a machine whose cores the SIP path and its peers
+        keep busy, the scheduler then gives a core to the event loop first.  Measured with serve at
+        10k calls/s on 2 cores: p99 answer time 0.8-1.2 ms with the writer at the loop's priority,
+        0.4-0.55 ms at nice 19 (as without records).  The writer needs ~2 % of a core at that rate
+        and still gets its share; what it has not written waits in the queue, never dropped before
+        ``queue_max``.  Linux sets this per thread; elsewhere it is skipped."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        except (OSError, AttributeError):
+            pass
+
     def _run(self) -> None:
         set_os_thread_name("cg-records")
+        self._lower_priority()
         while True:
             stopping = self._stop.is_set()
             busy = False
@@ -779,9 +795,16 @@ class RecordStore:
         if len(rows) > first:
             rest = rows if not first else rows[first:]
             sql = f"INSERT INTO {table} ({_FIELDS_SQL}) VALUES ({_MARKS_SQL})"
-            if packable and self._pack(rest):
+            if packable and self._inserter is not None:
                 self._inserter.prepare(sql)
-                self._inserter.insert(self._buffer)
+                # Packing holds the GIL (it reads Python objects); in slices of PACK_ROWS the event
+                # loop's thread waits at most ~0.2 ms for it, never a whole batch's worth.
+                for j in range(0, len(rest), PACK_ROWS):
+                    part_rows = rest[j:j + PACK_ROWS]
+                    if self._pack(part_rows):
+                        self._inserter.insert(self._buffer)
+                    else:
+                        conn.executemany(sql, map(_row_of_tuple, part_rows))
             else:
                 conn.executemany(sql, map(_row_of_tuple, rest))
         self._rid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
