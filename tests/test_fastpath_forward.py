@@ -422,7 +422,8 @@ def test_compiled_transactions_are_forgotten_like_python_ones(rigs: Any, socks: 
         call(rig, caller, trunk, inv, ANSWERS["busy"])
         assert len(rig.proxy.stx) == 1 and len(rig.proxy.ctx) == 1
         assert rig.proxy.lingering_acked() == 2      # after the caller's ACK: Timer I for both entries
-        assert type(rig.proxy.tx_acked[0][2]).__name__ == ("FwdTx" if rig is fast else "Tx")
+        assert len(rig.proxy.tx_acked) == len(rig.proxy.branch_acked) == 1
+        assert type(next(iter(rig.proxy.stx.values()))).__name__ == ("FwdTx" if rig is fast else "Tx")
         rig.proxy._forget_due(rig.loop.time() + 4.0)
         assert len(rig.proxy.stx) == 1
         rig.proxy._forget_due(rig.loop.time() + 6.0)
@@ -452,7 +453,7 @@ def test_internal_fault_in_the_forward_path_fails_open(rigs: Any, socks: Any, mo
 @given(deadlines=st.lists(st.floats(0, 10), max_size=30), now=st.floats(0, 10),
        finals=st.lists(st.booleans(), min_size=30, max_size=30),
        attempts=st.lists(st.integers(0, 2), min_size=30, max_size=30))
-def test_compiled_queue_walks_are_the_python_ones(deadlines: list[float], now: float, finals: list[bool],
+def test_compiled_queues_are_the_python_ones(deadlines: list[float], now: float, finals: list[bool],
                                                    attempts: list[int]) -> None:
     import collections
 
@@ -473,13 +474,17 @@ def test_compiled_queue_walks_are_the_python_ones(deadlines: list[float], now: f
         walk(q, now, out)
         outs.append((out, list(q)))
     assert outs[0] == outs[1]
-    table_entries = [(d, f"k{i % 7}", txs[i]) for i, d in enumerate(deadlines)]
     results = []
-    for forget in (fastpath.forget_due, proxy.forget_due_py):
+    for queue in (fastpath.LingerQueue, proxy.LingerQueuePy):
         table = {f"k{i % 7}": txs[i] for i in range(len(deadlines))}
-        q = collections.deque(table_entries)
-        forget(q, now, table)
-        results.append((table, list(q)))
+        lq = queue()
+        for i, d in enumerate(deadlines):
+            lq.append(d, f"k{i % 7}", txs[i])
+        if deadlines and deadlines[-1] > 0:
+            with pytest.raises(ValueError):
+                lq.append(deadlines[-1] / 2, "late", None)
+        done = lq.expire(now, table)
+        results.append((table, done, len(lq)))
     assert results[0] == results[1]
 
 

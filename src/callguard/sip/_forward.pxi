@@ -484,7 +484,7 @@ cdef class Forwarder:
     cdef object seq                 # the proxy's timer sequence (itertools.count)
     cdef object q_trunk, q_retrans, q_timer_c
     cdef double trunk_timeout, tx_timeout
-    cdef object tx_linger, branch_linger, tx_acked, branch_acked
+    cdef LingerQueue tx_linger, branch_linger, tx_acked, branch_acked
     cdef list trunks                # TrunkState, as in proxy.trunks
     cdef list prefixes              # per trunk: tuple of (UTF-8 bytes, length in characters)
     cdef list all_trunks            # the candidates when no trunk has prefixes
@@ -935,12 +935,12 @@ cdef class Forwarder:
         except Exception as exc:  # noqa - scoring input only, as in Proxy._finish
             proxy._fault(exc, None, None, None)
         deadline = mono + _TX_LINGER
-        self.tx_linger.append((deadline, tx.key, tx))
+        self.tx_linger.push(deadline, tx.key, tx)
         if tx._branches is None:
-            self.branch_linger.append((deadline, tx._branch0, tx))
+            self.branch_linger.push(deadline, tx._branch0, tx)
         else:
             for b in tx._branches:
-                self.branch_linger.append((deadline, b, tx))
+                self.branch_linger.push(deadline, b, tx)
         return 0
 
     cdef int acked(self, object key, object prev, double mono) except -1:
@@ -953,13 +953,13 @@ cdef class Forwarder:
         if tx.expired_soon:
             return 0
         deadline = mono + _T4
-        self.tx_acked.append((deadline, key, tx))
+        self.tx_acked.push(deadline, key, tx)
         tx.expired_soon = True
         if tx._branches is None:
-            self.branch_acked.append((deadline, tx._branch0, tx))
+            self.branch_acked.push(deadline, tx._branch0, tx)
         else:
             for b in tx._branches:
-                self.branch_acked.append((deadline, b, tx))
+                self.branch_acked.push(deadline, b, tx)
         return 0
 
 
@@ -983,17 +983,3 @@ def due_timers(q, double now, list out):
         elif not tx.final and tx.attempt == e[3]:
             out.append(e)
 
-
-def forget_due(q, double now, dict table):
-    """Pop the entries of one expiry queue (deadline, key, value) due at ``now`` and forget ``table[key]``
-    where it is still that value: Proxy._forget_due's loop for the forwarded transactions."""
-    cdef tuple e
-    popleft = q.popleft
-    while q:
-        e = <tuple>q[0]
-        if <double>e[0] > now:
-            break
-        popleft()
-        key = e[1]
-        if table.get(key) is e[2]:
-            del table[key]

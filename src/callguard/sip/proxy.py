@@ -191,22 +191,44 @@ def due_timers_py(q: collections.deque[Any], now: float, out: list[Any]) -> None
             out.append(entry)
 
 
-def forget_due_py(q: collections.deque[Any], now: float, table: dict[Any, Any]) -> None:
-    """Pop the due entries (deadline, key, value) of one expiry queue; forget table[key] if still value."""
-    while q and q[0][0] <= now:
-        _, key, value = q.popleft()
-        if table.get(key) is value:
-            del table[key]
+class LingerQueuePy:
+    """Entries of a transaction table to forget at their deadline, oldest first: the pure-Python
+    twin of ``_fastpath.LingerQueue`` (every entry of one queue waits the same time)."""
+
+    __slots__ = ("q",)
+
+    def __init__(self) -> None:
+        self.q: collections.deque[tuple[float, Any, Any]] = collections.deque()
+
+    def append(self, deadline: float, key: Any, value: Any) -> None:
+        """Queue ``key`` to be forgotten at ``deadline`` if the table still holds ``value`` then."""
+        if self.q and deadline < self.q[-1][0]:
+            raise ValueError("deadlines must not decrease")
+        self.q.append((deadline, key, value))
+
+    def expire(self, now: float, table: dict[Any, Any]) -> int:
+        """Forget every entry due by ``now``: removed from ``table`` if it still holds that value."""
+        q = self.q
+        done = 0
+        while q and q[0][0] <= now:
+            _, key, value = q.popleft()
+            if table.get(key) is value:
+                del table[key]
+            done += 1
+        return done
+
+    def __len__(self) -> int:
+        return len(self.q)
 
 
-# The same loops compiled (callguard.sip._fastpath), unless CALLGUARD_NO_EXTENSIONS is set.
+# The compiled twins (callguard.sip._fastpath), unless CALLGUARD_NO_EXTENSIONS is set.
 _due_timers = due_timers_py
-_forget_txq = forget_due_py
+LingerQueue: Any = LingerQueuePy
 if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
     try:
+        from ._fastpath import LingerQueue
         from ._fastpath import due_timers as _due_timers
-        from ._fastpath import forget_due as _forget_txq
-    except ImportError:  # not built: the loops above serve
+    except ImportError:  # not built: the Python ones serve
         pass
 
 
@@ -352,12 +374,12 @@ class Proxy:
         # Two queues, each in deadline order: TX_LINGER after a final, T4 after the ACK to it.
         self.expiry: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
         self.expiry_acked: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
-        # The same for forwarded INVITEs, one queue per table: (deadline, key, Tx) entries hold no
-        # dict, so the garbage collector stops walking them once it has seen them.
-        self.tx_linger: collections.deque[tuple[float, Any, Any]] = collections.deque()
-        self.branch_linger: collections.deque[tuple[float, str, Any]] = collections.deque()
-        self.tx_acked: collections.deque[tuple[float, Any, Any]] = collections.deque()
-        self.branch_acked: collections.deque[tuple[float, str, Any]] = collections.deque()
+        # The same for forwarded INVITEs, one queue per table and linger (C rings when compiled:
+        # no tuple per entry for the garbage collector to walk).
+        self.tx_linger = LingerQueue()          # stx, TX_LINGER after a final
+        self.branch_linger = LingerQueue()      # ctx, the same
+        self.tx_acked = LingerQueue()           # stx, T4 after the ACK to a non-2xx final
+        self.branch_acked = LingerQueue()       # ctx, the same
         self.dialog_expiry: collections.deque[tuple[float, str, Dialog]] = collections.deque()
         self.in_flight = 0
         self.draining = False
@@ -1095,9 +1117,9 @@ class Proxy:
             except Exception as exc:  # noqa: BLE001 - scoring input only; never fail a call for it
                 self._fault(exc, None, None, None)
         deadline = self.loop.time() + TX_LINGER
-        self.tx_linger.append((deadline, tx.key, tx))
+        self.tx_linger.append(deadline, tx.key, tx)
         for b in tx.branches:
-            self.branch_linger.append((deadline, b, tx))
+            self.branch_linger.append(deadline, b, tx)
 
     # ------------------------------------------------------------ CANCEL
     def _on_cancel(self, msg: Any, key: Any, ep: Any, addr: Any) -> None:
@@ -1379,10 +1401,10 @@ class Proxy:
             return
         if value.expired_soon:
             return
-        self.tx_acked.append((deadline, key, value))
+        self.tx_acked.append(deadline, key, value)
         value.expired_soon = True
         for b in value.branches:
-            self.branch_acked.append((deadline, b, value))
+            self.branch_acked.append(deadline, b, value)
 
     def lingering_acked(self) -> int:
         """Entries ACKed and waiting out T4 before they are forgotten: rejections (ours and the fast
@@ -1407,8 +1429,7 @@ class Proxy:
                     del table[key]
         for txq, table in ((self.tx_linger, self.stx), (self.branch_linger, self.ctx), (self.tx_acked, self.stx),
                            (self.branch_acked, self.ctx)):
-            if txq and txq[0][0] <= now:
-                _forget_txq(txq, now, table)
+            txq.expire(now, table)
 
     def _sweep(self) -> None:
         """Forget stale dialogs (once a second)."""
