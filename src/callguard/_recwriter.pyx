@@ -23,6 +23,7 @@ symbol address): otherwise :meth:`Inserter.sharing` raises and the writer keeps 
 """
 
 import sqlite3 as _sqlite3_module
+import sys
 
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t
@@ -272,6 +273,9 @@ cdef class Inserter:
         cdef void* theirs
         if not isinstance(conn, _sqlite3_module.Connection):
             raise TypeError(f"expected a sqlite3.Connection, got {type(conn).__name__}")
+        if sys.implementation.name != "cpython" or sys.version_info >= (3, 14):
+            # the handle's place in the object is CPython's (3.11 to 3.13); elsewhere: executemany
+            raise RuntimeError("the sqlite3.Connection layout of this Python is not known to the records inserter")
         module_file = __import__("_sqlite3").__file__.encode()
         handle = dlopen(module_file, RTLD_NOW | RTLD_NOLOAD)
         if handle == NULL:
