@@ -133,3 +133,21 @@ def test_sharing_a_python_connection_inserts_inside_its_transaction(tmp_path: Pa
     assert conn.execute("SELECT count(*) FROM records").fetchone() == (3,)   # still open: not ours
     with pytest.raises(TypeError):
         recwriter.Inserter.sharing(object())
+
+
+def test_an_unknown_python_keeps_executemany(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    conn = _db(tmp_path / "r.sqlite3")
+    monkeypatch.setattr(sys, "version_info", (3, 14, 0, "final", 0))
+    with pytest.raises(RuntimeError, match="layout"):
+        recwriter.Inserter.sharing(conn)
+    # the store still writes every row, through Python's sqlite3 module
+    store = R.RecordStore(str(tmp_path / "store.sqlite3"))
+    try:
+        assert store._inserter is None
+        store.add_many([r[:10] for r in ROWS])
+        store.flush()
+        assert len(store.query(limit=0)) == len(ROWS)
+    finally:
+        store.close()
