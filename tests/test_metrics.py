@@ -26,7 +26,7 @@ def test_a_batch_of_decisions_counts_as_the_same_decisions_one_by_one() -> None:
     counts = [0] * len(LATENCY_BUCKETS)
     for t in times:
         counts[next(i for i, b in enumerate(LATENCY_BUCKETS) if t <= b)] += 1
-    batch.decisions([("banned", len(times))], counts, sum(times))
+    batch.fast_batch(0, 0, [], [("banned", len(times))], counts, sum(times))
     for m in (one, batch):
         assert value(m, "callguard_decisions_total", rule="banned") == len(times)
     for le in ("1e-06", "2.5e-06", "5e-06", "1e-05", "5e-05", "0.0025", "0.1", "+Inf"):
@@ -35,7 +35,9 @@ def test_a_batch_of_decisions_counts_as_the_same_decisions_one_by_one() -> None:
     assert value(one, "callguard_decision_latency_seconds_bucket", le="1e-06") == 2   # <= bound: 0.5 µs and 1 µs
     assert value(batch, "callguard_decision_latency_seconds_sum") == pytest.approx(sum(times))
     with pytest.raises(ValueError):
-        batch.decisions([], [1, 2], 0.0)        # not one count per bucket
+        batch.fast_batch(5, 0, [], [("banned", 5)], [1, 2], 0.0)   # not one count per bucket: nothing counted
+    assert value(batch, "callguard_sip_messages_in_total", method="INVITE") == 0
+    assert value(batch, "callguard_decisions_total", rule="banned") == len(times)
 
 
 def test_fast_batch_counts_what_the_per_call_methods_count() -> None:

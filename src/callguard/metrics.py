@@ -75,7 +75,8 @@ class LatencyHistogram:
 
     prometheus-client's ``Histogram`` costs a lock and a bucket search per observation; the
     compiled fast path already sorts a batch's decision times into these buckets, so the batch
-    is added here at once (one lock per batch).  Exposed as an ordinary histogram family.
+    is added here at once (:meth:`add_locked`, one lock per batch).  Exposed as an ordinary
+    histogram family.
     """
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float],
@@ -96,14 +97,9 @@ class LatencyHistogram:
             self.counts[min(i, len(self.counts) - 1)] += 1
             self.sum += amount
 
-    def add(self, counts: Sequence[int], total: float) -> None:
-        """A batch: ``counts[i]`` observations fell in bucket ``i`` (``value <= bounds[i]``, first such
-        bucket); ``total`` is their sum."""
-        with self._lock:
-            self.add_locked(counts, total)
-
     def add_locked(self, counts: Sequence[int], total: float) -> None:
-        """:meth:`add` for a caller that holds the lock."""
+        """A batch, for a caller holding the histogram's lock (``Metrics.fast_batch`` does): ``counts[i]``
+        observations fell in bucket ``i`` (``value <= bounds[i]``, first such bucket), ``total`` their sum."""
         if len(counts) != len(self.counts):
             raise ValueError(f"expected {len(self.counts)} bucket counts, got {len(counts)}")
         mine = self.counts
@@ -214,14 +210,6 @@ class Metrics:
         self._decisions.inc(rule)
         self._latency.observe(latency_seconds)
 
-    def decisions(self, by_rule: Sequence[tuple[str, int]], latency_counts: Sequence[int], latency_sum: float) -> None:
-        """A batch of decisions: ``(rule, n)`` pairs, and their decision times already sorted into
-        :data:`LATENCY_BUCKETS` (count per bucket, not cumulative) with their sum in seconds."""
-        # Rule ids come from the core, not the network, so the set of labels stays small.
-        for rule, n in by_rule:
-            self._decisions.inc(rule, n)
-        self._latency.add(latency_counts, latency_sum)
-
     def message_in(self, method: str | int, n: int = 1) -> None:
         """Count ``n`` received messages: a request method, or a response status / class (``2xx``)."""
         label = self._method_labels.get(method)
@@ -237,6 +225,8 @@ class Metrics:
         """What one batch of the compiled fast path counted (``FastPath.take_counts``), under one lock:
         INVITEs and ACKs received, responses sent by status, decisions by rule and their times by
         latency bucket with their sum."""
+        if len(latency_counts) != len(LATENCY_BUCKETS):     # checked before anything is counted
+            raise ValueError(f"expected {len(LATENCY_BUCKETS)} bucket counts, got {len(latency_counts)}")
         labels = self._method_labels
         out_labels = [(labels.get(code) or self._label_of(code), n) for code, n in out]
         with self._hot:
@@ -247,6 +237,7 @@ class Metrics:
             for label, n in out_labels:
                 sent[label] = sent.get(label, 0) + n
             decided = self._decisions.counts
+            # Rule ids come from the core, not the network, so the set of labels stays small.
             for rule, n in by_rule:
                 decided[rule] = decided.get(rule, 0) + n
             self._latency.add_locked(latency_counts, latency_sum)
