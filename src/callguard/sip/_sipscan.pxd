@@ -99,16 +99,25 @@ cdef inline bint bad_request_uri_char(unsigned char c) noexcept nogil:
     return c <= 32 or c >= 127 or c == 60 or c == 62 or c == 34
 
 
-cdef inline int check_uri(const unsigned char* s, Py_ssize_t n, bint bare) noexcept nogil:
-    """A URI in an address (``bare``: outside <>, where '?' and ',' may not appear): 0 or -1."""
+cdef inline Py_ssize_t scheme_end(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """Where the ':' after a URI scheme (ALPHA *(ALPHA / DIGIT / "+" / "-" / ".")) is, with something
+    after it; -1 when there is none."""
     cdef Py_ssize_t i
-    cdef unsigned char c
     if n == 0 or not SCHEME_START[s[0]]:
         return -1
     i = 1
     while i < n and SCHEME_C[s[i]]:
         i += 1
     if i >= n - 1 or s[i] != 58:
+        return -1
+    return i
+
+
+cdef inline int check_uri(const unsigned char* s, Py_ssize_t n, bint bare) noexcept nogil:
+    """A URI in an address (``bare``: outside <>, where '?' and ',' may not appear): 0 or -1."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if scheme_end(s, n) < 0:
         return -1
     for i in range(n):
         c = s[i]
@@ -122,12 +131,8 @@ cdef inline int check_uri(const unsigned char* s, Py_ssize_t n, bint bare) noexc
 cdef inline int check_request_uri(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     """The Request-URI's scheme, and for sip/sips a non-empty host part without '?': 0 or -1."""
     cdef Py_ssize_t i, at, h
-    if not SCHEME_START[s[0]]:
-        return -1
-    i = 1
-    while i < n and SCHEME_C[s[i]]:
-        i += 1
-    if i >= n - 1 or s[i] != 58:
+    i = scheme_end(s, n)
+    if i < 0:
         return -1
     if (i == 3 or i == 4) and (s[0] | 32) == 115 and (s[1] | 32) == 105 and (s[2] | 32) == 112 \
             and (i == 3 or (s[3] | 32) == 115):

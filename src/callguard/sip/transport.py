@@ -210,7 +210,12 @@ class BatchUdpListener:
         self.closed = False
         self.on_unreachable: Unreachable | None = None
         self.recverr = False
-        loop.add_reader(sock.fileno(), self._on_readable)
+        self.watched = self._watch_fd()
+        loop.add_reader(self.watched, self._on_readable)
+
+    def _watch_fd(self) -> int:
+        """The descriptor the loop watches for this listener."""
+        return self.sock.fileno()
 
     def _on_readable(self) -> None:
         self.in_batch = True
@@ -263,7 +268,7 @@ class BatchUdpListener:
         if not self.closed:
             self._flush()
             self.closed = True
-            self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_reader(self.watched)
             self.sock.close()
 
 
@@ -296,38 +301,26 @@ class FastUdpListener(BatchUdpListener):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handler: Handler, listener: ListenerInfo,
                  sock: socket.socket, fast_cls: Any) -> None:
-        self.loop = loop
-        self.handler = handler
-        self.listener = listener
-        self.sock = sock
-        self.batch = fast_cls(sock.fileno(), self.MAX_BATCH)
-        self.fast = self.batch
+        self.uvloop = _is_uvloop(loop)
+        self.inner: select.epoll | None = None
         # The proxy whose handle() is the handler also drains the batches; any other handler
         # gets every datagram through the slow path (the fast path stays disabled).
         owner = getattr(handler, "__self__", None)
         self.proxy: Any = owner if hasattr(owner, "on_batch") else _PlainOwner(handler)
-        self.out = []
-        self.flush_pending = False
-        self.in_batch = False
-        self.errors = 0
-        self.send_drops = 0
-        self.closed = False
-        self.on_unreachable = None
-        self.recverr = False
-        self.uvloop = _is_uvloop(loop)
+        self.kept_since = 0.0           # loop time of the last bookkeeping
+        super().__init__(loop, handler, listener, sock, fast_cls)
+        self.fast = self.batch
+
+    def _watch_fd(self) -> int:
         # uvloop stops watching a descriptor for good once it reports POLLERR, which a socket with a
         # queued ICMP error (IP_RECVERR) raises.  So on uvloop the loop watches an epoll instance that
         # holds the socket: an error makes it readable like data does, recvmmsg then raises it and
         # the error queue is read -- no extra system call per batch to look for errors, no re-arming.
-        self.inner: select.epoll | None = None
-        watched = sock.fileno()
-        if self.uvloop:
-            self.inner = select.epoll()
-            self.inner.register(sock.fileno(), select.EPOLLIN)
-            watched = self.inner.fileno()
-        self.watched = watched
-        self.kept_since = 0.0           # loop time of the last bookkeeping
-        loop.add_reader(watched, self._on_readable)
+        if not self.uvloop:
+            return self.sock.fileno()
+        self.inner = select.epoll()
+        self.inner.register(self.sock.fileno(), select.EPOLLIN)
+        return self.inner.fileno()
 
     def _on_readable(self) -> None:
         proxy = self.proxy
@@ -364,13 +357,10 @@ class FastUdpListener(BatchUdpListener):
             self._flush()
 
     def close(self) -> None:
-        if not self.closed:
-            self._flush()
-            self.closed = True
-            self.loop.remove_reader(self.watched)
-            if self.inner is not None:
-                self.inner.close()
-            self.sock.close()
+        super().close()
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
 
 
 # ---------------------------------------------------------------- TCP
