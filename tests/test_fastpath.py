@@ -315,6 +315,49 @@ def test_linger_queue_holds_and_releases_references() -> None:
     assert (sys.getrefcount(key), sys.getrefcount(value)) == before
 
 
+def test_linger_queue_release_lets_go_of_the_newest_holder() -> None:
+    import sys
+
+    queue = fastpath.LingerQueue()
+    table: dict[Any, Any] = {}
+    values = [bytearray(f"response {i}".encode()) for i in range(10)]
+    keys = [(f"z9hG4bK{i}", "127.0.0.1:5060") for i in range(10)]
+    for i in range(10):
+        table[keys[i]] = values[i]
+        queue.append(float(i), keys[i], values[i])
+    before = sys.getrefcount(values[8]), sys.getrefcount(keys[8])
+    assert queue.release(values[8]) is True
+    assert (sys.getrefcount(values[8]), sys.getrefcount(keys[8])) == (before[0] - 1, before[1] - 1)
+    assert queue.release(values[8]) is False              # once only
+    assert queue.release(values[2], max_back=5) is False  # older than the entries searched
+    assert len(queue) == 10                               # the entry keeps its place and deadline
+    assert queue.expire(9.0, table) == 10
+    assert table == {keys[8]: values[8]}                  # released: left to whoever released it
+
+
+def test_acked_rejection_is_not_held_for_the_whole_linger(pair: Any) -> None:
+    """After the ACK, the response and its key live T4 (Timer I), not 64*T1: the linger entry lets go."""
+    import sys
+
+    trunk, caller = Peer(), Peer()
+    fast, _ = pair(trunk.port)
+    port = port_of(fast)
+    inv = request("INVITE", caller.port, port, caller=BANNED)
+    first = exchange(caller, fast, inv)
+    fp = _fast(fast)
+    key = (re.search(r"branch=([^;\s]+)", inv).group(1), f"127.0.0.1:{caller.port}")  # type: ignore[union-attr]
+    held = fast.call(lambda: fast.proxy.stx[key])
+    assert held == first
+    caller.send(ack_for(inv, first.decode(), caller.port, port), port)
+    wait_until(lambda: fast.call(lambda: fast.proxy.lingering_acked()) == 1, 5, "the ACK to be absorbed")
+    fast.call(lambda: fast.proxy._forget_due(fast.proxy.loop.time() + fastpath.T4 + 1))
+    assert fast.call(lambda: (key in fast.proxy.stx, len(fp.lingering), len(fp.lingering_acked))) == (False, 1, 0)
+    # only this test (and getrefcount's argument) still refers to the response
+    assert sys.getrefcount(held) == 2
+    trunk.close()
+    caller.close()
+
+
 def test_rejections_are_forgotten_after_their_linger(pair: Any) -> None:
     trunk, caller = Peer(), Peer()
     fast, _ = pair(trunk.port)

@@ -427,6 +427,10 @@ cdef struct Linger:
     PyObject* value
 
 
+cdef enum:
+    RELEASE_SEARCH = 2048     # newest entries LingerQueue.release looks through (an ACK 45 ms late at 45k calls/s)
+
+
 cdef class LingerQueue:
     """Entries of a transaction table to forget at their deadline, oldest first.
 
@@ -490,12 +494,38 @@ cdef class LingerQueue:
         cdef int done = 0
         while self.count > 0 and self.ring[self.head].deadline <= now:
             e = &self.ring[self.head]
-            held = PyDict_GetItem(table, <object>e.key)
-            if held != NULL and held == e.value:
-                PyDict_DelItem(table, <object>e.key)
+            if e.value != <PyObject*>None:     # None: released, another queue forgets it
+                held = PyDict_GetItem(table, <object>e.key)
+                if held != NULL and held == e.value:
+                    PyDict_DelItem(table, <object>e.key)
             self._drop(1)
             done += 1
         return done
+
+    cpdef bint release(self, object value, Py_ssize_t max_back=RELEASE_SEARCH) except -1:
+        """Let go of the newest entry holding ``value`` (searching the ``max_back`` newest entries):
+        its deadline stays, but it keeps nothing alive and forgets nothing.  False when not found.
+
+        A rejection lingers 64*T1 in case its ACK never comes; once the ACK came, the ACKed queue
+        forgets it after T4 and this entry would only keep its response and key alive for another
+        27 seconds -- at 10k calls/s some 300 MB of memory.  The ACK comes a round trip after the
+        rejection, so the entry is among the newest few.
+        """
+        cdef Py_ssize_t k, back = 0
+        cdef Linger* e
+        while back < self.count and back < max_back:
+            k = (self.head + self.count - 1 - back) % self.cap
+            e = &self.ring[k]
+            if e.value == <PyObject*>value:
+                Py_DECREF(<object>e.key)
+                Py_DECREF(<object>e.value)
+                Py_INCREF(None)
+                Py_INCREF(None)
+                e.key = <PyObject*>None
+                e.value = <PyObject*>None
+                return True
+            back += 1
+        return False
 
     def append(self, double deadline, key, value) -> None:
         """Queue ``key`` to be forgotten at ``deadline`` if the table still holds ``value`` then
@@ -838,6 +868,7 @@ cdef class FastPath:
                     # The ACK to our own final: absorbed; the transaction goes after Timer I.
                     self.acks_in += 1
                     self.lingering_acked.push(mono + T4, key, prev)
+                    self.lingering.release(prev, RELEASE_SEARCH)
                 elif prev is not None and (prev.final >= 300 or not prev.final):
                     # The ACK to a non-2xx final the proxy relayed (and ACKed itself): absorbed too.
                     self.acks_in += 1

@@ -212,10 +212,21 @@ class LingerQueuePy:
         done = 0
         while q and q[0][0] <= now:
             _, key, value = q.popleft()
-            if table.get(key) is value:
+            if value is not None and table.get(key) is value:
                 del table[key]
             done += 1
         return done
+
+    def release(self, value: Any, max_back: int = 2048) -> bool:
+        """Let go of the newest entry holding ``value`` (among the ``max_back`` newest): it keeps its
+        deadline but holds and forgets nothing.  False when not found."""
+        q = self.q
+        for back in range(1, min(max_back, len(q)) + 1):
+            deadline, _, held = q[-back]
+            if held is value:
+                q[-back] = (deadline, None, None)
+                return True
+        return False
 
     def __len__(self) -> int:
         return len(self.q)
