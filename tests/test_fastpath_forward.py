@@ -16,6 +16,7 @@ import itertools
 import os
 import select
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -415,6 +416,8 @@ def test_cancel_and_timers_on_a_compiled_transaction(rigs: Any, socks: Any) -> N
 
 
 def test_compiled_transactions_are_forgotten_like_python_ones(rigs: Any, socks: Any) -> None:
+    from callguard.sip import proxy as proxy_module
+
     caller, trunk = socks(), socks()
     fast, slow = rigs([trunk.port])
     for rig in (fast, slow):
@@ -423,11 +426,18 @@ def test_compiled_transactions_are_forgotten_like_python_ones(rigs: Any, socks: 
         assert len(rig.proxy.stx) == 1 and len(rig.proxy.ctx) == 1
         assert rig.proxy.lingering_acked() == 2      # after the caller's ACK: Timer I for both entries
         assert len(rig.proxy.tx_acked) == len(rig.proxy.branch_acked) == 1
-        assert type(next(iter(rig.proxy.stx.values()))).__name__ == ("FwdTx" if rig is fast else "Tx")
+        tx = next(iter(rig.proxy.stx.values()))
+        assert type(tx).__name__ == ("FwdTx" if rig is fast else "Tx")
         rig.proxy._forget_due(rig.loop.time() + 4.0)
         assert len(rig.proxy.stx) == 1
         rig.proxy._forget_due(rig.loop.time() + 6.0)
         assert not rig.proxy.stx and not rig.proxy.ctx
+        # The 64*T1 entries let go of the ACKed transaction: once its timers (Timer A, the trunk
+        # timeout) are past, only this test still holds it.
+        assert len(rig.proxy.tx_linger) == len(rig.proxy.branch_linger) == 1
+        for q in rig.proxy.timers.values():
+            proxy_module._due_timers(q, rig.loop.time() + 6.0, [])
+        assert sys.getrefcount(tx) == 2
 
 
 def test_internal_fault_in_the_forward_path_fails_open(rigs: Any, socks: Any, monkeypatch: pytest.MonkeyPatch
@@ -614,3 +624,58 @@ def test_largest_messages_of_tiny_headers_byte_for_byte(rigs: Any, socks: Any) -
     both(fast, slow, caller, trunk, make, [{"code": 486, "reason": "Busy Here",
                                             "kw": {"extra": tuple((f"y{i:x}", "d") for i in range(5000))},
                                             "edit": lambda m: m.replace(b": d\r\n", b":d\r\n")}])
+
+
+def test_timer_c_stages_cover_the_whole_timeout() -> None:
+    from callguard.sip.proxy import timer_c_stages
+
+    assert timer_c_stages(180.0) == (4.0, 8.0, 16.0, 32.0, 64.0, 56.0)
+    assert timer_c_stages(5.0) == (5.0,)
+    for total in (0.5, 6.0, 7.0, 30.0, 181.5, 600.0, 3600.0):
+        stages = timer_c_stages(total)
+        assert abs(sum(stages) - total) < 1e-9
+        assert all(later >= earlier / 2 for earlier, later in zip(stages, stages[1:], strict=False))
+
+
+def test_timer_c_lets_go_of_ended_calls_and_still_fires_for_ringing_ones(rigs: Any, socks: Any) -> None:
+    """A call answered while Timer C runs leaves the timer queues at the end of the stage it is in;
+    one that rings past sip.transaction_timeout gets 408 and the trunk a CANCEL, from both paths."""
+    caller, trunk = socks(), socks()
+    fast, slow = rigs([trunk.port])
+    outs = []
+    for rig in (fast, slow):
+        clock = [rig.loop.time()]
+        rig.loop.time = lambda clock=clock: clock[0]     # type: ignore[method-assign]
+
+        def at(seconds: float, rig: Rig = rig, clock: list[float] = clock) -> None:
+            clock[0] += seconds
+            rig.tick()
+
+        def held(rig: Rig = rig) -> int:
+            return sum(len(q) for q in rig.proxy.timers.values())
+
+        got: list[bytes] = []
+        ended = invite(caller.port, "13900000006", call_id="tc1", branch="z9hG4bKtc1")
+        ringing = invite(caller.port, "13900000007", call_id="tc2", branch="z9hG4bKtc2")
+        fwds = []
+        for inv in (ended, ringing):
+            caller.send(inv, rig)
+            got += caller.take(1)                       # 100 Trying
+            fwds.append(trunk.take(1)[0])
+            trunk.send(response(fwds[-1], 180, "Ringing"), rig)
+            got += caller.take(1)                       # 180 relayed: Timer C runs
+        at(5.2)                                         # trunk timeout (5 s) and Timer C's first stage (4 s)
+        assert rig.proxy.in_flight == 2 and held() == 2
+        trunk.send(response(fwds[0], 486, "Busy Here"), rig)
+        got += trunk.take(1) + caller.take(1)           # our ACK, the 486 relayed
+        at(8.1)                                         # the second stage (8 s) ends: the ended call is let go
+        assert held() == 1 and rig.proxy.in_flight == 1
+        for _ in range(40):                             # the rest of the 180 s, tick by tick of 4.5 s
+            at(4.5)
+            if rig.proxy.in_flight == 0:
+                break
+        assert rig.proxy.in_flight == 0 and held() == 0
+        got += trunk.take(1) + caller.take(1)           # the CANCEL, the 408
+        assert got[-1].startswith(b"SIP/2.0 408 ") and got[-2].startswith(b"CANCEL ")
+        outs.append(got)
+    same(fast, slow, outs[0], outs[1])

@@ -758,7 +758,7 @@ cdef class FastPath:
         return rest
 
     def configure_forward(self, proxy, ep, list routes, str user_agent, list canon_exc, tuple queues,
-                          double trunk_timeout, double tx_timeout):
+                          double trunk_timeout, double timer_c_first):
         """Forward allowed INVITEs and handle the trunks' responses here (``proxy`` None: leave them to it).
 
         Args:
@@ -769,9 +769,9 @@ cdef class FastPath:
                 not reached through ``ep`` over UDP), ``record_route`` the Record-Route line or ``b""``.
             user_agent: ``sip.user_agent`` (the proxy's own ACK writes it as it is).
             canon_exc: ``(lower-case name, spelling)`` of the header names not spelled by capitalisation.
-            queues: the proxy's timer queues for the trunk timeout, Timer A (T1) and Timer C.
+            queues: the proxy's timer queues for the trunk timeout, Timer A (T1) and the first stage of Timer C.
             trunk_timeout: ``sip.trunk_timeout``.
-            tx_timeout: ``sip.transaction_timeout`` (Timer C).
+            timer_c_first: the first stage of Timer C (``proxy.timer_c_stages``), the delay of ``queues[2]``.
         """
         cdef Forwarder fwd
         if proxy is None or not self.enabled:
@@ -780,7 +780,7 @@ cdef class FastPath:
         fwd = Forwarder()
         fwd.setup(self.family, <Py_ssize_t>self.bufsize, proxy, ep, routes,
                   ("User-Agent: " + user_agent + "\r\n").encode("utf-8", "surrogateescape"), canon_exc, queues,
-                  trunk_timeout, tx_timeout)
+                  trunk_timeout, timer_c_first)
         self.fwd = fwd
 
     @property

@@ -483,7 +483,7 @@ cdef class Forwarder:
     cdef dict ctx
     cdef object seq                 # the proxy's timer sequence (itertools.count)
     cdef object q_trunk, q_retrans, q_timer_c
-    cdef double trunk_timeout, tx_timeout
+    cdef double trunk_timeout, timer_c_first
     cdef LingerQueue tx_linger, branch_linger, tx_acked, branch_acked
     cdef list trunks                # TrunkState, as in proxy.trunks
     cdef list prefixes              # per trunk: tuple of (UTF-8 bytes, length in characters)
@@ -513,14 +513,14 @@ cdef class Forwarder:
         free(self.obuf)
 
     cdef int setup(self, int family, Py_ssize_t bufsize, object proxy, object ep, list routes, bytes ua_line,
-                   list canon_exc, tuple queues, double trunk_timeout, double tx_timeout) except -1:
+                   list canon_exc, tuple queues, double trunk_timeout, double timer_c_first) except -1:
         cdef Py_ssize_t k, nt = len(routes)
         self.proxy = proxy
         self.ep = ep
         self.ctx = proxy.ctx
         self.seq = proxy._seq
         self.trunk_timeout = trunk_timeout
-        self.tx_timeout = tx_timeout
+        self.timer_c_first = timer_c_first
         self.q_trunk, self.q_retrans, self.q_timer_c = queues
         self.tx_linger = proxy.tx_linger
         self.branch_linger = proxy.branch_linger
@@ -829,7 +829,7 @@ cdef class Forwarder:
             _count(fp.in_codes, code)
             if not tx.provisional:
                 tx.provisional = True
-                self.q_timer_c.append((mono + self.tx_timeout, next(self.seq), tx, tx.attempt, K_TIMER_C))
+                self.q_timer_c.append((mono + self.timer_c_first, next(self.seq), tx, tx.attempt, K_TIMER_C))
             if code > 100 and not tx.final:
                 tx.last_resp = self._relay(fp, tx, p, n, &r)
             return 1
@@ -955,11 +955,15 @@ cdef class Forwarder:
         deadline = mono + _T4
         self.tx_acked.push(deadline, key, tx)
         tx.expired_soon = True
+        # The TX_LINGER entries would keep the transaction alive 27 s past T4: let go of them.
+        self.tx_linger.release(tx, RELEASE_SEARCH)
         if tx._branches is None:
             self.branch_acked.push(deadline, tx._branch0, tx)
+            self.branch_linger.release(tx, RELEASE_SEARCH)
         else:
             for b in tx._branches:
                 self.branch_acked.push(deadline, b, tx)
+                self.branch_linger.release(tx, RELEASE_SEARCH)
         return 0
 
 
