@@ -161,6 +161,21 @@ def runqueue_wait(pids: Sequence[int]) -> float:
     return total / 1e9
 
 
+def rss_mib(pids: Sequence[int]) -> float:
+    """Resident memory of the processes in MiB (VmRSS; 0 for those gone)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return round(total / 1024, 1)
+
+
 def comm(pid: int) -> str:
     """The short command name of a process ('?' when it is gone)."""
     try:

@@ -114,6 +114,9 @@ class Bench:
             ksoft_mid = sum(procs.cpu_seconds(k) for k in ksoft)
             rq_mid = procs.runqueue_wait(server_tree)
             all_mid = procs.all_cpu()
+            # Memory at the end of the load phase: transactions linger up to 64*T1 (32 s), so a point
+            # shorter than that shows the growth, not the plateau.
+            res["server_rss_mib"] = procs.rss_mib(server_tree)
             ours = set(server_tree) | {q.pid for q in uac.procs} | {os.getpid(), prober.pid} | set(ksoft)
             if uas:
                 ours.add(uas.pid)
@@ -275,5 +278,6 @@ class Bench:
                           f"retrans {p['retrans_share']:.4f} cpu {p['server_cpu_us_per_call'] or 0:.1f}us/call | "
                           f"cores: server {lp.get('server_share')} sipp {lp.get('sipp_share')} "
                           f"uas {lp.get('uas_share')} others {lp.get('other_processes_share')} | "
-                          f"drops {p.get('udp_drops', {}).get('system')} | {lat} | {p['responses']}")
+                          f"drops {p.get('udp_drops', {}).get('system')} | rss {p.get('server_rss_mib')} MiB | "
+                          f"{lat} | {p['responses']}")
         return p
