@@ -679,3 +679,26 @@ def test_timer_c_lets_go_of_ended_calls_and_still_fires_for_ringing_ones(rigs: A
         assert got[-1].startswith(b"SIP/2.0 408 ") and got[-2].startswith(b"CANCEL ")
         outs.append(got)
     same(fast, slow, outs[0], outs[1])
+
+
+def test_per_call_tuples_stay_out_of_the_garbage_collector(rigs: Any, socks: Any) -> None:
+    """The compiled path's transaction keys, addresses, decision rows and timer entries are untracked
+    (no cycle can go through them): the young generation does not fill with them under load."""
+    import gc
+
+    caller, trunk = socks(), socks()
+    fast, _ = rigs([trunk.port])
+    inv = invite(caller.port, "13900000008", call_id="gc1", branch="z9hG4bKgc1")
+    fast.ep.BOOKKEEPING_INTERVAL = 1e9          # keep the decision row for the test to look at
+    fast.ep.kept_since = fast.loop.time()
+    caller.send(inv, fast)
+    caller.take(1)
+    trunk.take(1)
+    assert fast.fast is not None and fast.fast.decisions
+    assert not any(gc.is_tracked(row) for row in fast.fast.decisions)
+    keys = list(fast.proxy.stx)
+    assert keys and not any(gc.is_tracked(k) for k in keys)
+    tx = fast.proxy.stx[keys[0]]
+    assert not gc.is_tracked(tx.up_addr)
+    entries = [e for q in fast.proxy.timers.values() for e in q]
+    assert len(entries) == 2 and not any(gc.is_tracked(e) for e in entries)    # trunk timeout, Timer A

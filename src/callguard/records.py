@@ -240,15 +240,6 @@ _row_of_tuple = operator.itemgetter(slice(0, _NFIELDS))
 _time_of = operator.itemgetter(0)
 
 
-class _Outcome:
-    """A queued outcome update (a class, not a tuple, so the writer tells it from a record cheaply)."""
-
-    __slots__ = ("params",)
-
-    def __init__(self, params: tuple[int | None, float | None, float | None, str]) -> None:
-        self.params = params
-
-
 class _Call:
     """Work for the writer thread (a prune), run in queue order; the caller waits for ``done``."""
 
@@ -558,7 +549,9 @@ class RecordStore:
         if self._closed or len(self._queue) >= self.queue_max:
             self._drop()
             return
-        self._queue.append(_Outcome((final_code, answered_at, ended_at, call_id)))
+        # A bare tuple: the writer tells it from the other queue items by its type, and holding only
+        # numbers and a string it leaves the garbage collector's view at its first pass.
+        self._queue.append((final_code, answered_at, ended_at, call_id))
 
     def _drop(self) -> None:
         self._dropped_full += 1
@@ -628,8 +621,8 @@ class RecordStore:
                 elif isinstance(item, dict):
                     inserts.append(_row_of(item))
                     packable = False
-                elif isinstance(item, _Outcome):
-                    updates.append(item.params)
+                elif type(item) is tuple:      # an outcome (see outcome())
+                    updates.append(item)
                 elif isinstance(item, threading.Event):
                     markers.append(item)
                     break   # a flush marker: commit what came before it, then release the waiter

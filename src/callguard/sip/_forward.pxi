@@ -792,8 +792,9 @@ cdef class Forwarder:
         fp._queue(fwd, &self.rt_ss[t], self.rt_len[t])
         _count(fp.out_codes, 100)
         _count(fp.out_codes, "INVITE")
-        self.q_trunk.append((mono + self.trunk_timeout, next(self.seq), tx, tx.attempt, K_TRUNK))
-        self.q_retrans.append((mono + _T1, next(self.seq), tx, tx.attempt, K_RETRANS))
+        # Untracked: an entry holds its transaction, which never refers back to it.
+        self.q_trunk.append(_untracked((mono + self.trunk_timeout, next(self.seq), tx, tx.attempt, K_TRUNK)))
+        self.q_retrans.append(_untracked((mono + _T1, next(self.seq), tx, tx.attempt, K_RETRANS)))
         return 1
 
     # ------------------------------------------------------------ a response from a trunk
@@ -829,7 +830,7 @@ cdef class Forwarder:
             _count(fp.in_codes, code)
             if not tx.provisional:
                 tx.provisional = True
-                self.q_timer_c.append((mono + self.timer_c_first, next(self.seq), tx, tx.attempt, K_TIMER_C))
+                self.q_timer_c.append(_untracked((mono + self.timer_c_first, next(self.seq), tx, tx.attempt, K_TIMER_C)))
             if code > 100 and not tx.final:
                 tx.last_resp = self._relay(fp, tx, p, n, &r)
             return 1
