@@ -36,9 +36,6 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.dict cimport PyDict_DelItem, PyDict_GetItem
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
-
-cdef extern from "Python.h":
-    void PyObject_GC_UnTrack(void* op)
 from libc.errno cimport EINTR, errno
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy, memset, strlen
@@ -54,6 +51,9 @@ from callguard.sip._udpio cimport (
 
 cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
 
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t

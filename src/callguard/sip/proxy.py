@@ -202,8 +202,6 @@ def timer_c_stages(total: float, first: float = TIMER_C_FIRST_STAGE) -> tuple[fl
     then and re-arms the next one for a call still ringing; every delay is fixed, so each stage's
     queue stays in deadline order.
     """
-    if total <= first * 1.5:
-        return (total,)
     stages = []
     step, left = first, total
     while left > step * 1.5:
