@@ -358,6 +358,36 @@ def test_acked_rejection_is_not_held_for_the_whole_linger(pair: Any) -> None:
     caller.close()
 
 
+def test_acked_rejection_of_the_python_path_is_not_held_for_the_whole_linger(pair: Any) -> None:
+    """The same on the Python path (TCP, or the fast path off): the response goes T4 after the ACK."""
+    import sys
+
+    trunk, caller = Peer(), Peer()
+    _, slow = pair(trunk.port)
+    port = port_of(slow)
+    inv = request("INVITE", caller.port, port, caller=BANNED)
+    first = exchange(caller, slow, inv)
+    key = (re.search(r"branch=([^;\s]+)", inv).group(1), f"127.0.0.1:{caller.port}")  # type: ignore[union-attr]
+    held = slow.call(lambda: slow.proxy.stx[key])
+    assert held == first
+    assert slow.call(lambda: len(slow.proxy.resp_linger)) == 1
+    caller.send(ack_for(inv, first.decode(), caller.port, port), port)
+    wait_until(lambda: slow.call(lambda: slow.proxy.lingering_acked()) == 1, 5, "the ACK to be absorbed")
+    slow.call(lambda: slow.proxy._forget_due(slow.proxy.loop.time() + fastpath.T4 + 1))
+    assert slow.call(lambda: (key in slow.proxy.stx, len(slow.proxy.resp_linger), slow.proxy.lingering_acked())) \
+        == (False, 1, 0)
+    assert sys.getrefcount(held) == 2   # the linger entry let go of it
+    # an unACKed rejection still waits out TX_LINGER (its retransmissions are answered meanwhile)
+    inv2 = request("INVITE", caller.port, port, caller=BANNED)
+    exchange(caller, slow, inv2)
+    slow.call(lambda: slow.proxy._forget_due(slow.proxy.loop.time() + fastpath.T4 + 1))
+    assert slow.call(lambda: len(slow.proxy.stx)) == 1
+    slow.call(lambda: slow.proxy._forget_due(slow.proxy.loop.time() + fastpath.TX_LINGER + 1))
+    assert slow.call(lambda: (len(slow.proxy.stx), len(slow.proxy.resp_linger))) == (0, 0)
+    trunk.close()
+    caller.close()
+
+
 def test_rejections_are_forgotten_after_their_linger(pair: Any) -> None:
     trunk, caller = Peer(), Peer()
     fast, _ = pair(trunk.port)

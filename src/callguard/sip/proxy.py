@@ -402,11 +402,13 @@ class Proxy:
         self.stx: dict[Any, Any] = {}
         self.ctx: dict[str, Tx] = {}
         self.dialogs: dict[str, Dialog] = {}
-        # Two queues, each in deadline order: TX_LINGER after a final, T4 after the ACK to it.
+        # Each queue in deadline order.  Stateless requests' branches, TX_LINGER after they were sent:
         self.expiry: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
+        # Our own final responses (bytes in stx), T4 after the ACK to one:
         self.expiry_acked: collections.deque[tuple[float, dict[Any, Any], Any, Any]] = collections.deque()
-        # The same for forwarded INVITEs, one queue per table and linger (C rings when compiled:
-        # no tuple per entry for the garbage collector to walk).
+        # One queue per table and linger (C rings when compiled: no tuple per entry for the
+        # garbage collector to walk, and an entry can let go of what it holds once ACKed).
+        self.resp_linger = LingerQueue()        # stx, TX_LINGER after one of our own final responses
         self.tx_linger = LingerQueue()          # stx, TX_LINGER after a final
         self.branch_linger = LingerQueue()      # ctx, the same
         self.tx_acked = LingerQueue()           # stx, T4 after the ACK to a non-2xx final
@@ -838,8 +840,9 @@ class Proxy:
             self._retransmission(prev, ep, addr)  # the same transaction: not a new attempt
             return
         if self._is_loop(msg):
-            self.stx[key] = self._respond(msg, ep, addr, 482, "Loop Detected")
-            self._expire(self.stx, key, self.stx[key], TX_LINGER)
+            resp = self._respond(msg, ep, addr, 482, "Loop Detected")
+            self.stx[key] = resp
+            self.resp_linger.append(self.loop.time() + TX_LINGER, key, resp)
             return
         now = time.time()
         callee = self._callee_of(msg)
@@ -850,7 +853,7 @@ class Proxy:
             resp = self._respond(msg, ep, addr, 503, "Service Unavailable",
                                  extra=(("Retry-After", str(self.retry_after)),))
             self.stx[key] = resp
-            self._expire(self.stx, key, resp, TX_LINGER)
+            self.resp_linger.append(self.loop.time() + TX_LINGER, key, resp)
             self.records.add({"time": now, "call_id": msg.call_id, "source": ip, "caller": msg.from_value,
                               "callee": callee, "rule": rule, "verdict": "reject", "code": 503, "score": 0.0,
                               "latency_us": 0})
@@ -886,7 +889,7 @@ class Proxy:
                 extra = (("Reason", f'SIP;cause={v.code};text="{text}"'),)
             resp = self._respond(msg, ep, addr, v.code, v.reason or "Rejected", extra=extra)
             self.stx[key] = resp
-            self._expire(self.stx, key, resp, TX_LINGER)
+            self.resp_linger.append(self.loop.time() + TX_LINGER, key, resp)
             return
         if "untrusted_source" in v.shadowed:
             # Never an open relay, whatever the rule modes say (untrusted_source in shadow mode).
@@ -895,7 +898,7 @@ class Proxy:
             extra = () if self.hide_reason else (("Reason", f'SIP;cause=403;text="{text}"'),)
             resp = self._respond(msg, ep, addr, 403, "Forbidden - untrusted source", extra=extra)
             self.stx[key] = resp
-            self._expire(self.stx, key, resp, TX_LINGER)
+            self.resp_linger.append(self.loop.time() + TX_LINGER, key, resp)
             return
         self._forward_invite(msg, key, ep, addr, v)
 
@@ -1434,6 +1437,8 @@ class Proxy:
         deadline = self.loop.time() + T4
         if type(value) is bytes:
             self.expiry_acked.append((deadline, self.stx, key, value))
+            # Its TX_LINGER entry would keep the response and key 27 s past T4: let go of it.
+            self.resp_linger.release(value)
             return
         if value.expired_soon:
             return
@@ -1466,8 +1471,8 @@ class Proxy:
                     if value is not None and type(value) is not bytes and value.is_invite and not value.final:
                         continue  # still running (its own timers end it)
                     del table[key]
-        for txq, table in ((self.tx_linger, self.stx), (self.branch_linger, self.ctx), (self.tx_acked, self.stx),
-                           (self.branch_acked, self.ctx)):
+        for txq, table in ((self.resp_linger, self.stx), (self.tx_linger, self.stx), (self.branch_linger, self.ctx),
+                           (self.tx_acked, self.stx), (self.branch_acked, self.ctx)):
             txq.expire(now, table)
 
     def _sweep(self) -> None:
