@@ -689,8 +689,8 @@ def test_per_call_tuples_stay_out_of_the_garbage_collector(rigs: Any, socks: Any
     caller, trunk = socks(), socks()
     fast, _ = rigs([trunk.port])
     inv = invite(caller.port, "13900000008", call_id="gc1", branch="z9hG4bKgc1")
-    fast.ep.BOOKKEEPING_INTERVAL = 1e9          # keep the decision row for the test to look at
-    fast.ep.kept_since = fast.loop.time()
+    fast.ep.fast.bookkeeping_interval = 1e9     # keep the decision row for the test to look at
+    fast.ep.fast.kept_since = fast.loop.time()
     caller.send(inv, fast)
     caller.take(1)
     trunk.take(1)

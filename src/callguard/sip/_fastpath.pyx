@@ -641,6 +641,11 @@ cdef class FastPath:
     # the compiled forward path (_forward.pxi); None: allowed calls and responses go to the proxy
     cdef Forwarder fwd
     cdef public dict in_codes        # responses handled here, by code
+    # one wake-up of the listener (pump): batches per wake-up, datagrams per batch, and when the
+    # decisions are drained (rows gathered, or seconds since the last drain at loop time kept_since)
+    cdef public unsigned int max_rounds, max_batch
+    cdef public Py_ssize_t bookkeeping_rows
+    cdef public double bookkeeping_interval, kept_since
 
     def __cinit__(self, int fd, unsigned int capacity=64, size_t bufsize=65535):
         self.family = batch_family(fd, capacity, bufsize)
@@ -665,6 +670,11 @@ cdef class FastPath:
         self._reset_counts()
         self.enabled = False
         self.max_size = 65535
+        self.max_rounds = 8
+        self.max_batch = capacity
+        self.bookkeeping_rows = 64
+        self.bookkeeping_interval = 0.005
+        self.kept_since = 0.0
 
     def __dealloc__(self):
         free(self.bufs)
@@ -750,10 +760,15 @@ cdef class FastPath:
 
     def flush(self):
         """Send the queued responses; returns those the socket did not take, as ``[(data, addr)]``."""
+        rest = self._flush_out()
+        return [] if rest is None else rest
+
+    cdef list _flush_out(self):
+        """Send the queued responses; those the socket did not take as ``[(data, addr)]``, or None."""
         cdef int sent = 0
         cdef unsigned int done = 0, k
         cdef int port
-        cdef list rest = []
+        cdef list rest = None
         while done < self.nsend:
             with nogil:
                 sent = sendmmsg(self.fd, self.smsgs + done, self.nsend - done, MSG_DONTWAIT)
@@ -764,15 +779,68 @@ cdef class FastPath:
             done += sent
             if sent == 0:
                 break
-        for k in range(done, self.nsend):
-            ip = _ip_of(&self.saddrs[k], &port)
-            rest.append((self.sdata[k], _addr_tuple(&self.saddrs[k], ip, port)))
-        self.nsend = 0
-        self.sdata = []
+        if done < self.nsend:
+            rest = []
+            for k in range(done, self.nsend):
+                ip = _ip_of(&self.saddrs[k], &port)
+                rest.append((self.sdata[k], _addr_tuple(&self.saddrs[k], ip, port)))
+        if self.nsend:
+            self.nsend = 0
+            self.sdata = []
         if self.soverflow:
+            if rest is None:
+                rest = []
             rest.extend(self.soverflow)
             self.soverflow = []
         return rest
+
+    def pump(self, listener, proxy, loop):
+        """One wake-up of ``listener`` (a transport.FastUdpListener): what its ``_on_readable`` did in Python.
+
+        Up to ``max_rounds`` batches of ``max_batch`` datagrams, each handled by :meth:`run` and its
+        answers sent at once (latency stays one batch); the proxy drains the decisions
+        (``proxy.on_batch``) once ``bookkeeping_rows`` have gathered or ``bookkeeping_interval``
+        has passed.  The loop calls this directly (``add_reader``), so a wake-up costs no Python
+        frame: at 10k calls/s there are some 4000 of them a second.
+        """
+        cdef unsigned int round_
+        cdef int got
+        cdef double now
+        cdef list rest
+        cdef dict stx = proxy.stx
+        listener.in_batch = True
+        try:
+            for round_ in range(self.max_rounds):
+                try:
+                    got = self._run(proxy, listener, stx, loop.time(), proxy.fast_headroom(), self.max_batch)
+                except OSError:
+                    # An ICMP error (port or host unreachable) queued with IP_RECVERR, or a transient one.
+                    listener.errors += 1
+                    listener.read_errors()
+                    continue
+                except Exception as exc:  # noqa - the rest of the batch is lost, never the listener
+                    fault = getattr(proxy, "_fault", None)
+                    if fault is not None:
+                        fault(exc, None, None, None)
+                    got = self.max_batch
+                if got == 0 and round_ == 0:
+                    # Woken with nothing to read: a queued error keeps the socket signalled.
+                    listener.read_errors()
+                rest = self._flush_out()
+                if rest is not None:
+                    listener.out.extend(rest)
+                now = loop.time()
+                if len(self.decisions) >= self.bookkeeping_rows or now - self.kept_since >= self.bookkeeping_interval:
+                    self.kept_since = now
+                    proxy.on_batch(self)
+                if listener.out:
+                    listener._flush()
+                if <unsigned int>got < self.max_batch:
+                    break
+        finally:
+            listener.in_batch = False
+            if listener.out:
+                listener._flush()
 
     def configure_forward(self, proxy, ep, list routes, str user_agent, list canon_exc, tuple queues,
                           double trunk_timeout, double timer_c_first):
@@ -840,6 +908,9 @@ cdef class FastPath:
         ``headroom``: INVITEs that may still be forwarded before the proxy is at ``max_in_flight``
         (0 or less: every INVITE takes the slow path, which answers 503).
         """
+        return self._run(proxy, ep, stx, mono, headroom, max_batch)
+
+    cdef int _run(self, proxy, ep, dict stx, double mono, long headroom, unsigned int max_batch) except -1:
         cdef unsigned int i, count = max_batch if max_batch < self.capacity else self.capacity
         cdef int got, method, port, rule, src
         cdef unsigned int length, k

@@ -211,11 +211,19 @@ class BatchUdpListener:
         self.on_unreachable: Unreachable | None = None
         self.recverr = False
         self.watched = self._watch_fd()
-        loop.add_reader(self.watched, self._on_readable)
+        loop.add_reader(self.watched, *self._reader())
 
     def _watch_fd(self) -> int:
         """The descriptor the loop watches for this listener."""
         return self.sock.fileno()
+
+    def _reader(self) -> tuple[Any, ...]:
+        """What the loop calls when the socket is readable: a callback and its arguments."""
+        return (self._on_readable,)
+
+    def read_errors(self) -> int:
+        """Read the socket's error queue (ICMP errors with IP_RECVERR); how many there were."""
+        return drain_errors(self.sock, self.on_unreachable)
 
     def _on_readable(self) -> None:
         self.in_batch = True
@@ -289,11 +297,12 @@ class _PlainOwner:
 class FastUdpListener(BatchUdpListener):
     """A batched UDP listener whose batches go through the compiled fast path first.
 
-    ``FastPath.run`` receives a batch, answers what it can in C and calls the proxy for the
-    rest in arrival order; the proxy drains the decisions (records, metrics, logs) through
-    ``on_batch`` once ``BOOKKEEPING_ROWS`` have gathered or ``BOOKKEEPING_INTERVAL`` has
-    passed (its timer tick drains what is left), not after every wake-up: at 10k calls/s a
-    wake-up brings about four calls, and the bookkeeping cost as much as answering them.
+    A wake-up is ``FastPath.pump``, which the loop calls directly: it receives batches with
+    ``FastPath.run``, which answers what it can in C and calls the proxy for the rest in arrival
+    order; the proxy drains the decisions (records, metrics, logs) through ``on_batch`` once
+    ``BOOKKEEPING_ROWS`` have gathered or ``BOOKKEEPING_INTERVAL`` has passed (its timer tick
+    drains what is left), not after every wake-up: at 10k calls/s a wake-up brings about four
+    calls, and the bookkeeping cost as much as answering them.
     """
 
     BOOKKEEPING_ROWS = 64
@@ -307,9 +316,16 @@ class FastUdpListener(BatchUdpListener):
         # gets every datagram through the slow path (the fast path stays disabled).
         owner = getattr(handler, "__self__", None)
         self.proxy: Any = owner if hasattr(owner, "on_batch") else _PlainOwner(handler)
-        self.kept_since = 0.0           # loop time of the last bookkeeping
-        super().__init__(loop, handler, listener, sock, fast_cls)
-        self.fast = self.batch
+        self.fast = fast_cls(sock.fileno(), self.MAX_BATCH)
+        self.fast.max_rounds = self.MAX_ROUNDS
+        self.fast.max_batch = self.MAX_BATCH
+        self.fast.bookkeeping_rows = self.BOOKKEEPING_ROWS
+        self.fast.bookkeeping_interval = self.BOOKKEEPING_INTERVAL
+        super().__init__(loop, handler, listener, sock, lambda fd, capacity: self.fast)
+
+    def _reader(self) -> tuple[Any, ...]:
+        # No Python frame per wake-up: the loop calls the compiled pump with its arguments.
+        return (self.fast.pump, self, self.proxy, self.loop)
 
     def _watch_fd(self) -> int:
         # uvloop stops watching a descriptor for good once it reports POLLERR, which a socket with a
@@ -323,38 +339,7 @@ class FastUdpListener(BatchUdpListener):
         return self.inner.fileno()
 
     def _on_readable(self) -> None:
-        proxy = self.proxy
-        self.in_batch = True
-        fast = self.fast
-        try:
-            for round_ in range(self.MAX_ROUNDS):
-                try:
-                    got = fast.run(proxy, self, proxy.stx, self.loop.time(), proxy.fast_headroom(), self.MAX_BATCH)
-                except OSError:
-                    # An ICMP error (port or host unreachable) queued with IP_RECVERR, or a transient one.
-                    self.errors += 1
-                    drain_errors(self.sock, self.on_unreachable)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - the rest of the batch is lost, never the listener
-                    fault = getattr(proxy, "_fault", None)
-                    if fault is not None:
-                        fault(exc, None, None, None)
-                    got = self.MAX_BATCH
-                if got == 0 and round_ == 0:
-                    drain_errors(self.sock, self.on_unreachable)
-                rest = fast.flush()
-                if rest:
-                    self.out.extend(rest)
-                now = self.loop.time()
-                if len(fast.decisions) >= self.BOOKKEEPING_ROWS or now - self.kept_since >= self.BOOKKEEPING_INTERVAL:
-                    self.kept_since = now
-                    proxy.on_batch(fast)
-                self._flush()
-                if got < self.MAX_BATCH:
-                    break
-        finally:
-            self.in_batch = False
-            self._flush()
+        self.fast.pump(self, self.proxy, self.loop)
 
     def close(self) -> None:
         super().close()
