@@ -31,7 +31,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..config import Config, parse_address
@@ -285,6 +285,7 @@ class NullRecords:
     """Stand-in when call records are disabled."""
 
     def add(self, record: dict[str, Any]) -> None: ...
+    def add_many(self, rows: Sequence[tuple[Any, ...]]) -> None: ...
     def outcome(self, call_id: str, final_code: int | None = None, answered_at: float | None = None,
                 ended_at: float | None = None) -> None: ...
     def close(self) -> None: ...
