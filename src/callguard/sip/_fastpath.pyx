@@ -770,8 +770,7 @@ cdef class FastPath:
         cdef int port
         cdef list rest = None
         while done < self.nsend:
-            with nogil:
-                sent = sendmmsg(self.fd, self.smsgs + done, self.nsend - done, MSG_DONTWAIT)
+            sent = sendmmsg(self.fd, self.smsgs + done, self.nsend - done, MSG_DONTWAIT)   # GIL held: see recv_batch
             if sent < 0:
                 if errno == EINTR:
                     continue

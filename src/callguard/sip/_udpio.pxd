@@ -152,8 +152,9 @@ cdef inline int recv_batch(int fd, mmsghdr* msgs, iovec* iovs, sockaddr_storage*
         msgs[i].msg_hdr.msg_name = &addrs[i]
         msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
     while True:
-        with nogil:
-            got = recvmmsg(fd, msgs, count, MSG_DONTWAIT, NULL)
+        # With the GIL held: MSG_DONTWAIT never blocks, and a release here would let the records
+        # writer take the GIL, which the loop then waits a switch interval to get back.
+        got = recvmmsg(fd, msgs, count, MSG_DONTWAIT, NULL)
         if got >= 0:
             return got
         if errno == EINTR:
@@ -199,8 +200,7 @@ cdef inline Py_ssize_t send_batch(int fd, int family, list items, unsigned int c
             msgs[i].msg_hdr.msg_iov = &iovs[i]
             msgs[i].msg_hdr.msg_iovlen = 1
         while True:
-            with nogil:
-                sent = sendmmsg(fd, msgs, <unsigned int>chunk, MSG_DONTWAIT)
+            sent = sendmmsg(fd, msgs, <unsigned int>chunk, MSG_DONTWAIT)    # GIL held: see recv_batch
             if sent >= 0 or errno != EINTR:
                 break
         if sent < 0:
