@@ -990,3 +990,65 @@ def test_compiled_inserter_stores_what_executemany_stores(tmp_path: Path, monkey
     assert compiled == stored("python")
     assert [type(v) for v in compiled[7]] == [int, float, str, str, str, str, str, str, int, float, float]
     assert compiled[7][1:] == (T0 + 7.5, "", "", "13800000007", "", "allow", "allow", 0, 0.0, 0.0)
+
+
+class _CountingInserter:
+    """The store's compiled inserter, counting what reaches insert_many."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.batches: list[int] = []      # rows per insert_many call
+
+    def prepare(self, sql: str) -> None:
+        self.inner.prepare(sql)
+
+    def insert(self, buf: Any) -> int:
+        return int(self.inner.insert(buf))
+
+    def insert_many(self, bufs: list[Any]) -> int:
+        self.batches.append(sum(len(b) for b in bufs))
+        return int(self.inner.insert_many(bufs))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_add_many_rows_are_packed_by_the_caller_and_inserted_with_one_call(tmp_path: Path) -> None:
+    """The writer thread gets add_many rows packed (in C, by the caller) and inserts a batch of them with
+    one insert_many: it takes the GIL once per batch, not once per slice of rows."""
+    if records_mod._recwriter is None:
+        if os.environ.get("CI"):
+            pytest.fail("callguard._recwriter is not built")
+        pytest.skip("callguard._recwriter is not built")
+    path = str(tmp_path / "r.sqlite3")
+    rows = [(T0 + i * 0.5, f"c{i}@h", "10.0.0.1", f"138{i:08d}", "0215", "banned", "reject", 403, 0.9, 2.0,
+             ("score",)) for i in range(600)]
+    with RecordStore(path, flush_interval=60.0) as s:
+        counting = _CountingInserter(s._inserter)
+        s._inserter = counting
+        s.add_many(rows[:1])
+        s.flush()                   # the first row creates the partition (the row-by-row path)
+        for k in range(1, 600, 50):
+            s.add_many(rows[k:k + 50])
+        assert all(item.packed is not None and item.rows is None for item in s._queue)   # no tuples kept
+        s.flush()
+        assert sum(counting.batches) == 599 and len(counting.batches) <= 2
+        # rows that do not pack (a time that is no number) go row by row, and are still stored or refused
+        s.add_many([(T0 + 400, "ok", *rows[0][2:]), ("not a time", *rows[0][1:])])
+        assert s._queue[-1].packed is None
+        s.flush()
+        assert sum(counting.batches) == 599
+        assert len(s.query(limit=0)) == 601
+        # packed, unpackable and packed again in one batch: stored in the order they came
+        s.add_many([(T0 + 403, "p1", *rows[0][2:])])
+        s.add_many([(T0 + 402, "u1", *rows[0][2:]), ("not a time", *rows[0][1:])])
+        s.add_many([(T0 + 401, "p2", *rows[0][2:])])
+        s.flush()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT call_id, caller FROM records_1 WHERE id = 300").fetchone() == \
+            ("c299@h", "13800000299")
+        assert [r[0] for r in conn.execute("SELECT call_id FROM records_1 WHERE call_id IN ('p1', 'u1', 'p2') "
+                                           "ORDER BY id")] == ["p1", "u1", "p2"]
+    finally:
+        conn.close()

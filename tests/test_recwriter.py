@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 from pathlib import Path
@@ -89,6 +90,55 @@ def test_a_failed_insert_stores_nothing_and_says_why(tmp_path: Path) -> None:
     buf.append(ROWS[0][:10])
     ins.insert(buf)                            # the connection is usable again
     assert conn.execute("SELECT count(*) FROM records").fetchone() == (1,)
+
+
+def test_buffer_keeps_the_time_bounds_of_its_rows() -> None:
+    buf = recwriter.RowBuffer()
+    assert (buf.tmin, buf.tmax, buf.odd) == (math.inf, -math.inf, False)
+    buf.extend([(5.0, *ROWS[0][1:10]), (3.0, *ROWS[0][1:10]), (9.5, *ROWS[0][1:10])])
+    assert (buf.tmin, buf.tmax, buf.odd) == (3.0, 9.5, False)
+    buf.append((math.nan, *ROWS[0][1:10]))
+    assert buf.odd                             # the writer sorts such a batch out row by row
+    buf.clear()
+    assert (buf.tmin, buf.tmax, buf.odd) == (math.inf, -math.inf, False)
+    buf.append((None, *ROWS[0][1:10]))         # stored with time 0: not in any partition being written
+    assert buf.odd
+
+
+def test_insert_many_stores_every_buffer_in_order(tmp_path: Path) -> None:
+    ref = _db(tmp_path / "ref.sqlite3")
+    ref.executemany(INSERT, [r[:10] for r in ROWS * 3])
+    mine = _db(tmp_path / "mine.sqlite3")
+    bufs = []
+    for _ in range(3):
+        buf = recwriter.RowBuffer(256)
+        buf.extend(ROWS)
+        bufs.append(buf)
+    ins = recwriter.Inserter(str(tmp_path / "mine.sqlite3"))
+    ins.prepare(INSERT)
+    assert ins.insert_many([]) == 0
+    assert ins.insert_many(bufs) == 9
+    assert _stored(mine) == _stored(ref)
+    assert [len(b) for b in bufs] == [3, 3, 3]  # left as they were
+    with pytest.raises(TypeError):
+        ins.insert_many([bufs[0], ROWS[0]])
+    assert mine.execute("SELECT count(*) FROM records").fetchone() == (9,)
+    ins.close()
+
+
+def test_a_failed_insert_many_stores_nothing(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "r.sqlite3", isolation_level=None)
+    conn.execute(TABLE.replace("code INTEGER NOT NULL DEFAULT 0", "code INTEGER NOT NULL CHECK (code < 500)"))
+    ins = recwriter.Inserter(str(tmp_path / "r.sqlite3"))
+    ins.prepare(INSERT)
+    good, bad = recwriter.RowBuffer(), recwriter.RowBuffer()
+    good.extend([ROWS[0][:10], ROWS[1][:10]])
+    bad.append((*ROWS[2][:7], 503, 0.0, 1))
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint"):
+        ins.insert_many([good, bad])
+    assert conn.execute("SELECT count(*) FROM records").fetchone() == (0,)
+    ins.insert_many([good])                    # the connection is usable again
+    assert conn.execute("SELECT count(*) FROM records").fetchone() == (2,)
 
 
 def test_prepare_checks_the_statement(tmp_path: Path) -> None:

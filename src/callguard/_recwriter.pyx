@@ -28,6 +28,7 @@ import sys
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
+from libc.math cimport INFINITY, isfinite
 from libc.string cimport memcpy
 
 cdef extern from *:
@@ -103,11 +104,17 @@ cdef struct RowHead:
     uint32_t lens[N_TEXT]
 
 cdef class RowBuffer:
-    """Decision rows packed back to back in one growing C buffer (``records.RECORD_FIELDS`` order)."""
+    """Decision rows packed back to back in one growing C buffer (``records.RECORD_FIELDS`` order).
+
+    It also keeps the earliest and latest time packed (``tmin``, ``tmax``; ``odd`` when a time was
+    not a finite number), so the writer can tell the partition of a whole buffer without its rows.
+    """
 
     cdef char* data
     cdef Py_ssize_t size, cap
     cdef readonly Py_ssize_t rows
+    cdef readonly double tmin, tmax
+    cdef readonly bint odd
 
     def __cinit__(self, Py_ssize_t capacity=1 << 16):
         self.cap = capacity if capacity > 256 else 256
@@ -116,6 +123,9 @@ cdef class RowBuffer:
             raise MemoryError()
         self.size = 0
         self.rows = 0
+        self.tmin = INFINITY
+        self.tmax = -INFINITY
+        self.odd = False
 
     def __dealloc__(self):
         free(self.data)
@@ -173,6 +183,12 @@ cdef class RowBuffer:
             head.lens[k] = <uint32_t>n
             total += n
         self._reserve(total)
+        if not isfinite(head.time) or row[0] is None:
+            self.odd = True     # the writer sorts such a row out by itself (stored with time 0, or refused)
+        if head.time < self.tmin:
+            self.tmin = head.time
+        if head.time > self.tmax:
+            self.tmax = head.time
         memcpy(self.data + self.size, &head, sizeof(RowHead))
         self.size += sizeof(RowHead)
         for k in range(N_TEXT):
@@ -188,6 +204,9 @@ cdef class RowBuffer:
     def clear(self) -> None:
         self.size = 0
         self.rows = 0
+        self.tmin = INFINITY
+        self.tmax = -INFINITY
+        self.odd = False
 
     def __len__(self) -> int:
         return self.rows
@@ -370,6 +389,86 @@ cdef class Inserter:
                 if owned:
                     rc = sqlite3_exec(self.db, b"COMMIT", NULL, NULL, &err)
                     rc = SQLITE_DONE if rc == SQLITE_OK else rc
+        if rc != SQLITE_DONE:
+            msg = (<bytes>err).decode("utf-8", "replace") if err != NULL else self._error()
+            sqlite3_free(err)
+            if owned:
+                with nogil:
+                    sqlite3_exec(self.db, b"ROLLBACK", NULL, NULL, NULL)
+            kind = _sqlite3_module.IntegrityError if (rc & 0xFF) == SQLITE_CONSTRAINT else _sqlite3_module.OperationalError
+            raise kind(f"{self.path}: inserting records failed: {msg}")
+        return last
+
+    def insert_many(self, list buffers) -> int:
+        """Insert the rows of every :class:`RowBuffer` in ``buffers``, in order, without the GIL; returns
+        the rowid of the last one.
+
+        As :meth:`insert` for one buffer, but the GIL is let go once for them all: the writer thread
+        takes it back once per batch, not once per buffer (each time it does, the event loop's
+        thread may have to hand it over in the middle of its work).
+        """
+        cdef Py_ssize_t n = len(buffers), i, at, end
+        cdef const char** datas
+        cdef Py_ssize_t* sizes
+        cdef RowBuffer buf
+        cdef RowHead head
+        cdef int k, rc = SQLITE_DONE
+        cdef long long last = 0
+        cdef const char* text
+        cdef const char* data
+        cdef char* err = NULL
+        cdef bint owned = self.owned
+        if self.stmt == NULL:
+            raise RuntimeError("prepare() an INSERT first")
+        if not owned and sqlite3_get_autocommit(self.db):
+            raise RuntimeError("the shared connection has no transaction open")
+        for i in range(n):
+            if not isinstance(buffers[i], RowBuffer):
+                raise TypeError(f"expected RowBuffer, got {type(buffers[i]).__name__}")
+        if n == 0:
+            return 0
+        datas = <const char**>malloc(n * sizeof(char*))
+        sizes = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+        if datas == NULL or sizes == NULL:
+            free(datas)
+            free(sizes)
+            raise MemoryError()
+        for i in range(n):      # the list holds the buffers (and their data) until we return
+            buf = <RowBuffer>buffers[i]
+            datas[i] = buf.data
+            sizes[i] = buf.size
+        try:
+            with nogil:
+                if owned:
+                    rc = sqlite3_exec(self.db, b"BEGIN", NULL, NULL, &err)
+                    rc = SQLITE_DONE if rc == SQLITE_OK else rc
+                i = 0
+                while rc == SQLITE_DONE and i < n:
+                    data = datas[i]
+                    end = sizes[i]
+                    at = 0
+                    while rc == SQLITE_DONE and at < end:
+                        memcpy(&head, data + at, sizeof(RowHead))
+                        at += sizeof(RowHead)
+                        sqlite3_bind_double(self.stmt, 1, head.time)
+                        for k in range(N_TEXT):
+                            text = data + at
+                            at += head.lens[k]
+                            sqlite3_bind_text(self.stmt, 2 + k, text, <int>head.lens[k], SQLITE_STATIC)
+                        sqlite3_bind_int64(self.stmt, 8, head.code)
+                        sqlite3_bind_double(self.stmt, 9, head.score)
+                        sqlite3_bind_double(self.stmt, 10, head.latency_us)
+                        rc = sqlite3_step(self.stmt)
+                        sqlite3_reset(self.stmt)
+                    i += 1
+                if rc == SQLITE_DONE:
+                    last = sqlite3_last_insert_rowid(self.db)
+                    if owned:
+                        rc = sqlite3_exec(self.db, b"COMMIT", NULL, NULL, &err)
+                        rc = SQLITE_DONE if rc == SQLITE_OK else rc
+        finally:
+            free(datas)
+            free(sizes)
         if rc != SQLITE_DONE:
             msg = (<bytes>err).decode("utf-8", "replace") if err != NULL else self._error()
             sqlite3_free(err)
