@@ -54,12 +54,11 @@ def _messages(n: int, caller: str, port: int, lport: int, pid: int) -> tuple[byt
 
 
 def _thread_cpu(tid: int) -> float:
-    """CPU seconds (user + system) of one thread of this process."""
+    """CPU seconds of one thread of this process (schedstat: nanoseconds, not clock ticks)."""
     try:
-        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        return int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(calls: int, group: int) -> dict[str, Any]:
@@ -121,6 +120,8 @@ def measure(calls: int, group: int) -> dict[str, Any]:
 
     # the records writer (an OS thread of its own) and anything else the proxy started
     writer = [int(t) for t in set(os.listdir("/proc/self/task")) - tasks_before]
+    if hasattr(records, "flush"):
+        records.flush(timeout=60.0)      # the writer has opened its database and waits
     writer_cpu0 = sum(_thread_cpu(t) for t in writer)
     cpu = 0.0
     answers = 0
