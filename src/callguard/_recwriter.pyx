@@ -353,51 +353,13 @@ cdef class Inserter:
         way a failure raises ``sqlite3.IntegrityError`` (a constraint) or ``sqlite3.OperationalError``
         and the buffer is left as it was.
         """
-        cdef Py_ssize_t at = 0, end = rows.size
-        cdef const char* data = rows.data
-        cdef RowHead head
-        cdef int k, rc = SQLITE_DONE
-        cdef long long last = 0
-        cdef const char* text
-        cdef char* err = NULL
-        cdef bint owned = self.owned
         if self.stmt == NULL:
             raise RuntimeError("prepare() an INSERT first")
-        if not owned and sqlite3_get_autocommit(self.db):
+        if not self.owned and sqlite3_get_autocommit(self.db):
             raise RuntimeError("the shared connection has no transaction open")
         if rows.rows == 0:
             return 0
-        with nogil:
-            if owned:
-                rc = sqlite3_exec(self.db, b"BEGIN", NULL, NULL, &err)
-                rc = SQLITE_DONE if rc == SQLITE_OK else rc
-            while rc == SQLITE_DONE and at < end:
-                memcpy(&head, data + at, sizeof(RowHead))
-                at += sizeof(RowHead)
-                sqlite3_bind_double(self.stmt, 1, head.time)
-                for k in range(N_TEXT):
-                    text = data + at
-                    at += head.lens[k]
-                    sqlite3_bind_text(self.stmt, 2 + k, text, <int>head.lens[k], SQLITE_STATIC)
-                sqlite3_bind_int64(self.stmt, 8, head.code)
-                sqlite3_bind_double(self.stmt, 9, head.score)
-                sqlite3_bind_double(self.stmt, 10, head.latency_us)
-                rc = sqlite3_step(self.stmt)
-                sqlite3_reset(self.stmt)
-            if rc == SQLITE_DONE:
-                last = sqlite3_last_insert_rowid(self.db)
-                if owned:
-                    rc = sqlite3_exec(self.db, b"COMMIT", NULL, NULL, &err)
-                    rc = SQLITE_DONE if rc == SQLITE_OK else rc
-        if rc != SQLITE_DONE:
-            msg = (<bytes>err).decode("utf-8", "replace") if err != NULL else self._error()
-            sqlite3_free(err)
-            if owned:
-                with nogil:
-                    sqlite3_exec(self.db, b"ROLLBACK", NULL, NULL, NULL)
-            kind = _sqlite3_module.IntegrityError if (rc & 0xFF) == SQLITE_CONSTRAINT else _sqlite3_module.OperationalError
-            raise kind(f"{self.path}: inserting records failed: {msg}")
-        return last
+        return self.insert_many([rows])
 
     def insert_many(self, list buffers) -> int:
         """Insert the rows of every :class:`RowBuffer` in ``buffers``, in order, without the GIL; returns
