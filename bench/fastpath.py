@@ -70,7 +70,7 @@ def measure(calls: int, group: int) -> dict[str, Any]:
     from callguard import config as config_mod
     from callguard.guard import Guard
     from callguard.sip._sipcore import UdpBatch
-    from callguard.sip.proxy import Proxy
+    from callguard.sip.proxy import NullMetrics, Proxy
     from callguard.sip.server import _open_records
     from callguard.sip.transport import open_udp
     from loadlib import mix
@@ -93,7 +93,7 @@ def measure(calls: int, group: int) -> dict[str, Any]:
 
     loop = asyncio.new_event_loop()
     tasks_before = set(os.listdir("/proc/self/task"))
-    records = _open_records(cfg, _Log(), _NullMetrics())
+    records = _open_records(cfg, _Log(), NullMetrics())
     proxy = Proxy(loop, cfg, Guard(cfg), records=records)
     ep = loop.run_until_complete(open_udp(loop, proxy.handle, "127.0.0.1", port))
     proxy.udp.append(ep)
@@ -156,11 +156,6 @@ def measure(calls: int, group: int) -> dict[str, Any]:
             "answers": answers, "slow_path_datagrams": slow, "records_written": written,
             "listener_us": round(cpu * 1e6 / calls, 2),
             "records_thread_us": round(writer_cpu * 1e6 / calls, 2)}
-
-
-class _NullMetrics:
-    def record_written(self, n: int = 1) -> None: ...
-    def record_dropped(self, n: int = 1) -> None: ...
 
 
 def main() -> int:
