@@ -161,6 +161,27 @@ def runqueue_wait(pids: Sequence[int]) -> float:
     return total / 1e9
 
 
+def voluntary_switches(pids: Sequence[int]) -> int:
+    """Times the processes' threads went to sleep of their own accord (waiting for I/O or a timer),
+    each one a wake-up later: /proc/PID/task/TID/status ``voluntary_ctxt_switches``."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                    for line in fh:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+                            break
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
+
+
 def rss_mib(pids: Sequence[int]) -> float:
     """Resident memory of the processes in MiB (VmRSS; 0 for those gone)."""
     total = 0

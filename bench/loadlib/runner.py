@@ -87,6 +87,7 @@ class Bench:
             ksoft0 = sum(procs.cpu_seconds(k) for k in ksoft)
             server_tree = [q for r in running.pids() for q in procs.tree(r)]
             rq0 = procs.runqueue_wait(server_tree)
+            sw0 = procs.voluntary_switches(server_tree)
             all0 = procs.all_cpu()
             loadavg0 = os.getloadavg()[0]
             uas_cpu0 = procs.cpu_seconds(uas.pid) if uas else 0.0
@@ -113,6 +114,7 @@ class Bench:
             uas_mid = procs.cpu_seconds(uas.pid) if uas else 0.0
             ksoft_mid = sum(procs.cpu_seconds(k) for k in ksoft)
             rq_mid = procs.runqueue_wait(server_tree)
+            sw_mid = procs.voluntary_switches(server_tree)
             all_mid = procs.all_cpu()
             # Memory at the end of the load phase: transactions linger up to 64*T1 (32 s), so a point
             # shorter than that shows the growth, not the plateau.
@@ -157,6 +159,9 @@ class Bench:
                 "ksoftirqd_share": round((ksoft_mid - ksoft0) / load_wall, 3),
                 # Runnable but not running: the system waited for a core (contention or steal).
                 "server_runqueue_wait_share": round((rq_mid - rq0) / load_wall, 3),
+                # Sleeps of the server's threads (each followed by a wake-up): a server that answers a
+                # burst sooner sleeps and is woken more often, and each wake-up is a context switch.
+                "server_wakeups_per_s": round((sw_mid - sw0) / load_wall),
                 "other_processes_share": round(others / load_wall, 3),
                 "loadavg_1min_before": round(loadavg0, 2),
             }
