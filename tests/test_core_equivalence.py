@@ -19,9 +19,20 @@ from hypothesis import strategies as st
 from callguard import config as config_mod
 from callguard._corepy import CorePy
 from callguard._corepy import Verdict as VerdictPy
-from callguard.lists import NEVER, P_ABSENT, SOURCES, Allowlist, Blocklist, Filings, Lists, make_allowlist
-from callguard.numbers import key_of
-from callguard.settings import RULE_NAMES, compile_settings
+from callguard.lists import (
+    NEVER,
+    P_ABSENT,
+    SOURCES,
+    Allowlist,
+    Blocklist,
+    Filings,
+    Lists,
+    empty_blocklist,
+    empty_filings,
+    make_allowlist,
+)
+from callguard.numbers import key_of, normalize
+from callguard.settings import RULE_NAMES, SOURCE_UNTRUSTED, compile_settings
 
 try:
     from callguard import _core
@@ -254,6 +265,66 @@ def test_snapshot_restore_round_trip(cfg: Any, lists: Lists, ops: list[tuple[Any
             fast2.observe(*op[1:])
             slow2.observe(*op[1:])
     assert fast2.snapshot() == slow2.snapshot()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=config_strategy(), lists=lists_strategy(), ops=stream_strategy())
+def test_note_attempt_and_outcome_rebuild_the_state_check_built(cfg: Any, lists: Lists,
+                                                                ops: list[tuple[Any, ...]]) -> None:
+    """What a call record keeps (normalised caller and callee, source address, time, outcome),
+    fed back through note_attempt and note_outcome in the same order, gives the state that
+    check() and observe() built."""
+    s = compile_settings(cfg)
+    twin_live = CorePy(s, lists)
+    kept: list[tuple[Any, ...]] = []
+    for op in ops:
+        if not all(isinstance(x, str) for x in op[1:2]):
+            continue
+        if op[0] == "check":
+            _, caller, callee, source, t = op
+            if not isinstance(callee, str):
+                continue
+            v = twin_live.check(caller, callee, source, t)
+            trusted = twin_live.source_index(source) != SOURCE_UNTRUSTED
+            kept.append(("attempt", v.caller, v.callee, source, t, trusted and v.caller_kind != "hidden"))
+        else:
+            _, caller, answered, duration, source, t = op
+            twin_live.observe(caller, answered, duration, source, t)
+            src = twin_live.source_index(source)
+            digits = normalize(caller, s.sources[src].area if src >= 0 else "").digits
+            kept.append(("outcome", digits, answered, duration, t, digits != ""))
+    live = Core(s, lists)
+    for op in ops:
+        if op[0] == "check" and isinstance(op[1], str) and isinstance(op[2], str):
+            live.check(*op[1:])
+        elif op[0] == "observe" and isinstance(op[1], str):
+            live.observe(*op[1:])
+    for impl in (Core, CorePy):
+        rebuilt = impl(s, lists)
+        for kind, *args, counted in kept:
+            got = rebuilt.note_attempt(*args) if kind == "attempt" else rebuilt.note_outcome(*args)
+            assert got is counted, (kind, args)
+        assert rebuilt.tracked() == twin_live.tracked()
+        assert rebuilt.snapshot() == twin_live.snapshot() == live.snapshot()
+
+
+def test_note_attempt_refuses_what_is_not_a_normalised_number() -> None:
+    cfg = config_mod.from_mapping({"sources": [{"name": "loop", "networks": ["127.0.0.0/8"], "customer": "c"}]})
+    s = compile_settings(cfg)
+    for impl in (Core, CorePy):
+        core = impl(s, Lists(empty_blocklist(), empty_filings(), make_allowlist([], [], []), []))
+        for caller in ("", "sip:13800138000@x", "+8613800138000", "1380013800O", "１３８００１３８０００", "1" * 39):
+            assert core.note_attempt(caller, "02150001234", "127.0.0.1", NOW) is False, caller
+        assert core.note_attempt("13800138000", "02150001234", "192.0.2.1", NOW) is False   # untrusted
+        assert core.tracked() == (0, 0, 0)
+        assert core.note_attempt("13800138000", "", "127.0.0.1", NOW) is True    # hidden callee: counted
+        assert core.tracked()[0] == 1
+        with pytest.raises(OverflowError):
+            core.note_attempt("13800138000", "02150001234", "127.0.0.1", math.inf)
+        assert core.note_outcome("sip:13800138000@x", True, 3.0, NOW) is False
+        assert core.note_outcome("13800138000", True, 3.0, NOW) is True
+        with pytest.raises(OverflowError):
+            core.note_outcome("13800138000", False, 0.0, math.inf)
 
 
 @pytest.mark.parametrize("impl", [Core, CorePy], ids=["cython", "python"])

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -933,6 +934,74 @@ def test_sighup_reload_and_sigterm_snapshot_survive_restart(tmp_path: Path, peer
         served.kill()
 
 
+def test_sigkill_restart_rebuilds_rate_limits_from_the_records(tmp_path: Path, peers: Any) -> None:
+    """No snapshot is written on SIGKILL: the restarted proxy counts again the attempts the call
+    records hold, so a caller over its limit before stays over it; after a clean stop it reads
+    nothing again (the snapshot already has it all)."""
+    caller, trunk = peers(), peers()
+    port = free_port()
+    cfg = make_config(tmp_path, [f"udp:127.0.0.1:{port}"], [{"name": "t", "address": f"udp:127.0.0.1:{trunk.port}"}],
+                      logging={"level": "info"}, records={"enabled": True},
+                      rate_limits=[{"name": "two", "window": 600, "max_calls": 2}])
+    final = lambda m: status(m) >= 200  # noqa: E731
+    def stored() -> tuple[int, int]:
+        """The caller's decisions and the outcomes committed to the records file (read-only: the
+        proxy is its writer)."""
+        path = tmp_path / "records.sqlite3"
+        if not path.exists():
+            return 0, 0
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            parts = conn.execute("SELECT name, outcomes FROM partitions").fetchall()
+            return (sum(conn.execute(f'SELECT count(*) FROM "{r}" WHERE caller = ?', (CALLER,)).fetchone()[0]
+                        for r, _ in parts),
+                    sum(conn.execute(f'SELECT count(*) FROM "{o}"').fetchone()[0] for _, o in parts))
+        except sqlite3.OperationalError:    # the catalog is not there yet
+            return 0, 0
+        finally:
+            conn.close()
+
+    served = Served(cfg)
+    try:
+        served.wait_options(caller, port)
+        for n in range(2):
+            caller.send(request("INVITE", caller.port, port, callee=f"0215000{n:04d}"), port)
+            fwd = trunk.recv(match=is_method("INVITE"))
+            trunk.send(answer(fwd, 486, "Busy Here"), port)
+            caller.recv(match=is_status(486))
+        # the two decisions are on disk (the writer commits about once a second), then a hard kill
+        wait_until(lambda: stored() == (2, 2), 15, "records and outcomes on disk")
+        served.kill()
+    finally:
+        served.kill()
+    assert not (tmp_path / "state.json").exists()
+    served = Served(cfg)
+    try:
+        served.wait_options(caller, port)
+        rebuilt = served.events("rate_state_rebuilt")
+        assert rebuilt and rebuilt[0]["records"] == 2 and rebuilt[0]["attempts"] == 2
+        assert rebuilt[0]["outcomes"] == 2          # both were answered 486: scored as not answered
+        caller.send(request("INVITE", caller.port, port, callee="02150009999"), port)
+        assert status(caller.recv(match=final)) == 603      # high_frequency: the third attempt in 600 s
+        assert trunk.silent(0.2, is_method("INVITE"))
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(20) == 0
+    finally:
+        served.kill()
+    assert json.loads((tmp_path / "state.json").read_text())["written_at"] > 0
+    served = Served(cfg)
+    try:
+        served.wait_options(caller, port)
+        assert served.events("snapshot_restored")
+        assert not served.events("rate_state_rebuilt")     # nothing after the snapshot: no double count
+        caller.send(request("INVITE", caller.port, port, callee="02150008888"), port)
+        assert status(caller.recv(match=final)) == 603
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(20) == 0
+    finally:
+        served.kill()
+
+
 def test_corrupt_snapshot_is_ignored(tmp_path: Path, peers: Any) -> None:
     caller, trunk = peers(), peers()
     port = free_port()
@@ -974,3 +1043,49 @@ def test_received_and_rport_stamping(via: str, stamped: str) -> None:
     from callguard.sip.proxy import Proxy
 
     assert Proxy._stamp_via(via, ("127.0.0.1", 5070)) == stamped
+
+
+def test_rebuild_counts_only_what_the_state_has_not_seen(tmp_path: Path) -> None:
+    """The records since the snapshot and inside the longest window, core decisions only, and the
+    outcomes of those calls that are over."""
+    from structlog.testing import capture_logs
+
+    from callguard.guard import Guard
+    from callguard.log import get_logger
+    from callguard.records import RecordStore
+    from callguard.sip.server import rebuild_rate_state
+
+    trunks = [{"name": "t", "address": "udp:127.0.0.1:5080"}]
+    cfg = config_mod.load(make_config(tmp_path, ["udp:127.0.0.1:5060"], trunks, records={"enabled": True},
+                                      rate_limits=[{"name": "w", "window": 600, "max_calls": 100}],
+                                      score={"short_call_seconds": 6}))
+    now = 1_790_000_000.0
+    rows = [(now - 700, "allow"), (now - 300, "allow"), (now - 250, "allow"), (now - 220, "allow"),
+            (now - 210, "allow"), (now - 200, "banned"), (now - 150, "overload"), (now - 50, "high_frequency"),
+            (now - 10, "untrusted_source")]
+    with RecordStore(str(tmp_path / "r.sqlite3")) as store:
+        for i, (t, rule) in enumerate(rows):
+            source = "192.0.2.1" if rule == "untrusted_source" else "127.0.0.1"
+            store.add({"time": t, "call_id": f"c{i}", "source": source, "caller": CALLER, "callee": "02150001234",
+                       "rule": rule, "verdict": "reject", "code": 403, "score": 0.0, "latency_us": 1})
+        store.outcome("c0", final_code=486)                                 # outside the window
+        store.outcome("c1", final_code=486)                                 # not answered
+        store.outcome("c2", final_code=200, answered_at=now - 249)
+        store.outcome("c2", ended_at=now - 240)                             # 9 s: not short
+        store.outcome("c3", final_code=200, answered_at=now - 219)
+        store.outcome("c3", ended_at=now - 217)                             # 2 s: short
+        store.outcome("c4", final_code=200, answered_at=now - 209)         # still talking: not scored
+        store.flush()
+        with capture_logs() as logs:
+            no_snapshot = Guard(cfg)
+            # attempts 300, 250, 220, 210, 200 and 50 s ago; not the overload rejection (no decision
+            # of the core) nor the untrusted source (check does not count it either)
+            assert rebuild_rate_state(no_snapshot, store, cfg, None, get_logger(), now=now) == (6, 3)
+            after_snapshot = Guard(cfg)
+            assert rebuild_rate_state(after_snapshot, store, cfg, now - 100, get_logger(), now=now) == (1, 0)
+            assert rebuild_rate_state(Guard(cfg), store, cfg, now, get_logger(), now=now) == (0, 0)
+    assert [e["records"] for e in logs if e["event"] == "rate_state_rebuilt"] == [7, 2]
+    track = no_snapshot.snapshot()["tracks"][0][0]
+    assert track[2] == [int((now - s) * 1000) for s in (300, 250, 220, 210, 200, 50)]
+    assert track[4:] == [3, 2, 1]      # finished, answered, short
+    assert after_snapshot.snapshot()["tracks"][0][0][2] == [int((now - 50) * 1000)]

@@ -1052,3 +1052,65 @@ def test_add_many_rows_are_packed_by_the_caller_and_inserted_with_one_call(tmp_p
                                            "ORDER BY id")] == ["p1", "u1", "p2"]
     finally:
         conn.close()
+
+
+def test_replay_decisions_in_time_order_from_since(tmp_path: Path) -> None:
+    """Rows of several partitions, some stored a little out of time order (as batches of the two
+    paths interleave), come back in time order from ``since`` on, only for the rules asked."""
+    path = str(tmp_path / "r.sqlite3")
+    times = []
+    with RecordStore(path, partition_minutes=10, flush_interval=0.01) as s:
+        for i in range(3000):
+            # 1 s apart over 50 minutes (several partitions); every 7th row stored 2 s late
+            t = T0 + i + (-2.0 if i % 7 == 3 else 0.0)
+            times.append(t)
+            s.add(make_record(i, t))
+        s.add({**make_record(9999, T0 + 1500.5), "rule": "overload", "caller": "not a number"})
+        s.flush()
+        assert len(s.partitions()) >= 3
+        seen: list[tuple[float, str, str, str]] = []
+        since = T0 + 700.0
+        n = s.replay_decisions(since, lambda t, cr, ce, src: seen.append((t, cr, ce, src)), RULES)
+    expected = sorted((t, make_record(i, 0)["caller"], make_record(i, 0)["callee"], "loopback")
+                      for i, t in enumerate(times) if t >= since)
+    assert n == len(seen) == len(expected) > 2000
+    assert seen == expected
+    assert [t for t, *_ in seen] == sorted(t for t, *_ in seen)
+    assert all(cr != "not a number" for _, cr, _, _ in seen)     # an overload row is no decision of the core
+    # only some rules; nothing since the last row
+    with RecordStore(path, partition_minutes=10) as s:
+        few: list[float] = []
+        assert s.replay_decisions(since, lambda t, *_: few.append(t), ["banned"]) == len(few)
+        assert len(few) == sum(1 for i, t in enumerate(times) if t >= since and RULES[i % len(RULES)] == "banned")
+        assert s.replay_decisions(T0 + 4000.0, lambda *a: few.append(-1.0), RULES) == 0
+        assert -1.0 not in few
+
+
+def test_replay_decisions_of_an_empty_store(store: Any) -> None:
+    assert store.replay_decisions(0.0, lambda *a: pytest.fail("no rows"), RULES) == 0
+
+
+def test_replay_outcomes_finds_them_in_newer_partitions(tmp_path: Path) -> None:
+    """An outcome goes into the newest partition's table when it is written: one of a call in an
+    older partition is still found, and calls not over yet are left out."""
+    with RecordStore(str(tmp_path / "r.sqlite3"), partition_minutes=10, flush_interval=0.01) as s:
+        s.add(make_record(0, T0))
+        s.add(make_record(1, T0 + 5))
+        s.add(make_record(2, T0 + 10))
+        s.flush()
+        s.add(make_record(3, T0 + 1500))       # a newer partition takes the outcomes from now on
+        s.flush()
+        assert len(s.partitions()) == 2
+        s.outcome("call-0@test", final_code=486)
+        s.outcome("call-1@test", final_code=200, answered_at=T0 + 6)
+        s.outcome("call-1@test", ended_at=T0 + 9)
+        s.outcome("call-2@test", final_code=200, answered_at=T0 + 11)     # still talking
+        s.outcome("call-3@test", final_code=503)
+        s.flush()
+        seen: list[tuple[float, str, bool, float]] = []
+        assert s.replay_outcomes(T0, lambda *a: seen.append(a)) == 3
+        assert sorted(seen) == [(T0, make_record(0, 0)["caller"], False, 0.0),
+                                (T0 + 9, make_record(1, 0)["caller"], True, 3.0),
+                                (T0 + 1500, make_record(3, 0)["caller"], False, 0.0)]
+        seen.clear()
+        assert s.replay_outcomes(T0 + 1000, lambda *a: seen.append(a)) == 1 and seen[0][0] == T0 + 1500

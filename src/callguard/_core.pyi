@@ -93,6 +93,11 @@ class Core:
         """
     def observe(self, caller: str, answered: bool, duration: float, source: str | None, now: float) -> None:
         """Feed the outcome of a finished call (answered? how long?) into the caller's score."""
+    def note_attempt(self, caller: str, callee: str, source: str | None, now: float) -> bool:
+        """Count one attempt in the rate-limit windows as ``check`` would, without deciding; False
+        when ``check`` would not count it (untrusted source, hidden caller ID)."""
+    def note_outcome(self, caller: str, answered: bool, duration: float, now: float) -> bool:
+        """``observe`` for a normalised caller, as a verdict gives it; False when it is no number."""
     def tracked(self) -> tuple[int, int, int]:
         """Keys held per kind (caller, source, customer)."""
     def snapshot(self) -> dict[str, Any]:

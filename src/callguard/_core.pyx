@@ -782,6 +782,30 @@ cdef inline u128 _full_key(const Num* num) noexcept nogil:
     return k
 
 
+cdef bint _digits_key(object number, u128* key):
+    """key_of(number) for a normalised number as a verdict gives it (1-38 ASCII digits; else
+    False and ``key`` untouched): what _full_key gives for the Num it came from."""
+    cdef str s
+    cdef Py_ssize_t i, n
+    cdef Py_UCS4 c
+    cdef unsigned int digit
+    cdef u128 k = 1
+    if type(number) is not str:
+        return False
+    s = <str>number
+    n = len(s)
+    if n == 0 or n > 38:
+        return False
+    for i in range(n):
+        c = s[i]
+        if c < 48 or c > 57:
+            return False
+        digit = <unsigned int>c - 48
+        k = k * 10 + digit
+    key[0] = k
+    return True
+
+
 cdef inline int _prefix_keys(const Num* num, uint64_t* pk) noexcept nogil:
     """pk[L] = key_of(digits[:L]) while it fits in 64 bits; returns the longest L that fits."""
     cdef uint64_t k = 1, nk
@@ -1528,6 +1552,40 @@ cdef class Core:
             tr.answered += 1
             if duration * 1000.0 < self.short_call_ms:
                 tr.short_ += 1
+
+    def note_attempt(self, caller, callee, source, double now):
+        """The twin's note_attempt: count one attempt as _decide counted it, from the normalised
+        numbers its verdict gave (no normalising again: the digits are the key)."""
+        cdef int src = self._source(source)
+        cdef u128 keys[3]
+        cdef bint has[3]
+        cdef u128 caller_key, callee_key = 0
+        cdef double tf = now * 1000.0
+        if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:
+            raise OverflowError(f"time out of range: {now!r}")
+        if src == SOURCE_UNTRUSTED or not _digits_key(caller, &caller_key):
+            return False
+        _digits_key(callee, &callee_key)
+        self._keys(caller_key, src, keys, has)
+        self._record(keys, has, callee_key, <int64_t>tf)
+        return True
+
+    def note_outcome(self, caller, answered, double duration, double now):
+        """The twin's note_outcome: observe() for a normalised caller (the digits are the key)."""
+        cdef u128 key
+        cdef Track* tr
+        cdef double tf = now * 1000.0
+        if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:
+            raise OverflowError(f"time out of range: {now!r}")
+        if not _digits_key(caller, &key):
+            return False
+        tr = self._track(0, key, <int64_t>tf)
+        tr.total += 1
+        if answered:
+            tr.answered += 1
+            if duration * 1000.0 < self.short_call_ms:
+                tr.short_ += 1
+        return True
 
     def tracked(self):
         return (self.state.tables[0].n, self.state.tables[1].n, self.state.tables[2].n)

@@ -36,7 +36,13 @@ from .settings import (
 )
 
 SOURCE_CACHE_MAX = 65536
+MAX_KEY_DIGITS = 38          # int("1" + digits) still fits the compiled core's 128-bit keys
 P_ABSENT_F = -1.0
+
+
+def _is_key_digits(number: str) -> bool:
+    """A normalised number as a verdict gives it: ASCII digits, short enough for a 128-bit key."""
+    return isinstance(number, str) and 0 < len(number) <= MAX_KEY_DIGITS and number.isascii() and number.isdigit()
 
 
 class Verdict:
@@ -404,6 +410,33 @@ class CorePy:
             tr.answered += 1
             if duration * 1000.0 < self.settings.short_call_ms:
                 tr.short += 1
+
+    def note_attempt(self, caller: str, callee: str, source: str | None, now: float) -> bool:
+        """Count one attempt in the rate-limit windows exactly as :meth:`check` counted it, without
+        deciding: ``caller`` and ``callee`` are the normalised numbers its verdict (and the call
+        record) gave, ``source`` the request's source address.  False when check did not count
+        it: an untrusted source or a hidden caller ID (no digits)."""
+        t = int(now * 1000.0)
+        src = self.source_index(source)
+        if src == SOURCE_UNTRUSTED or not _is_key_digits(caller):
+            return False
+        callee_key = key_of(callee) if _is_key_digits(callee) else 0
+        self._record(self._keys(key_of(caller), src), callee_key, t)
+        return True
+
+    def note_outcome(self, caller: str, answered: bool, duration: float, now: float) -> bool:
+        """:meth:`observe` for a caller as a verdict (and the call record) gave it, normalised:
+        rebuilding the answer/short-call counts from call records.  False when it is no number."""
+        t = int(now * 1000.0)
+        if not _is_key_digits(caller):
+            return False
+        tr = self._track(0, key_of(caller), t)
+        tr.total += 1
+        if answered:
+            tr.answered += 1
+            if duration * 1000.0 < self.settings.short_call_ms:
+                tr.short += 1
+        return True
 
     def check_batch(self, callers: Sequence[str], callees: Sequence[str], sources: Sequence[str | None],
                     times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -280,6 +280,8 @@ class RecordsSettings:
                                  "whole; raised to keep at most 2000 partitions over retention_days",
                                  between(1, 1440))
     state_path: str = opt("callguard-state.json", "rate-limit snapshot written on stop and read on start")
+    rebuild_on_start: bool = opt(True, "at start, count again the attempts the records hold that the snapshot "
+                                 "has not seen (after a crash or SIGKILL), inside the longest rate-limit window")
 
 
 @dataclass(frozen=True, slots=True)

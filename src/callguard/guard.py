@@ -120,6 +120,17 @@ class Guard:
         """Feed a finished call's outcome (answered, duration in seconds) into the caller's score."""
         self.core.observe(caller, answered, duration, source, time.time() if now is None else now)
 
+    def note_attempt(self, caller: str, callee: str, source: str | None, now: float) -> bool:
+        """Count one past attempt in the rate-limit windows as :meth:`check` would, without deciding
+        (``callguard serve`` rebuilds its windows from the call records after an unclean stop).
+        False when ``check`` would not have counted it (untrusted source, hidden caller ID)."""
+        return bool(self.core.note_attempt(caller, callee, source, now))
+
+    def note_outcome(self, caller: str, answered: bool, duration: float, now: float) -> bool:
+        """:meth:`observe` for a past call whose caller is given normalised, as its verdict and call
+        record have it (rebuilding the answer/short-call counts); False when it is no number."""
+        return bool(self.core.note_outcome(caller, answered, duration, now))
+
     def with_config(self, config: Config, lists: Lists | None = None) -> Guard:
         """A new guard for a reloaded config that keeps this one's rate-limit state."""
         new = Guard(config, lists, self.implementation)

@@ -34,6 +34,7 @@ import argparse
 import bisect
 import collections
 import datetime as dt
+import heapq
 import json
 import math
 import operator
@@ -70,6 +71,8 @@ def _log() -> Any:
 SCHEMA_VERSION = 3
 MIN_RETENTION_DAYS = 30
 PRUNE_EVERY = 3600.0        # seconds between the writer's own pruning runs
+REPLAY_SLACK = 60.0         # replay_decisions starts this much before its start time (rows slightly out of order)
+REPLAY_REORDER = 5.0        # and puts rows up to this many seconds out of order back in time order
 BATCH_MAX = 50_000          # queue items per transaction
 PACK_ROWS = 1000            # rows packed for the compiled inserter at a time (see _insert)
 _PACKED_ROW_GUESS = 192     # bytes a packed decision row takes, about (it grows if not)
@@ -280,6 +283,26 @@ def _catalog(conn: sqlite3.Connection) -> list[_Part]:
     """The partitions, oldest first."""
     return [_Part(*row) for row in conn.execute(
         "SELECT name, outcomes, start_time, end_time, indexed, records FROM partitions ORDER BY start_time")]
+
+
+def _first_id_at(conn: sqlite3.Connection, table: str, t: float) -> int | None:
+    """The smallest row id of ``table`` whose time is at least ``t``, by bisecting the row ids
+    (records go in about in time order); None when there is none."""
+    lo, hi = conn.execute(f"SELECT min(id), max(id) FROM {table}").fetchone()
+    if lo is None:
+        return None
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        row = conn.execute(f"SELECT id, time FROM {table} WHERE id >= ? ORDER BY id LIMIT 1", (mid,)).fetchone()
+        if row is None or row[0] > hi:
+            hi = mid - 1
+        elif row[1] >= t:
+            best = row[0]
+            hi = mid - 1
+        else:
+            lo = row[0] + 1
+    return best
 
 
 def _index_sql(table: str, suffix: str, columns: str) -> str:
@@ -1168,6 +1191,121 @@ class RecordStore:
                     ended = e
             out.append((final, answered, ended))
         return out
+
+    def replay_decisions(self, since: float, fn: Callable[[float, str, str, str], object],
+                         rules: Iterable[str]) -> int:
+        """Call ``fn(time, caller, callee, source)`` for every record from ``since`` on whose rule is
+        one of ``rules``, oldest first; returns how many.  ``callguard serve`` rebuilds its
+        rate-limit windows with it after an unclean stop.
+
+        A partition is read in insertion order from the first row at ``since`` (found by bisecting
+        its row ids: records go in about in time order), so no sort over the partition and no
+        index is needed, and memory stays small: the writer stores batches as they come, a few
+        milliseconds out of time order at most, which a reorder buffer of REPLAY_REORDER seconds
+        puts back in order.
+        """
+        wanted = frozenset(rules)
+        pending: list[tuple[float, int, str, str, str]] = []
+        done = 0
+        seq = 0
+        with self._read_lock:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                for p in reversed(self._read_catalog(conn)):      # oldest first
+                    if p.end <= since:
+                        continue
+                    table = _quote(p.name)
+                    first = _first_id_at(conn, table, since - REPLAY_SLACK)
+                    if first is None:
+                        continue
+                    for t, caller, callee, source, rule in conn.execute(
+                            f"SELECT time, caller, callee, source, rule FROM {table} WHERE id >= ? ORDER BY id",
+                            (first,)):
+                        if t < since or rule not in wanted:
+                            continue
+                        heapq.heappush(pending, (t, seq, caller, callee, source))
+                        seq += 1
+                        while pending[0][0] < t - REPLAY_REORDER:
+                            rt, _, rcaller, rcallee, rsource = heapq.heappop(pending)
+                            fn(rt, rcaller, rcallee, rsource)
+                            done += 1
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        while pending:
+            rt, _, rcaller, rcallee, rsource = heapq.heappop(pending)
+            fn(rt, rcaller, rcallee, rsource)
+            done += 1
+        return done
+
+    def replay_outcomes(self, since: float, fn: Callable[[float, str, bool, float], object]) -> int:
+        """Call ``fn(time, caller, answered, duration)`` for every call decided from ``since`` on that
+        finished: not answered (a final response other than 2xx; ``time`` is its decision) or
+        answered and ended (``duration`` from answer to end; ``time`` is its end).  Calls still
+        ringing or talking are left out, as the proxy only scores a call once it is over.  Returns
+        how many.  In no particular order: the counts they feed do not depend on it.
+        """
+        # Each record with the outcome rows that apply to it (same Call-ID, written after it): its
+        # value of a column is the one the newest of them set, as query() reads it.
+        sql = ("SELECT r.id, r.time, r.caller, o.id, o.final_code, o.answered_at, o.ended_at FROM {table} r "
+               "JOIN temp.cg_out o ON o.call_id = r.call_id AND o.upto >= r.id "
+               "WHERE r.id >= ? AND r.time >= ? ORDER BY r.id")
+        done = 0
+
+        def emit(t: float, caller: str, final: Any, answered: Any, ended: Any) -> int:
+            if answered is not None:
+                if ended is None:
+                    return 0            # still talking when the proxy stopped
+                fn(float(ended), caller, True, max(0.0, float(ended) - float(answered)))
+                return 1
+            if final is not None and not 200 <= int(final) < 300:
+                fn(t, caller, False, 0.0)
+                return 1
+            return 0
+
+        with self._read_lock:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                conn.execute("DELETE FROM temp.cg_out")
+                # Newest partition first: when partition P is read, cg_out holds the outcomes of P
+                # and of every newer partition, the only ones that can apply to P's records.
+                for p in self._read_catalog(conn):
+                    if p.end <= since:
+                        break
+                    conn.execute("INSERT INTO temp.cg_out SELECT id, call_id, upto, final_code, answered_at, "
+                                 f"ended_at FROM {_quote(p.outcomes)}")
+                    table = _quote(p.name)
+                    first = _first_id_at(conn, table, since - REPLAY_SLACK)
+                    if first is None:
+                        continue
+                    current = None
+                    t0 = 0.0
+                    caller0 = ""
+                    # per column: (outcome id, value) of the newest outcome row that set it
+                    newest: list[tuple[int, Any]] = []
+                    for rid, t, caller, oid, *values in conn.execute(sql.replace("{table}", table),
+                                                                     (first, float(since))):
+                        if rid != current:
+                            if current is not None:
+                                done += emit(t0, caller0, *(v for _, v in newest))
+                            current, t0, caller0 = rid, float(t), caller
+                            newest = [(-1, None)] * 3
+                        for k, v in enumerate(values):
+                            if v is not None and oid > newest[k][0]:
+                                newest[k] = (oid, v)
+                    if current is not None:
+                        done += emit(t0, caller0, *(v for _, v in newest))
+                conn.execute("DELETE FROM temp.cg_out")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return done
 
     def outcome_stats(self, since: float, short_seconds: float = 6.0) -> list[tuple[str, int, int, int]]:
         """Per caller since ``since``: (caller, finished, answered, short).

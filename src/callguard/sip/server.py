@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from typing import Any
 
 from .. import config as config_mod
@@ -24,6 +25,7 @@ from ..config import Config, Trunk, parse_address
 from ..errors import CallguardError, ConfigError, SipError
 from ..log import configure as configure_logging
 from ..log import get_logger
+from ..settings import RULE_NAMES
 from .proxy import NullMetrics, NullRecords, Proxy, frame_stream
 from .transport import TcpManager, open_tcp, open_udp
 
@@ -135,12 +137,14 @@ class Server:
         self.reloading = False
         self.udp: list[Any] = []
         self.tcp_servers: list[Any] = []
+        self.snapshot_time: float | None = None     # when the restored snapshot was written
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         self.metrics = _open_metrics(self.cfg, self.log)
         self.records = _open_records(self.cfg, self.log, self.metrics)
+        rebuild_rate_state(self.guard, self.records, self.cfg, self.snapshot_time, self.log)
         proxy = self.proxy = Proxy(loop, self.cfg, self.guard, records=self.records, metrics=self.metrics,
                                    log=self.log)
 
@@ -252,7 +256,8 @@ class Server:
         state = self.cfg.records.state_path
         if state:
             try:
-                write_snapshot(state, self.guard.snapshot())
+                # When it was taken: a start after a crash counts again what the records hold since.
+                write_snapshot(state, {**self.guard.snapshot(), "written_at": time.time()})
                 self.log.info("snapshot_written", path=state)
             except Exception as exc:  # noqa: BLE001
                 self.log.error("snapshot_failed", path=state, error=repr(exc))
@@ -277,17 +282,72 @@ def _implementation() -> str:
         return "unknown"
 
 
-def restore_snapshot(guard: Any, path: str, log: Any) -> None:
-    """Load the rate-limit snapshot if there is one; a corrupt file is logged and ignored."""
+def restore_snapshot(guard: Any, path: str, log: Any) -> float | None:
+    """Load the rate-limit snapshot if there is one; a corrupt file is logged and ignored.
+
+    Returns the time the snapshot describes (when it was written), None when none was loaded.
+    """
     if not path or not os.path.exists(path):
-        return
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         guard.restore(data)
-        log.info("snapshot_restored", path=path)
+        written = data.get("written_at")
+        taken = float(written) if isinstance(written, (int, float)) else os.path.getmtime(path)
+        log.info("snapshot_restored", path=path, written_at=taken)
+        return taken
     except Exception as exc:  # noqa: BLE001 - a bad snapshot must not stop the proxy from starting
         log.warning("snapshot_ignored", path=path, error=repr(exc))
+        return None
+
+
+def rebuild_rate_state(guard: Any, records: Any, cfg: Config, snapshot_time: float | None, log: Any,
+                       now: float | None = None) -> tuple[int, int]:
+    """Count again what the call records hold that the rate-limit state has not seen.
+
+    The snapshot is written on a clean stop only.  After a crash or SIGKILL the state starts from
+    the last snapshot (or empty), while the records on disk hold every decision since: those from
+    after the snapshot and inside the longest rate-limit window are fed back in time order
+    through ``Guard.note_attempt`` (so a caller over its limit before the crash is still over it
+    after), and the outcomes of those calls through ``Guard.note_outcome`` (answer and short-call
+    counts).  Only decisions of the core count (not ``overload``/``shutdown`` rejections, which
+    never reached it).  Returns (attempts, outcomes) counted; a failure is logged and the proxy
+    starts with what it has: the windows only decide sooner or later, no call is lost.
+    """
+    replay = getattr(records, "replay_decisions", None)
+    replay_outcomes = getattr(records, "replay_outcomes", None)
+    window = max((lm.window for lm in cfg.rate_limits), default=0.0)
+    if replay is None or replay_outcomes is None or window <= 0 or not cfg.records.rebuild_on_start:
+        return 0, 0
+    now = time.time() if now is None else now
+    since = now - window
+    if snapshot_time is not None and snapshot_time > since:
+        since = snapshot_time
+    attempts = outcomes = 0
+    started = time.monotonic()
+
+    def attempt(t: float, caller: str, callee: str, source: str) -> None:
+        nonlocal attempts
+        if guard.note_attempt(caller, callee, source, t):
+            attempts += 1
+
+    def outcome(t: float, caller: str, answered: bool, duration: float) -> None:
+        nonlocal outcomes
+        if guard.note_outcome(caller, answered, duration, t):
+            outcomes += 1
+
+    try:
+        rows = replay(since, attempt, RULE_NAMES)
+        if rows:
+            replay_outcomes(since, outcome)
+    except Exception as exc:  # noqa: BLE001 - the proxy still starts; said loudly
+        log.error("rate_state_rebuild_failed", error=repr(exc), attempts=attempts, outcomes=outcomes)
+        return attempts, outcomes
+    if rows:
+        log.info("rate_state_rebuilt", records=rows, attempts=attempts, outcomes=outcomes, since=since,
+                 seconds=round(time.monotonic() - started, 3))
+    return attempts, outcomes
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -336,8 +396,9 @@ def serve_main(args: Any) -> int:
     log = _logger()
     for p in guard.problems[:20]:
         log.warning("list_row_skipped", problem=str(p))
-    restore_snapshot(guard, cfg.records.state_path, log)
+    snapshot_time = restore_snapshot(guard, cfg.records.state_path, log)
     server = Server(cfg, guard, path, listen, trunk)
+    server.snapshot_time = snapshot_time
     tune_gc()
     loop = _new_loop()
     asyncio.set_event_loop(loop)
