@@ -161,6 +161,18 @@ def runqueue_wait(pids: Sequence[int]) -> float:
     return total / 1e9
 
 
+def _status_number(path: str, field: str) -> int:
+    """The number after ``field:`` in a /proc status file (0 when the file or the field is gone)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def voluntary_switches(pids: Sequence[int]) -> int:
     """Times the processes' threads went to sleep of their own accord (waiting for I/O or a timer),
     each one a wake-up later: /proc/PID/task/TID/status ``voluntary_ctxt_switches``."""
@@ -170,31 +182,13 @@ def voluntary_switches(pids: Sequence[int]) -> int:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/status") as fh:
-                    for line in fh:
-                        if line.startswith("voluntary_ctxt_switches:"):
-                            total += int(line.split()[1])
-                            break
-            except (OSError, ValueError, IndexError):
-                continue
+        total += sum(_status_number(f"/proc/{pid}/task/{tid}/status", "voluntary_ctxt_switches") for tid in tids)
     return total
 
 
 def rss_mib(pids: Sequence[int]) -> float:
     """Resident memory of the processes in MiB (VmRSS; 0 for those gone)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except (OSError, ValueError, IndexError):
-            continue
-    return round(total / 1024, 1)
+    return round(sum(_status_number(f"/proc/{pid}/status", "VmRSS") for pid in pids) / 1024, 1)
 
 
 def comm(pid: int) -> str:

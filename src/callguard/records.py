@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import contextlib
 import datetime as dt
 import heapq
 import json
@@ -44,7 +45,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1101,6 +1102,34 @@ class RecordStore:
         """The partitions, newest first, as of the read transaction ``conn`` is in."""
         return _catalog(conn)[::-1]
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction on the reading connection: the catalog and every partition as of
+        one moment, whatever the writer switches, indexes or drops meanwhile."""
+        with self._read_lock:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _with_outcomes(self, conn: sqlite3.Connection, since: float) -> Iterator[_Part]:
+        """The partitions holding records from ``since`` on, newest first.  When partition P comes,
+        temp.cg_out holds the outcomes of P and of every newer partition, the only ones that can
+        apply to P's records; it is emptied again at the end.  Inside :meth:`_reading`."""
+        conn.execute("DELETE FROM temp.cg_out")
+        for p in self._read_catalog(conn):
+            if p.end <= since:
+                break
+            conn.execute("INSERT INTO temp.cg_out SELECT id, call_id, upto, final_code, answered_at, "
+                         f"ended_at FROM {_quote(p.outcomes)}")
+            yield p
+        conn.execute("DELETE FROM temp.cg_out")
+
     def query(self, caller: str | None = None, callee: str | None = None, rule: str | None = None,
               since: float | None = None, until: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Records matching every given filter, newest first.
@@ -1208,33 +1237,24 @@ class RecordStore:
         pending: list[tuple[float, int, str, str, str]] = []
         done = 0
         seq = 0
-        with self._read_lock:
-            conn = self._conn
-            conn.execute("BEGIN")
-            try:
-                for p in reversed(self._read_catalog(conn)):      # oldest first
-                    if p.end <= since:
+        with self._reading() as conn:
+            for p in reversed(self._read_catalog(conn)):      # oldest first
+                if p.end <= since:
+                    continue
+                table = _quote(p.name)
+                first = _first_id_at(conn, table, since - REPLAY_SLACK)
+                if first is None:
+                    continue
+                for t, caller, callee, source, rule in conn.execute(
+                        f"SELECT time, caller, callee, source, rule FROM {table} WHERE id >= ? ORDER BY id", (first,)):
+                    if t < since or rule not in wanted:
                         continue
-                    table = _quote(p.name)
-                    first = _first_id_at(conn, table, since - REPLAY_SLACK)
-                    if first is None:
-                        continue
-                    for t, caller, callee, source, rule in conn.execute(
-                            f"SELECT time, caller, callee, source, rule FROM {table} WHERE id >= ? ORDER BY id",
-                            (first,)):
-                        if t < since or rule not in wanted:
-                            continue
-                        heapq.heappush(pending, (t, seq, caller, callee, source))
-                        seq += 1
-                        while pending[0][0] < t - REPLAY_REORDER:
-                            rt, _, rcaller, rcallee, rsource = heapq.heappop(pending)
-                            fn(rt, rcaller, rcallee, rsource)
-                            done += 1
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                    heapq.heappush(pending, (t, seq, caller, callee, source))
+                    seq += 1
+                    while pending[0][0] < t - REPLAY_REORDER:
+                        rt, _, rcaller, rcallee, rsource = heapq.heappop(pending)
+                        fn(rt, rcaller, rcallee, rsource)
+                        done += 1
         while pending:
             rt, _, rcaller, rcallee, rsource = heapq.heappop(pending)
             fn(rt, rcaller, rcallee, rsource)
@@ -1266,45 +1286,28 @@ class RecordStore:
                 return 1
             return 0
 
-        with self._read_lock:
-            conn = self._conn
-            conn.execute("BEGIN")
-            try:
-                conn.execute("DELETE FROM temp.cg_out")
-                # Newest partition first: when partition P is read, cg_out holds the outcomes of P
-                # and of every newer partition, the only ones that can apply to P's records.
-                for p in self._read_catalog(conn):
-                    if p.end <= since:
-                        break
-                    conn.execute("INSERT INTO temp.cg_out SELECT id, call_id, upto, final_code, answered_at, "
-                                 f"ended_at FROM {_quote(p.outcomes)}")
-                    table = _quote(p.name)
-                    first = _first_id_at(conn, table, since - REPLAY_SLACK)
-                    if first is None:
-                        continue
-                    current = None
-                    t0 = 0.0
-                    caller0 = ""
-                    # per column: (outcome id, value) of the newest outcome row that set it
-                    newest: list[tuple[int, Any]] = []
-                    for rid, t, caller, oid, *values in conn.execute(sql.replace("{table}", table),
-                                                                     (first, float(since))):
-                        if rid != current:
-                            if current is not None:
-                                done += emit(t0, caller0, *(v for _, v in newest))
-                            current, t0, caller0 = rid, float(t), caller
-                            newest = [(-1, None)] * 3
-                        for k, v in enumerate(values):
-                            if v is not None and oid > newest[k][0]:
-                                newest[k] = (oid, v)
-                    if current is not None:
-                        done += emit(t0, caller0, *(v for _, v in newest))
-                conn.execute("DELETE FROM temp.cg_out")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._reading() as conn:
+            for p in self._with_outcomes(conn, since):
+                table = _quote(p.name)
+                first = _first_id_at(conn, table, since - REPLAY_SLACK)
+                if first is None:
+                    continue
+                current = None
+                t0 = 0.0
+                caller0 = ""
+                # per column: (outcome id, value) of the newest outcome row that set it
+                newest: list[tuple[int, Any]] = []
+                for rid, t, caller, oid, *values in conn.execute(sql.replace("{table}", table), (first, float(since))):
+                    if rid != current:
+                        if current is not None:
+                            done += emit(t0, caller0, *(v for _, v in newest))
+                        current, t0, caller0 = rid, float(t), caller
+                        newest = [(-1, None)] * 3
+                    for k, v in enumerate(values):
+                        if v is not None and oid > newest[k][0]:
+                            newest[k] = (oid, v)
+                if current is not None:
+                    done += emit(t0, caller0, *(v for _, v in newest))
         return done
 
     def outcome_stats(self, since: float, short_seconds: float = 6.0) -> list[tuple[str, int, int, int]]:
@@ -1323,30 +1326,14 @@ class RecordStore:
                "FROM {table} r WHERE r.time >= ? AND EXISTS (SELECT 1 FROM temp.cg_out o WHERE o.call_id = r.call_id)) "
                "WHERE final_code IS NOT NULL GROUP BY caller")
         stats: dict[str, list[int]] = {}
-        with self._read_lock:
-            conn = self._conn
-            conn.execute("BEGIN")
-            try:
-                conn.execute("DELETE FROM temp.cg_out")
-                # Newest partition first: when partition P is read, cg_out holds the outcomes of
-                # P and of every newer partition, the only ones that can apply to P's records.
-                for p in self._read_catalog(conn):
-                    if p.end <= since:
-                        break
-                    conn.execute("INSERT INTO temp.cg_out SELECT id, call_id, upto, final_code, answered_at, "
-                                 f"ended_at FROM {_quote(p.outcomes)}")
-                    for c, f, a, s in conn.execute(sql.replace("{table}", _quote(p.name)),
-                                                   (float(short_seconds), float(since))):
-                        acc = stats.setdefault(str(c), [0, 0, 0])
-                        acc[0] += int(f)
-                        acc[1] += int(a)
-                        acc[2] += int(s or 0)
-                conn.execute("DELETE FROM temp.cg_out")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._reading() as conn:
+            for p in self._with_outcomes(conn, since):
+                for c, f, a, s in conn.execute(sql.replace("{table}", _quote(p.name)),
+                                               (float(short_seconds), float(since))):
+                    acc = stats.setdefault(str(c), [0, 0, 0])
+                    acc[0] += int(f)
+                    acc[1] += int(a)
+                    acc[2] += int(s or 0)
         return [(c, acc[0], acc[1], acc[2]) for c, acc in sorted(stats.items())]
 
     def partitions(self) -> list[dict[str, Any]]:
