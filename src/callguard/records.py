@@ -1159,32 +1159,22 @@ class RecordStore:
             where.append("time < ?")
             params.append(hi)
         tail = (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY time DESC, id DESC"
-        with self._read_lock:
-            conn = self._conn
-            # One read transaction: the catalog and every partition as of one moment, whatever
-            # the writer switches, indexes or drops meanwhile.
-            conn.execute("BEGIN")
-            try:
-                parts = self._read_catalog(conn)
-                found: list[tuple[float, tuple[Any, ...]]] = []
-                for p in parts:
-                    # Partitions are disjoint time ranges, newest first: their rows come in query order.
-                    if (lo is not None and p.end <= lo) or (hi is not None and p.start >= hi):
-                        continue
-                    sql = f"SELECT id, {_FIELDS_SQL} FROM {_quote(p.name)}{tail}"
-                    if limit:
-                        rows = conn.execute(sql + " LIMIT ?", (*params, limit - len(found))).fetchall()
-                    else:
-                        rows = conn.execute(sql, params).fetchall()
-                    found.extend((p.start, row) for row in rows)
-                    if limit and len(found) >= limit:
-                        break
-                outcomes = self._outcomes_of(conn, parts, found)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._reading() as conn:
+            parts = self._read_catalog(conn)
+            found: list[tuple[float, tuple[Any, ...]]] = []
+            for p in parts:
+                # Partitions are disjoint time ranges, newest first: their rows come in query order.
+                if (lo is not None and p.end <= lo) or (hi is not None and p.start >= hi):
+                    continue
+                sql = f"SELECT id, {_FIELDS_SQL} FROM {_quote(p.name)}{tail}"
+                if limit:
+                    rows = conn.execute(sql + " LIMIT ?", (*params, limit - len(found))).fetchall()
+                else:
+                    rows = conn.execute(sql, params).fetchall()
+                found.extend((p.start, row) for row in rows)
+                if limit and len(found) >= limit:
+                    break
+            outcomes = self._outcomes_of(conn, parts, found)
         return [dict(zip(COLUMNS, (*row[1:], *outcome), strict=True)) for (_, row), outcome in zip(found, outcomes)]
 
     @staticmethod
