@@ -122,7 +122,7 @@ def rebuild_rates(store: RecordStore, rows: list[tuple[Any, ...]]) -> dict[str, 
     from callguard import config as config_mod
     from callguard.guard import Guard
     from callguard.log import get_logger
-    from callguard.sip.server import rebuild_rate_state
+    from callguard.state import rebuild_rate_state
 
     cfg = config_mod.load(ROOT / "config" / "callguard.yaml")
     now = rows[-1][0] + 1.0

@@ -8,6 +8,7 @@ The decider's call records are read back from its SQLite file with :class:`Recor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -124,11 +125,9 @@ class Stack:
         self.uas_log = tmp / "uas.log"
         self.kam_log = tmp / "kamailio.log"
         self.decider_log = tmp / "decider.log"
+        self.env = dict(os.environ, PYTHONPATH=str(Path(callguard.__file__).resolve().parent.parent))
 
     def start_uas(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(Path(callguard.__file__).resolve().parent.parent)
-        self.env = env
         self.uas = subprocess.Popen(
             [SIPP, "-sf", str(SIPP_DIR / "kamailio_uas.xml"), "-i", "127.0.0.1", "-p", str(self.uas_port),
              "-nostdin", "-trace_logs", "-log_file", str(self.uas_log), "-trace_msg", "-message_file",
@@ -613,6 +612,37 @@ def test_version_1_worker_and_failed_outcome(tmp_path: Path) -> None:
     finally:
         server.close()
         decider.close()
+
+
+def test_decider_keeps_rate_limits_across_a_clean_restart(tmp_path: Path) -> None:
+    """SIGTERM writes the snapshot (records.state_path), the next decider reads it before its
+    socket opens: a caller over its limit stays over it."""
+    from callguard.kamailio.client import DeciderClient
+
+    st = Stack(tmp_path, per_minute=2)
+    caller = "13912340909"
+
+    def ask(n: int) -> int:
+        client = DeciderClient(st.socket, timeout=2.0)
+        try:
+            req = proto.CheckRequest(caller, f"0215000{n:04d}", "127.0.0.1", "", f"r{n}|1|z9hG4bKr{n}", f"r{n}")
+            return client.check(req).code
+        finally:
+            client.close()
+
+    st.start_decider()
+    try:
+        assert [ask(n) for n in range(3)] == [0, 0, 603]      # two allowed, the third over the limit
+    finally:
+        stop(st.decider)
+    assert st.decider.returncode == 0
+    assert json.loads((tmp_path / "state.json").read_text())["tracks"][0]
+    st.start_decider()
+    try:
+        assert ask(3) == 603
+        assert "snapshot_restored" in st.decider_log.read_text()
+    finally:
+        stop(st.decider)
 
 
 def test_client_falls_back_to_a_version_1_decider(tmp_path: Path) -> None:

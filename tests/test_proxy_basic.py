@@ -1053,7 +1053,7 @@ def test_rebuild_counts_only_what_the_state_has_not_seen(tmp_path: Path) -> None
     from callguard.guard import Guard
     from callguard.log import get_logger
     from callguard.records import RecordStore
-    from callguard.sip.server import rebuild_rate_state
+    from callguard.state import rebuild_rate_state
 
     trunks = [{"name": "t", "address": "udp:127.0.0.1:5080"}]
     cfg = config_mod.load(make_config(tmp_path, ["udp:127.0.0.1:5060"], trunks, records={"enabled": True},

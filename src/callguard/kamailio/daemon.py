@@ -48,6 +48,7 @@ from ..log import configure as configure_logging
 from ..log import get_logger
 from ..osthread import set_os_thread_name
 from ..records import RecordStore
+from ..state import restore_snapshot, write_snapshot
 from . import protocol as proto
 from .protocol import CheckReply, CheckRequest, Outcome
 from .routing import IdentityPolicy, pick_trunk
@@ -559,6 +560,9 @@ def decider_main(args: argparse.Namespace) -> int:
     except CallguardError as exc:
         sys.stderr.write(f"callguard decider: {exc}\n")
         return 2
+    # The rate-limit counts of the last clean stop, as callguard serve keeps them (read before the
+    # socket opens: no worker waits for it).
+    restore_snapshot(decider.guard, decider.config.records.state_path, log)
     try:
         server = DeciderServer(decider, args.socket, int(str(getattr(args, "socket_mode", None) or "660"), 8))
     except (CallguardError, OSError) as exc:
@@ -578,6 +582,13 @@ def decider_main(args: argparse.Namespace) -> int:
         server.serve_forever()
     finally:
         decider.close()
+        state = decider.config.records.state_path
+        if state:
+            try:
+                write_snapshot(state, decider.guard)
+                log.info("snapshot_written", path=state)
+            except Exception as exc:  # noqa: BLE001 - the decider still stops; said loudly
+                log.error("snapshot_failed", path=state, error=repr(exc))
     log.info("decider_stopped", counters=dict(decider.stats),
              records_written=decider.records.written if decider.records is not None else 0)
     return 0

@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import json
 import os
 import signal
 import sys
-import tempfile
-import time
 from typing import Any
 
 from .. import config as config_mod
@@ -25,7 +22,7 @@ from ..config import Config, Trunk, parse_address
 from ..errors import CallguardError, ConfigError, SipError
 from ..log import configure as configure_logging
 from ..log import get_logger
-from ..settings import RULE_NAMES
+from ..state import rebuild_rate_state, restore_snapshot, write_snapshot
 from .proxy import NullMetrics, NullRecords, Proxy, frame_stream
 from .transport import TcpManager, open_tcp, open_udp
 
@@ -63,25 +60,6 @@ def apply_overrides(cfg: Config, listen: list[str] | None, trunk: str | None) ->
             raise ConfigError("--trunk", "", str(exc)) from None
         cfg = dataclasses.replace(cfg, trunks=(Trunk(name="trunk", address=trunk),))
     return cfg
-
-
-def write_snapshot(path: str, data: dict[str, Any]) -> None:
-    """Write the rate-limit snapshot atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".callguard-state.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _open_records(cfg: Config, log: Any, metrics: Any) -> Any:
@@ -256,8 +234,7 @@ class Server:
         state = self.cfg.records.state_path
         if state:
             try:
-                # When it was taken: a start after a crash counts again what the records hold since.
-                write_snapshot(state, {**self.guard.snapshot(), "written_at": time.time()})
+                write_snapshot(state, self.guard)
                 self.log.info("snapshot_written", path=state)
             except Exception as exc:  # noqa: BLE001
                 self.log.error("snapshot_failed", path=state, error=repr(exc))
@@ -280,74 +257,6 @@ def _implementation() -> str:
         return str(IMPLEMENTATION)
     except ImportError:  # pragma: no cover
         return "unknown"
-
-
-def restore_snapshot(guard: Any, path: str, log: Any) -> float | None:
-    """Load the rate-limit snapshot if there is one; a corrupt file is logged and ignored.
-
-    Returns the time the snapshot describes (when it was written), None when none was loaded.
-    """
-    if not path or not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        guard.restore(data)
-        written = data.get("written_at")
-        taken = float(written) if isinstance(written, (int, float)) else os.path.getmtime(path)
-        log.info("snapshot_restored", path=path, written_at=taken)
-        return taken
-    except Exception as exc:  # noqa: BLE001 - a bad snapshot must not stop the proxy from starting
-        log.warning("snapshot_ignored", path=path, error=repr(exc))
-        return None
-
-
-def rebuild_rate_state(guard: Any, records: Any, cfg: Config, snapshot_time: float | None, log: Any,
-                       now: float | None = None) -> tuple[int, int]:
-    """Count again what the call records hold that the rate-limit state has not seen.
-
-    The snapshot is written on a clean stop only.  After a crash or SIGKILL the state starts from
-    the last snapshot (or empty), while the records on disk hold every decision since: those from
-    after the snapshot and inside the longest rate-limit window are fed back in time order
-    through ``Guard.note_attempt`` (so a caller over its limit before the crash is still over it
-    after), and the outcomes of those calls through ``Guard.note_outcome`` (answer and short-call
-    counts).  Only decisions of the core count (not ``overload``/``shutdown`` rejections, which
-    never reached it).  Returns (attempts, outcomes) counted; a failure is logged and the proxy
-    starts with what it has: the windows only decide sooner or later, no call is lost.
-    """
-    replay = getattr(records, "replay_decisions", None)
-    replay_outcomes = getattr(records, "replay_outcomes", None)
-    window = max((lm.window for lm in cfg.rate_limits), default=0.0)
-    if replay is None or replay_outcomes is None or window <= 0 or not cfg.records.rebuild_on_start:
-        return 0, 0
-    now = time.time() if now is None else now
-    since = now - window
-    if snapshot_time is not None and snapshot_time > since:
-        since = snapshot_time
-    attempts = outcomes = 0
-    started = time.monotonic()
-
-    def attempt(t: float, caller: str, callee: str, source: str) -> None:
-        nonlocal attempts
-        if guard.note_attempt(caller, callee, source, t):
-            attempts += 1
-
-    def outcome(t: float, caller: str, answered: bool, duration: float) -> None:
-        nonlocal outcomes
-        if guard.note_outcome(caller, answered, duration, t):
-            outcomes += 1
-
-    try:
-        rows = replay(since, attempt, RULE_NAMES)
-        if rows:
-            replay_outcomes(since, outcome)
-    except Exception as exc:  # noqa: BLE001 - the proxy still starts; said loudly
-        log.error("rate_state_rebuild_failed", error=repr(exc), attempts=attempts, outcomes=outcomes)
-        return attempts, outcomes
-    if rows:
-        log.info("rate_state_rebuilt", records=rows, attempts=attempts, outcomes=outcomes, since=since,
-                 seconds=round(time.monotonic() - started, 3))
-    return attempts, outcomes
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
