@@ -1089,3 +1089,38 @@ def test_rebuild_counts_only_what_the_state_has_not_seen(tmp_path: Path) -> None
     assert track[2] == [int((now - s) * 1000) for s in (300, 250, 220, 210, 200, 50)]
     assert track[4:] == [3, 2, 1]      # finished, answered, short
     assert after_snapshot.snapshot()["tracks"][0][0][2] == [int((now - 50) * 1000)]
+
+
+def test_rebuild_reads_at_most_the_newest_records_it_may(tmp_path: Path) -> None:
+    """records.rebuild_max_records bounds the start: the newest records are read (the short windows
+    whole), the event says the rebuild is partial; 0 turns it off."""
+    from structlog.testing import capture_logs
+
+    from callguard.guard import Guard
+    from callguard.log import get_logger
+    from callguard.records import RecordStore
+    from callguard.state import rebuild_rate_state
+
+    trunks = [{"name": "t", "address": "udp:127.0.0.1:5080"}]
+    limits = [{"name": "w", "window": 3600, "max_calls": 1000}]
+    now = 1_790_000_000.0
+    with RecordStore(str(tmp_path / "r.sqlite3")) as store:
+        for i in range(50):
+            store.add({"time": now - 500 + 10 * i, "call_id": f"c{i}", "source": "127.0.0.1", "caller": CALLER,
+                       "callee": "02150001234", "rule": "allow", "verdict": "allow", "code": 0, "score": 0.0,
+                       "latency_us": 1})
+        store.flush()
+        for budget, attempts in ((1000, 50), (20, 20), (0, 0)):
+            cfg = config_mod.load(make_config(tmp_path, ["udp:127.0.0.1:5060"], trunks, rate_limits=limits,
+                                              records={"enabled": True, "rebuild_max_records": budget}))
+            guard = Guard(cfg)
+            with capture_logs() as logs:
+                assert rebuild_rate_state(guard, store, cfg, None, get_logger(), now=now) == (attempts, 0)
+            rebuilt = [e for e in logs if e["event"] == "rate_state_rebuilt"]
+            if attempts:
+                assert rebuilt[0]["partial"] is (budget < 50)
+                assert rebuilt[0]["log_level"] == ("warning" if budget < 50 else "info")
+                times = guard.snapshot()["tracks"][0][0][2]
+                assert times[-1] == int((now - 10) * 1000) and len(times) == attempts   # the newest ones
+            else:
+                assert not rebuilt and guard.core.tracked() == (0, 0, 0)

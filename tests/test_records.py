@@ -1114,3 +1114,20 @@ def test_replay_outcomes_finds_them_in_newer_partitions(tmp_path: Path) -> None:
                                 (T0 + 1500, make_record(3, 0)["caller"], False, 0.0)]
         seen.clear()
         assert s.replay_outcomes(T0 + 1000, lambda *a: seen.append(a)) == 1 and seen[0][0] == T0 + 1500
+
+
+def test_replay_horizon_keeps_the_newest_rows(tmp_path: Path) -> None:
+    with RecordStore(str(tmp_path / "r.sqlite3"), partition_minutes=5, flush_interval=0.01) as s:
+        for i in range(3000):
+            s.add(make_record(i, T0 + i))
+        s.flush()
+        assert len(s.partitions()) >= 3
+        assert s.replay_horizon(T0, 5000) == T0                  # all of them fit
+        assert s.replay_horizon(T0 + 400, 2600) == T0 + 400      # exactly
+        assert s.replay_horizon(T0, 100) == T0 + 2900            # the newest 100, in the last partition
+        assert s.replay_horizon(T0, 2000) == T0 + 1000           # across partitions
+        assert s.replay_horizon(T0 + 4000, 10) == T0 + 4000      # nothing since then: nothing to cut
+        assert s.replay_horizon(T0, 0) == math.inf
+        seen: list[float] = []
+        assert s.replay_decisions(s.replay_horizon(T0, 300), lambda t, *_: seen.append(t), RULES) == 300
+        assert seen[0] == T0 + 2700 and seen[-1] == T0 + 2999

@@ -280,8 +280,10 @@ class RecordsSettings:
                                  "whole; raised to keep at most 2000 partitions over retention_days",
                                  between(1, 1440))
     state_path: str = opt("callguard-state.json", "rate-limit snapshot written on stop and read on start")
-    rebuild_on_start: bool = opt(True, "at start, count again the attempts the records hold that the snapshot "
-                                 "has not seen (after a crash or SIGKILL), inside the longest rate-limit window")
+    rebuild_max_records: int = opt(2_000_000, "at start, count again at most this many of the newest decisions "
+                                   "the records hold that the snapshot has not seen (after a crash or SIGKILL), "
+                                   "inside the longest rate-limit window; read at ~130k a second before the "
+                                   "listeners open; 0: off", between(0, 1_000_000_000))
 
 
 @dataclass(frozen=True, slots=True)

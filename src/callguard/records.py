@@ -1211,6 +1211,30 @@ class RecordStore:
             out.append((final, answered, ended))
         return out
 
+    def replay_horizon(self, since: float, max_rows: int) -> float:
+        """The start time from which at most about ``max_rows`` records, the newest, are held:
+        ``since`` itself when there are no more than that from ``since`` on.  Counted by row ids
+        (found by bisecting each partition's), so it reads a few rows, not all of them."""
+        if max_rows <= 0:
+            return math.inf
+        held = 0
+        with self._reading() as conn:
+            for p in self._read_catalog(conn):      # newest first
+                if p.end <= since:
+                    break
+                table = _quote(p.name)
+                first = _first_id_at(conn, table, since)
+                if first is None:
+                    continue
+                last = conn.execute(f"SELECT max(id) FROM {table}").fetchone()[0]
+                if held + (last - first + 1) > max_rows:
+                    # the newest max_rows - held rows of this partition: from the row that many back
+                    row = conn.execute(f"SELECT time FROM {table} WHERE id >= ? ORDER BY id LIMIT 1",
+                                       (last - (max_rows - held) + 1,)).fetchone()
+                    return max(since, float(row[0])) if row else since
+                held += last - first + 1
+        return since
+
     def replay_decisions(self, since: float, fn: Callable[[float, str, str, str], object],
                          rules: Iterable[str]) -> int:
         """Call ``fn(time, caller, callee, source)`` for every record from ``since`` on whose rule is

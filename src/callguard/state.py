@@ -68,18 +68,22 @@ def rebuild_rate_state(guard: Any, records: Any, cfg: Config, snapshot_time: flo
     through ``Guard.note_attempt`` (so a caller over its limit before the crash is still over it
     after), and the outcomes of those calls through ``Guard.note_outcome`` (answer and short-call
     counts).  Only decisions of the core count (not ``overload``/``shutdown`` rejections, which
-    never reached it).  Returns (attempts, outcomes) counted; a failure is logged and the proxy
-    starts with what it has: the windows only decide sooner or later, no call is lost.
+    never reached it), and at most ``records.rebuild_max_records`` of them, the newest: the start
+    must stay short, and the shortest windows matter most.  Returns (attempts, outcomes) counted;
+    a failure is logged and the proxy starts with what it has: the windows only decide sooner or
+    later, no call is lost.
     """
     replay = getattr(records, "replay_decisions", None)
     replay_outcomes = getattr(records, "replay_outcomes", None)
+    horizon = getattr(records, "replay_horizon", None)
     window = max((lm.window for lm in cfg.rate_limits), default=0.0)
-    if replay is None or replay_outcomes is None or window <= 0 or not cfg.records.rebuild_on_start:
+    budget = cfg.records.rebuild_max_records
+    if replay is None or replay_outcomes is None or horizon is None or window <= 0 or budget <= 0:
         return 0, 0
     now = time.time() if now is None else now
-    since = now - window
-    if snapshot_time is not None and snapshot_time > since:
-        since = snapshot_time
+    wanted = now - window
+    if snapshot_time is not None and snapshot_time > wanted:
+        wanted = snapshot_time
     attempts = outcomes = 0
     started = time.monotonic()
 
@@ -94,6 +98,8 @@ def rebuild_rate_state(guard: Any, records: Any, cfg: Config, snapshot_time: flo
             outcomes += 1
 
     try:
+        # At most the newest `budget` records: the short windows whole, the longest maybe in part.
+        since = horizon(wanted, budget)
         rows = replay(since, attempt, RULE_NAMES)
         if rows:
             replay_outcomes(since, outcome)
@@ -101,6 +107,7 @@ def rebuild_rate_state(guard: Any, records: Any, cfg: Config, snapshot_time: flo
         log.error("rate_state_rebuild_failed", error=repr(exc), attempts=attempts, outcomes=outcomes)
         return attempts, outcomes
     if rows:
-        log.info("rate_state_rebuilt", records=rows, attempts=attempts, outcomes=outcomes, since=since,
-                 seconds=round(time.monotonic() - started, 3))
+        event = log.info if since <= wanted else log.warning
+        event("rate_state_rebuilt", records=rows, attempts=attempts, outcomes=outcomes, since=since,
+              partial=since > wanted, wanted_since=wanted, seconds=round(time.monotonic() - started, 3))
     return attempts, outcomes
