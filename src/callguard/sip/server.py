@@ -1,8 +1,9 @@
 """``callguard serve``: run the screening proxy in the foreground.
 
 Start-up: load the config (``--listen`` / ``--trunk`` override it), the lists and the
-rate-limit snapshot; bind every listener; start the metrics endpoint and the call-record
-writer; log ``listening``.  Signals: SIGHUP reloads config and lists (kept on error),
+rate-limit snapshot; start the metrics endpoint and the call-record writer; count again what the
+records hold since the snapshot (after a crash, see :mod:`callguard.state`); bind every listener;
+log ``listening``.  Signals: SIGHUP reloads config and lists (kept on error),
 SIGTERM/SIGINT drain (new INVITEs get 503, in-flight transactions get ``sip.shutdown_grace``
 seconds), flush records, write the snapshot and exit 0.
 """
