@@ -26,6 +26,10 @@ The rows of :meth:`RecordStore.add_many` are packed in C by the caller and inser
 compiled inserter (``_recwriter``) inside the writer's transaction, the GIL let go once per batch;
 ``executemany`` is the reference and writes everything else (and everything when the module is
 missing or ``CALLGUARD_NO_EXTENSIONS`` is set).
+
+Reading: :meth:`RecordStore.query` and :meth:`RecordStore.outcome_stats` for people and scripts;
+:meth:`RecordStore.replay_decisions` and :meth:`RecordStore.replay_outcomes` give the rate-limit
+state back what a crash took from it (see :mod:`callguard.state`).
 """
 
 from __future__ import annotations
