@@ -175,6 +175,7 @@ cdef class Core:
     cdef int _source(self, object address) except -3
     cdef Track* _track(self, int kind, u128 key, int64_t t) except NULL
     cdef int _record(self, u128* keys, bint* has, u128 callee_key, int64_t t) except -1
+    cdef int _outcome(self, u128 caller_key, bint answered, double duration, int64_t t) except -1
     cdef int _bl_candidates(self, Num* cr, int* cand) noexcept
     cdef int _blocklist(self, Num* cr, int* cand, int ncand, double now, int* ban, bint* listed, double* p_max,
                         int* complaints, bint* expired) noexcept

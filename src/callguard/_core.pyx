@@ -1546,12 +1546,17 @@ cdef class Core:
             return
         if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:
             raise OverflowError(f"time out of range: {now!r}")
-        tr = self._track(0, _full_key(&cr), <int64_t>tf)
+        self._outcome(_full_key(&cr), answered, duration, <int64_t>tf)
+
+    cdef int _outcome(self, u128 caller_key, bint answered, double duration, int64_t t) except -1:
+        """One finished call in the caller's answer and short-call counts."""
+        cdef Track* tr = self._track(0, caller_key, t)
         tr.total += 1
         if answered:
             tr.answered += 1
             if duration * 1000.0 < self.short_call_ms:
                 tr.short_ += 1
+        return 0
 
     def note_attempt(self, caller, callee, source, double now):
         """The twin's note_attempt: count one attempt as _decide counted it, from the normalised
@@ -1573,18 +1578,12 @@ cdef class Core:
     def note_outcome(self, caller, answered, double duration, double now):
         """The twin's note_outcome: observe() for a normalised caller (the digits are the key)."""
         cdef u128 key
-        cdef Track* tr
         cdef double tf = now * 1000.0
         if not isfinite(tf) or tf >= 9.2e18 or tf <= -9.2e18:
             raise OverflowError(f"time out of range: {now!r}")
         if not _digits_key(caller, &key):
             return False
-        tr = self._track(0, key, <int64_t>tf)
-        tr.total += 1
-        if answered:
-            tr.answered += 1
-            if duration * 1000.0 < self.short_call_ms:
-                tr.short_ += 1
+        self._outcome(key, answered, duration, <int64_t>tf)
         return True
 
     def tracked(self):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .lists import NEVER, P_ABSENT, P_SCALE, SOURCE_BIG_DATA, SOURCES, Lists
-from .numbers import FREEPHONE, HIDDEN, KIND_NAMES, SERVICE95, SERVICE96, key_of, normalize
+from .numbers import FREEPHONE, HIDDEN, KIND_NAMES, SERVICE95, SERVICE96, _is_digits, key_of, normalize
 from .settings import (
     FEATURES,
     R_ALLOW,
@@ -42,7 +42,7 @@ P_ABSENT_F = -1.0
 
 def _is_key_digits(number: str) -> bool:
     """A normalised number as a verdict gives it: ASCII digits, short enough for a 128-bit key."""
-    return isinstance(number, str) and 0 < len(number) <= MAX_KEY_DIGITS and number.isascii() and number.isdigit()
+    return isinstance(number, str) and len(number) <= MAX_KEY_DIGITS and _is_digits(number)
 
 
 class Verdict:
@@ -404,7 +404,11 @@ class CorePy:
         cr = normalize(caller, area)
         if cr.kind == HIDDEN:
             return
-        tr = self._track(0, key_of(cr.digits), int(now * 1000.0))
+        self._outcome(key_of(cr.digits), answered, duration, int(now * 1000.0))
+
+    def _outcome(self, caller_key: int, answered: bool, duration: float, t: int) -> None:
+        """One finished call in the caller's answer and short-call counts."""
+        tr = self._track(0, caller_key, t)
         tr.total += 1
         if answered:
             tr.answered += 1
@@ -430,12 +434,7 @@ class CorePy:
         t = int(now * 1000.0)
         if not _is_key_digits(caller):
             return False
-        tr = self._track(0, key_of(caller), t)
-        tr.total += 1
-        if answered:
-            tr.answered += 1
-            if duration * 1000.0 < self.settings.short_call_ms:
-                tr.short += 1
+        self._outcome(key_of(caller), answered, duration, t)
         return True
 
     def check_batch(self, callers: Sequence[str], callees: Sequence[str], sources: Sequence[str | None],
