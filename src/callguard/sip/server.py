@@ -105,7 +105,7 @@ class Server:
     """The proxy with its listeners, signals, reload and shutdown."""
 
     def __init__(self, cfg: Config, guard: Any, config_path: str, listen_override: list[str],
-                 trunk_override: str | None) -> None:
+                 trunk_override: str | None, snapshot_time: float | None = None) -> None:
         self.cfg = cfg
         self.guard = guard
         self.config_path = config_path
@@ -116,7 +116,7 @@ class Server:
         self.reloading = False
         self.udp: list[Any] = []
         self.tcp_servers: list[Any] = []
-        self.snapshot_time: float | None = None     # when the restored snapshot was written
+        self.snapshot_time = snapshot_time     # when the restored snapshot was written (None: none)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -307,8 +307,7 @@ def serve_main(args: Any) -> int:
     for p in guard.problems[:20]:
         log.warning("list_row_skipped", problem=str(p))
     snapshot_time = restore_snapshot(guard, cfg.records.state_path, log)
-    server = Server(cfg, guard, path, listen, trunk)
-    server.snapshot_time = snapshot_time
+    server = Server(cfg, guard, path, listen, trunk, snapshot_time)
     tune_gc()
     loop = _new_loop()
     asyncio.set_event_loop(loop)
