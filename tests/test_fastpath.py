@@ -240,6 +240,34 @@ def test_allowed_invite_decided_in_c_is_forwarded_once(pair: Any) -> None:
     caller.close()
 
 
+def test_call_records_packed_by_the_fast_path_are_those_of_the_python_path(pair: Any) -> None:
+    # The fast path packs its decisions' records in C (no tuple per call); the Python path stores
+    # the same decisions through add(): every field but the clock readings must agree.
+    trunk = Peer()
+    fast, slow = pair(trunk.port, records={"enabled": True})
+    assert _fast(fast).rows_mode == 2       # packed: records on, decision logs off
+    calls = [(BANNED, CALLEE), (CALLER, CALLEE), ("95999", CALLEE), ("+8613912345679", "110"),
+             ("sip:13812345678@example.com", "sip:021-5000-1234@127.0.0.1")]
+    got = []
+    for ip in (fast, slow):
+        caller = Peer()
+        for n, (frm, to) in enumerate(calls):
+            uri = to if to.startswith("sip:") else None
+            callee = CALLEE if uri else to
+            caller.send(request("INVITE", caller.port, port_of(ip), caller=frm.removeprefix("sip:").split("@")[0],
+                                callee=callee, uri=uri, call_id=f"rec{n}"), port_of(ip))
+        wait_until(lambda ip=ip: ip.server.records.flush() is None and len(ip.server.records.query(limit=100))
+                   == len(calls), 5, "every call recorded")
+        rows = ip.server.records.query(limit=100)
+        got.append(sorted((r["call_id"], r["source"], r["caller"], r["callee"], r["rule"], r["verdict"], r["code"],
+                           round(r["score"], 9)) for r in rows))
+        caller.close()
+    assert got[0] == got[1]
+    assert {r[4] for r in got[0]} >= {"banned", "allow", "emergency", "unfiled_service_number"}
+    assert _fast(fast).slow == 0            # every one of them decided in C
+    trunk.close()
+
+
 def test_metrics_counted_per_batch(pair: Any) -> None:
     trunk, caller = Peer(), Peer()
     fast, _ = pair(trunk.port, metrics={"enabled": True, "listen": "127.0.0.1:0"})

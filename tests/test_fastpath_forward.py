@@ -691,6 +691,7 @@ def test_per_call_tuples_stay_out_of_the_garbage_collector(rigs: Any, socks: Any
     inv = invite(caller.port, "13900000008", call_id="gc1", branch="z9hG4bKgc1")
     fast.ep.fast.bookkeeping_interval = 1e9     # keep the decision row for the test to look at
     fast.ep.fast.kept_since = fast.loop.time()
+    fast.ep.fast.rows_mode = 1                  # rows as tuples (decision logs on), not packed in C
     caller.send(inv, fast)
     caller.take(1)
     trunk.take(1)

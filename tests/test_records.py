@@ -1131,3 +1131,29 @@ def test_replay_horizon_keeps_the_newest_rows(tmp_path: Path) -> None:
         seen: list[float] = []
         assert s.replay_decisions(s.replay_horizon(T0, 300), lambda t, *_: seen.append(t), RULES) == 300
         assert seen[0] == T0 + 2700 and seen[-1] == T0 + 2999
+
+
+def test_rows_packed_elsewhere_are_stored_as_add_many_stores_them(impl: str, tmp_path: Path) -> None:
+    rows = [(T0 + 1, "c1", "127.0.0.1", "13800000001", "02150001234", "banned", "reject", 403, 0.5, 7.0),
+            (T0 + 2, "c2", "10.0.0.1", "13800000002", "110", "emergency", "allow", 0, 0.0, 3.0)]
+    with RecordStore(str(tmp_path / "a.sqlite3")) as ref:
+        ref.add_many(list(rows))
+        ref.flush()
+        want = ref.query(limit=0)
+    with RecordStore(str(tmp_path / "b.sqlite3")) as s:
+        if impl == "python":        # no compiled writer: nobody may pack for it
+            assert not s.packs_rows
+            with pytest.raises(RuntimeError):
+                s.add_packed(b"", 1, T0, T0, False)
+            return
+        assert s.packs_rows
+        buf = records_mod._recwriter.RowBuffer()
+        buf.extend(rows)
+        s.add_packed(buf.packed(), buf.rows, buf.tmin, buf.tmax, buf.odd)
+        s.flush()
+        assert s.written == 2 and s.dropped == 0
+        assert [{k: v for k, v in r.items() if k != "id"} for r in s.query(limit=0)] == \
+            [{k: v for k, v in r.items() if k != "id"} for r in want]
+        s.close()
+        s.add_packed(buf.packed(), buf.rows, buf.tmin, buf.tmax, buf.odd)     # closed: counted as lost
+        assert s.dropped == 2

@@ -201,3 +201,15 @@ def test_an_unknown_python_keeps_executemany(tmp_path: Path, monkeypatch: pytest
         assert len(store.query(limit=0)) == len(ROWS)
     finally:
         store.close()
+
+
+def test_a_buffer_adopted_from_packed_bytes_is_the_buffer_they_came_from() -> None:
+    T0 = 1_780_000_000.0
+    rows = [(T0 + 2, "c2", "127.0.0.1", "13800138000", "02150001234", "banned", "reject", 403, 0.5, 7.0),
+            (T0, "c1", "10.0.0.1", "", "110", "emergency", "allow", 0, 0.0, 3.0)]
+    buf = recwriter.RowBuffer()
+    buf.extend(rows)
+    copy = recwriter.RowBuffer.adopt(buf.packed(), buf.rows, buf.tmin, buf.tmax, buf.odd)
+    assert copy.to_rows() == buf.to_rows() == [tuple(float(v) if i in (0, 9) else v for i, v in enumerate(r))
+                                               for r in rows]
+    assert (copy.rows, copy.tmin, copy.tmax, copy.odd) == (2, T0, T0 + 2, False)

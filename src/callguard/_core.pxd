@@ -187,6 +187,7 @@ cdef class Core:
                        Decision* dec) noexcept nogil
     cdef bint _in_ranges(self, int src, str cr_digits, Num* cr) except -1
     cdef bint _is_emergency(self, Num* ce, bint exotic) except -1
+    cdef int _strings(self, Num* cr, Num* ce, int src) except -1
     cdef int _decide(self, object caller, object callee, object source, double now, Decision* dec,
                      Num* cr, Num* ce, int* src_out, bint make_strings) except -1
     cdef void _keys(self, u128 caller_key, int src, u128* keys, bint* has) noexcept

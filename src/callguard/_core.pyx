@@ -1275,6 +1275,15 @@ cdef class Core:
                 return True
         return False
 
+    cdef int _strings(self, Num* cr, Num* ce, int src) except -1:
+        """``_cr_s`` and ``_ce_s`` of the last decision, when ``_decide`` was not asked to make them."""
+        cdef str area_s = _NOTHING
+        if src >= 0 and self.srcs[src].exotic:
+            area_s = self._src_area[src]
+        self._ce_s = _digits_str(ce, area_s)
+        self._cr_s = _digits_str(cr, area_s)
+        return 0
+
     cdef int _decide(self, object caller, object callee, object source, double now, Decision* dec,
                      Num* cr, Num* ce, int* src_out, bint make_strings) except -1:
         """The twin's check() without the Verdict: fills ``dec``; returns 0."""

@@ -25,11 +25,14 @@ symbol address): otherwise :meth:`Inserter.sharing` raises and the writer keeps 
 import sqlite3 as _sqlite3_module
 import sys
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.math cimport INFINITY, isfinite
 from libc.string cimport memcpy
+
+from callguard._rowpack cimport N_FIELDS, N_TEXT, Packed, RowHead, pack_row
 
 cdef extern from *:
     """
@@ -91,57 +94,62 @@ cdef enum:
     SQLITE_CONSTRAINT = 19
     SQLITE_DONE = 101
     SQLITE_OPEN_READWRITE = 0x00000002
-    N_TEXT = 6           # call_id, source, caller, callee, rule, verdict
-    N_FIELDS = 10        # records.RECORD_FIELDS
 
-
-# One packed row: time, code, score, latency_us, then the six texts as (length, bytes).
-cdef struct RowHead:
-    double time
-    double score
-    double latency_us
-    int64_t code
-    uint32_t lens[N_TEXT]
 
 cdef class RowBuffer:
     """Decision rows packed back to back in one growing C buffer (``records.RECORD_FIELDS`` order).
 
     It also keeps the earliest and latest time packed (``tmin``, ``tmax``; ``odd`` when a time was
     not a finite number), so the writer can tell the partition of a whole buffer without its rows.
+    The layout is ``_rowpack.pxd``'s, which the proxy's fast path packs its decisions into as well.
     """
 
-    cdef char* data
-    cdef Py_ssize_t size, cap
-    cdef readonly Py_ssize_t rows
-    cdef readonly double tmin, tmax
-    cdef readonly bint odd
+    cdef Packed buf
 
     def __cinit__(self, Py_ssize_t capacity=1 << 16):
-        self.cap = capacity if capacity > 256 else 256
-        self.data = <char*>malloc(self.cap)
-        if self.data == NULL:
+        self.buf.cap = capacity if capacity > 256 else 256
+        self.buf.data = <char*>malloc(self.buf.cap)
+        if self.buf.data == NULL:
             raise MemoryError()
-        self.size = 0
-        self.rows = 0
-        self.tmin = INFINITY
-        self.tmax = -INFINITY
-        self.odd = False
+        self._reset()
 
     def __dealloc__(self):
-        free(self.data)
+        free(self.buf.data)
 
-    cdef int _reserve(self, Py_ssize_t extra) except -1:
-        cdef Py_ssize_t want = self.size + extra
-        cdef char* grown
-        if want <= self.cap:
-            return 0
-        while self.cap < want:
-            self.cap *= 2
-        grown = <char*>realloc(self.data, self.cap)
-        if grown == NULL:
-            raise MemoryError()
-        self.data = grown
-        return 0
+    cdef void _reset(self) noexcept:
+        self.buf.size = 0
+        self.buf.rows = 0
+        self.buf.tmin = INFINITY
+        self.buf.tmax = -INFINITY
+        self.buf.odd = False
+
+    @property
+    def rows(self) -> int:
+        return self.buf.rows
+
+    @property
+    def tmin(self) -> float:
+        return self.buf.tmin
+
+    @property
+    def tmax(self) -> float:
+        return self.buf.tmax
+
+    @property
+    def odd(self) -> bool:
+        return self.buf.odd
+
+    @staticmethod
+    def adopt(bytes data, Py_ssize_t rows, double tmin, double tmax, bint odd) -> RowBuffer:
+        """A buffer holding ``data``: ``rows`` rows packed elsewhere in this layout (the fast path's)."""
+        cdef RowBuffer rb = RowBuffer(len(data))
+        memcpy(rb.buf.data, <const char*>data, len(data))
+        rb.buf.size = len(data)
+        rb.buf.rows = rows
+        rb.buf.tmin = tmin
+        rb.buf.tmax = tmax
+        rb.buf.odd = odd
+        return rb
 
     cpdef void append(self, tuple row) except *:
         """Pack one row: a tuple of at least the ten ``RECORD_FIELDS`` values (later items are ignored).
@@ -151,7 +159,7 @@ cdef class RowBuffer:
         """
         cdef RowHead head
         cdef const char* texts[N_TEXT]
-        cdef Py_ssize_t n, total = sizeof(RowHead)
+        cdef Py_ssize_t n
         cdef int k
         cdef list keep = []
         if len(row) < N_FIELDS:
@@ -181,20 +189,9 @@ cdef class RowBuffer:
             if n > 0xFFFFFFF:
                 raise ValueError("record text too long")
             head.lens[k] = <uint32_t>n
-            total += n
-        self._reserve(total)
-        if not isfinite(head.time) or row[0] is None:
-            self.odd = True     # the writer sorts such a row out by itself (stored with time 0, or refused)
-        if head.time < self.tmin:
-            self.tmin = head.time
-        if head.time > self.tmax:
-            self.tmax = head.time
-        memcpy(self.data + self.size, &head, sizeof(RowHead))
-        self.size += sizeof(RowHead)
-        for k in range(N_TEXT):
-            memcpy(self.data + self.size, texts[k], head.lens[k])
-            self.size += head.lens[k]
-        self.rows += 1
+        if row[0] is None:
+            self.buf.odd = True     # stored with time 0 by the writer's own rules, as a non-finite time
+        pack_row(&self.buf, &head, texts)
 
     def extend(self, rows) -> None:
         """Pack every row of an iterable (see :meth:`append`)."""
@@ -202,14 +199,14 @@ cdef class RowBuffer:
             self.append(<tuple?>row)
 
     def clear(self) -> None:
-        self.size = 0
-        self.rows = 0
-        self.tmin = INFINITY
-        self.tmax = -INFINITY
-        self.odd = False
+        self._reset()
 
     def __len__(self) -> int:
-        return self.rows
+        return self.buf.rows
+
+    def packed(self) -> bytes:
+        """The packed rows, as :meth:`adopt` takes them."""
+        return PyBytes_FromStringAndSize(self.buf.data, self.buf.size)
 
     def to_rows(self) -> list:
         """The packed rows as tuples again (the ``executemany`` fallback after a failed insert)."""
@@ -218,12 +215,12 @@ cdef class RowBuffer:
         cdef RowHead head
         cdef int k
         cdef list texts
-        while at < self.size:
-            memcpy(&head, self.data + at, sizeof(RowHead))
+        while at < self.buf.size:
+            memcpy(&head, self.buf.data + at, sizeof(RowHead))
             at += sizeof(RowHead)
             texts = []
             for k in range(N_TEXT):
-                texts.append(PyUnicode_DecodeUTF8(self.data + at, head.lens[k], "replace"))
+                texts.append(PyUnicode_DecodeUTF8(self.buf.data + at, head.lens[k], "replace"))
                 at += head.lens[k]
             out.append((head.time, texts[0], texts[1], texts[2], texts[3], texts[4], texts[5], head.code,
                         head.score, head.latency_us))
@@ -357,7 +354,7 @@ cdef class Inserter:
             raise RuntimeError("prepare() an INSERT first")
         if not self.owned and sqlite3_get_autocommit(self.db):
             raise RuntimeError("the shared connection has no transaction open")
-        if rows.rows == 0:
+        if rows.buf.rows == 0:
             return 0
         return self.insert_many([rows])
 
@@ -397,8 +394,8 @@ cdef class Inserter:
             raise MemoryError()
         for i in range(n):      # the list holds the buffers (and their data) until we return
             buf = <RowBuffer>buffers[i]
-            datas[i] = buf.data
-            sizes[i] = buf.size
+            datas[i] = buf.buf.data
+            sizes[i] = buf.buf.size
         try:
             with nogil:
                 if owned:

@@ -588,6 +588,24 @@ class RecordStore:
                 packed = None   # the writer sorts these rows out one by one
         self._queue.append(_Rows(None if packed is not None else rows, packed))
 
+    @property
+    def packs_rows(self) -> bool:
+        """Whether :meth:`add_packed` is there to take rows packed elsewhere (the compiled writer is)."""
+        return self._inserter is not None
+
+    def add_packed(self, data: bytes, rows: int, tmin: float, tmax: float, odd: bool) -> None:
+        """Queue ``rows`` decision records packed in ``RowBuffer``'s layout (the proxy's fast path packs
+        its decisions so, without a tuple or a string per row); never blocks."""
+        if self._inserter is None:
+            raise RuntimeError("add_packed needs the compiled records writer (see packs_rows)")
+        if rows <= 0:
+            return
+        if self._closed or len(self._queue) >= self.queue_max:
+            for _ in range(rows):
+                self._drop()
+            return
+        self._queue.append(_Rows(None, _recwriter.RowBuffer.adopt(data, rows, tmin, tmax, odd)))
+
     def outcome(self, call_id: str, final_code: int | None = None, answered_at: float | None = None,
                 ended_at: float | None = None) -> None:
         """Queue the outcome of a call: its final response, when it was answered, when it ended.

@@ -37,10 +37,13 @@ from cpython.dict cimport PyDict_DelItem, PyDict_GetItem
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.errno cimport EINTR, errno
+from libc.math cimport INFINITY
+from libc.stdint cimport uint32_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memchr, memcpy, memset, strlen
+from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
 from callguard._core cimport Core, Decision, Num
+from callguard._rowpack cimport N_TEXT, RowHead, pack_row, Packed
 from callguard.sip._sipscan cimport (
     MAX_CSEQ, TOKEN, bad_request_uri_char, check_request_uri, check_via, is_ws, parse_addr, parse_digits, skip_ws,
 )
@@ -100,6 +103,11 @@ cdef extern from *:
 
 # ---------------------------------------------------------------- the strict scan
 cdef enum:
+    ROWS_NONE = 0          # FastPath.rows_mode: no call records (records and decision logs off)
+    ROWS_TUPLES = 1        # a tuple per decision in FastPath.decisions (decision logs; records without the
+                           # compiled writer)
+    ROWS_PACKED = 2        # packed into RowBuffer's layout (take_packed)
+    PACKED_KEEP = 1 << 20  # bytes of packed rows kept between batches
     M_OTHER = 0
     M_INVITE = 1
     M_ACK = 2
@@ -437,10 +445,378 @@ TX_LINGER = 32.0
 T4 = 5.0
 
 
+# ---------------------------------------------------------------- the server transactions
+cdef extern from "Python.h":
+    Py_hash_t _Py_HashBytes(const void* src, Py_ssize_t n)
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+
+
+cdef struct TxEntry:
+    PyObject* value
+    PyObject* key          # the Python key, NULL until asked for (an entry the fast path made)
+    Py_ssize_t blen        # kb: the branch, a NUL, the sent-by in lower case
+    Py_ssize_t klen
+    char kb[1]
+
+
+cdef struct TxSlot:
+    Py_hash_t h
+    TxEntry* e             # NULL: empty
+
+
+cdef enum:
+    TX_KEY_MAX = 512       # longer (branch, sent-by) keys live in the table's dict (the Python path only)
+    TX_MIN_SLOTS = 1024
+
+
+cdef class TxTable:
+    """The proxy's server transactions (``stx``), keyed by (Via branch, sent-by): a mapping the
+    Python path uses as a dict, and the fast path probes with the bytes of a datagram.
+
+    Every call the fast path rejects used to cost a key tuple, two strings and a dict entry, made,
+    hashed and compared twice (the INVITE, then its ACK) and freed after the linger: at 10k calls/s
+    some 50,000 of them alive, each lookup a chain of cache misses through the tuple and its
+    strings.  Here a key is the branch and the sent-by as bytes, hashed with the interpreter's own
+    keyed hash (SipHash, seeded at start: a hostile flood cannot aim at one chain), in an open
+    addressing table of (hash, entry) slots: the fast path makes no Python object to find, store
+    or forget a transaction.  Keys that are not two strings (the RFC 2543 fallback of
+    ``proxy.tx_key``), or longer than ``TX_KEY_MAX`` bytes, live in an ordinary dict beside it;
+    the fast path leaves such messages to the Python path.
+    """
+
+    cdef TxSlot* slots
+    cdef Py_ssize_t mask, used
+    cdef dict other
+
+    def __cinit__(self):
+        self.slots = <TxSlot*>malloc(TX_MIN_SLOTS * sizeof(TxSlot))
+        if self.slots == NULL:
+            raise MemoryError()
+        memset(self.slots, 0, TX_MIN_SLOTS * sizeof(TxSlot))
+        self.mask = TX_MIN_SLOTS - 1
+        self.used = 0
+        self.other = {}
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.slots != NULL:
+            for i in range(self.mask + 1):
+                if self.slots[i].e != NULL:
+                    _tx_free(self.slots[i].e)
+            free(self.slots)
+
+    # ------------------------------------------------------------ C entry points
+    cdef Py_ssize_t _find(self, Py_hash_t h, const char* kb, Py_ssize_t blen, Py_ssize_t klen) noexcept:
+        """The slot of the key, or -1."""
+        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.mask)
+        cdef TxEntry* e
+        while True:
+            e = self.slots[i].e
+            if e == NULL:
+                return -1
+            if self.slots[i].h == h and e.klen == klen and e.blen == blen and memcmp(e.kb, kb, klen) == 0:
+                return i
+            i = (i + 1) & self.mask
+
+    cdef PyObject* find(self, Py_hash_t h, const char* kb, Py_ssize_t blen, Py_ssize_t klen) noexcept:
+        """The value of the key (a borrowed reference), or NULL."""
+        cdef Py_ssize_t i = self._find(h, kb, blen, klen)
+        return NULL if i < 0 else self.slots[i].e.value
+
+    cdef int put(self, Py_hash_t h, const char* kb, Py_ssize_t blen, Py_ssize_t klen, object value,
+                 object key) except -1:
+        """Set the key's value (``key``: its Python form, or None to make it when asked for)."""
+        cdef Py_ssize_t i = self._find(h, kb, blen, klen)
+        cdef TxEntry* e
+        cdef PyObject* old
+        if i >= 0:
+            e = self.slots[i].e
+            old = e.value
+            Py_INCREF(value)
+            e.value = <PyObject*>value
+            if e.key == NULL and key is not None:
+                Py_INCREF(key)
+                e.key = <PyObject*>key
+            Py_DECREF(<object>old)          # last: a finaliser sees the table whole
+            return 0
+        if (self.used + 1) * 2 > self.mask + 1:
+            self._resize((self.mask + 1) * 2)
+        e = <TxEntry*>malloc(sizeof(TxEntry) + klen)
+        if e == NULL:
+            raise MemoryError()
+        memcpy(e.kb, kb, klen)
+        e.blen = blen
+        e.klen = klen
+        Py_INCREF(value)
+        e.value = <PyObject*>value
+        if key is not None:
+            Py_INCREF(key)
+            e.key = <PyObject*>key
+        else:
+            e.key = NULL
+        i = <Py_ssize_t>(<size_t>h & <size_t>self.mask)
+        while self.slots[i].e != NULL:
+            i = (i + 1) & self.mask
+        self.slots[i].h = h
+        self.slots[i].e = e
+        self.used += 1
+        return 0
+
+    cdef int _resize(self, Py_ssize_t size) except -1:
+        cdef TxSlot* grown = <TxSlot*>malloc(size * sizeof(TxSlot))
+        cdef TxSlot* old = self.slots
+        cdef Py_ssize_t i, j, oldsize = self.mask + 1, mask = size - 1
+        if grown == NULL:
+            raise MemoryError()
+        memset(grown, 0, size * sizeof(TxSlot))
+        for i in range(oldsize):
+            if old[i].e != NULL:
+                j = <Py_ssize_t>(<size_t>old[i].h & <size_t>mask)
+                while grown[j].e != NULL:
+                    j = (j + 1) & mask
+                grown[j] = old[i]
+        self.slots = grown
+        self.mask = mask
+        free(old)
+        return 0
+
+    cdef TxEntry* _unlink(self, Py_ssize_t i) noexcept:
+        """Take the entry of slot ``i`` out (backward-shift deletion: no tombstones); the caller frees it."""
+        cdef TxEntry* gone = self.slots[i].e
+        cdef Py_ssize_t j = i, k
+        while True:
+            j = (j + 1) & self.mask
+            if self.slots[j].e == NULL:
+                break
+            k = <Py_ssize_t>(<size_t>self.slots[j].h & <size_t>self.mask)
+            # the entry at j may move to i unless its home slot k lies cyclically in (i, j]
+            if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
+                continue
+            self.slots[i] = self.slots[j]
+            i = j
+        self.slots[i].e = NULL
+        self.used -= 1
+        return gone
+
+    cdef int _remove(self, Py_ssize_t i) except -1:
+        cdef TxEntry* gone = self._unlink(i)
+        try:
+            if self.mask + 1 > TX_MIN_SLOTS and self.used * 8 < self.mask + 1:
+                self._resize((self.mask + 1) // 2)
+        finally:
+            _tx_free(gone)      # last: whatever its value frees sees the table whole
+        return 0
+
+    cdef bint discard(self, Py_hash_t h, PyObject* value) except -1:
+        """Forget the entry of hash ``h`` holding ``value`` (a linger is over); False when none does."""
+        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.mask)
+        cdef TxEntry* e
+        while True:
+            e = self.slots[i].e
+            if e == NULL:
+                return False
+            if self.slots[i].h == h and e.value == value:
+                self._remove(i)
+                return True
+            i = (i + 1) & self.mask
+
+    cdef bint discard_key(self, object key, object value) except -1:
+        """Forget ``key`` if it still holds ``value``."""
+        cdef char buf[TX_KEY_MAX]
+        cdef Py_ssize_t blen, i
+        cdef Py_ssize_t klen = _tx_pykey(key, buf, &blen)
+        cdef Py_hash_t h
+        if klen < 0:
+            if self.other.get(key) is value:
+                del self.other[key]
+                return True
+            return False
+        h = _Py_HashBytes(buf, klen)
+        i = self._find(h, buf, blen, klen)
+        if i >= 0 and self.slots[i].e.value == <PyObject*>value:
+            self._remove(i)
+            return True
+        return False
+
+    # ------------------------------------------------------------ the mapping
+    cdef Py_ssize_t _slot_of(self, object key, Py_hash_t* hp) except -2:
+        """The slot of a Python key in the C table, -1 when absent there, -3 when the key belongs to
+        the dict beside it (``self.other``)."""
+        cdef char buf[TX_KEY_MAX]
+        cdef Py_ssize_t blen
+        cdef Py_ssize_t klen = _tx_pykey(key, buf, &blen)
+        if klen < 0:
+            hp[0] = 0
+            return -3
+        hp[0] = _Py_HashBytes(buf, klen)
+        return self._find(hp[0], buf, blen, klen)
+
+    def get(self, key, default=None):
+        cdef Py_hash_t h
+        cdef Py_ssize_t i = self._slot_of(key, &h)
+        if i == -3:
+            return self.other.get(key, default)
+        if i < 0:
+            return default
+        return <object>self.slots[i].e.value
+
+    def __getitem__(self, key):
+        cdef Py_hash_t h
+        cdef Py_ssize_t i = self._slot_of(key, &h)
+        if i == -3:
+            return self.other[key]
+        if i < 0:
+            raise KeyError(key)
+        return <object>self.slots[i].e.value
+
+    def __contains__(self, key) -> bool:
+        cdef Py_hash_t h
+        cdef Py_ssize_t i = self._slot_of(key, &h)
+        if i == -3:
+            return key in self.other
+        return i >= 0
+
+    def __setitem__(self, key, value) -> None:
+        cdef char buf[TX_KEY_MAX]
+        cdef Py_ssize_t blen
+        cdef Py_ssize_t klen = _tx_pykey(key, buf, &blen)
+        if klen < 0:
+            self.other[key] = value
+            return
+        self.put(_Py_HashBytes(buf, klen), buf, blen, klen, value, key)
+
+    def __delitem__(self, key) -> None:
+        cdef Py_hash_t h
+        cdef Py_ssize_t i = self._slot_of(key, &h)
+        if i == -3:
+            del self.other[key]
+        elif i < 0:
+            raise KeyError(key)
+        else:
+            self._remove(i)
+
+    def pop(self, key, *default):
+        cdef Py_hash_t h
+        cdef Py_ssize_t i = self._slot_of(key, &h)
+        if i == -3:
+            return self.other.pop(key, *default)
+        if i < 0:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        value = <object>self.slots[i].e.value
+        self._remove(i)
+        return value
+
+    def __len__(self) -> int:
+        return self.used + len(self.other)
+
+    cdef object _key_at(self, Py_ssize_t i):
+        cdef TxEntry* e = self.slots[i].e
+        if e.key == NULL:
+            key = _untracked((_s(<const unsigned char*>e.kb, 0, e.blen),
+                              _s(<const unsigned char*>e.kb, e.blen + 1, e.klen)))
+            Py_INCREF(key)
+            e.key = <PyObject*>key
+        return <object>e.key
+
+    def keys(self) -> list:
+        """The keys, as a list (a snapshot: the table may change while it is walked)."""
+        cdef Py_ssize_t i
+        out = [self._key_at(i) for i in range(self.mask + 1) if self.slots[i].e != NULL]
+        out.extend(self.other)
+        return out
+
+    def values(self) -> list:
+        cdef Py_ssize_t i
+        out = [<object>self.slots[i].e.value for i in range(self.mask + 1) if self.slots[i].e != NULL]
+        out.extend(self.other.values())
+        return out
+
+    def items(self) -> list:
+        cdef Py_ssize_t i
+        out = [(self._key_at(i), <object>self.slots[i].e.value) for i in range(self.mask + 1)
+               if self.slots[i].e != NULL]
+        out.extend(self.other.items())
+        return out
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def clear(self) -> None:
+        cdef Py_ssize_t i
+        cdef list gone = []
+        for i in range(self.mask + 1):
+            if self.slots[i].e != NULL:
+                gone.append(<object>self.slots[i].e.value)
+                _tx_free(self.slots[i].e)
+                self.slots[i].e = NULL
+        self.used = 0
+        self.other.clear()
+
+    def __repr__(self) -> str:
+        return f"TxTable({len(self)} transactions)"
+
+
+cdef void _tx_free(TxEntry* e) noexcept:
+    cdef PyObject* value = e.value
+    cdef PyObject* key = e.key
+    free(e)
+    if key != NULL:
+        Py_DECREF(<object>key)
+    Py_DECREF(<object>value)
+
+
+cdef Py_ssize_t _tx_pykey(object key, char* buf, Py_ssize_t* blen) except -2:
+    """``key`` = (branch, sent-by) as the fast path writes it into ``buf``: its length, -1 when the key
+    belongs to the table's dict (not two strings, not UTF-8, too long)."""
+    cdef const char* b
+    cdef const char* v
+    cdef Py_ssize_t nb, nv
+    if type(key) is not tuple or len(<tuple>key) != 2:
+        return -1
+    kb = (<tuple>key)[0]
+    ks = (<tuple>key)[1]
+    if type(kb) is not str or type(ks) is not str:
+        return -1
+    try:
+        b = PyUnicode_AsUTF8AndSize(kb, &nb)
+        v = PyUnicode_AsUTF8AndSize(ks, &nv)
+    except UnicodeError:
+        return -1
+    if nb + 1 + nv > TX_KEY_MAX:
+        return -1
+    memcpy(buf, b, nb)
+    buf[nb] = 0
+    memcpy(buf + nb + 1, v, nv)
+    blen[0] = nb
+    return nb + 1 + nv
+
+
+cdef inline Py_ssize_t _tx_rawkey(const unsigned char* p, Scan* sc, char* buf, Py_ssize_t* blen) noexcept:
+    """The key of a scanned request into ``buf`` (branch, NUL, sent-by in lower case): its length, -1
+    when longer than ``TX_KEY_MAX`` (the Python path takes the message)."""
+    cdef Py_ssize_t nb = sc.br_e - sc.br_s, nv = sc.sent_e - sc.sent_s, k
+    cdef unsigned char c
+    if nb + 1 + nv > TX_KEY_MAX:
+        return -1
+    memcpy(buf, p + sc.br_s, nb)
+    buf[nb] = 0
+    if sc.sent_upper:
+        for k in range(nv):
+            c = p[sc.sent_s + k]
+            buf[nb + 1 + k] = <char>(c | 32) if 65 <= c <= 90 else <char>c
+    else:
+        memcpy(buf + nb + 1, p + sc.sent_s, nv)
+    blen[0] = nb
+    return nb + 1 + nv
+
+
 # ---------------------------------------------------------------- forgetting what we answered
 cdef struct Linger:
     double deadline
-    PyObject* key
+    PyObject* key          # NULL: an entry of a TxTable the fast path made, known by its hash
+    Py_hash_t h
     PyObject* value
 
 
@@ -457,7 +833,7 @@ cdef class LingerQueue:
     """
 
     cdef Linger* ring
-    cdef Py_ssize_t cap, head, count
+    cdef Py_ssize_t cap, head, count       # cap: a power of two (positions wrap with a mask, not a division)
 
     def __cinit__(self):
         self.cap = 1024
@@ -485,36 +861,59 @@ cdef class LingerQueue:
             self.ring = grown
             self.head = 0
             self.cap *= 2
-        k = (self.head + self.count) % self.cap
+        k = (self.head + self.count) & (self.cap - 1)
         Py_INCREF(key)
         Py_INCREF(value)
         self.ring[k].deadline = deadline
         self.ring[k].key = <PyObject*>key
+        self.ring[k].h = 0
         self.ring[k].value = <PyObject*>value
         self.count += 1
+        return 0
+
+    cdef int push_hashed(self, double deadline, Py_hash_t h, object value) except -1:
+        """As :meth:`push`, for an entry of a :class:`TxTable` the fast path made (no key object)."""
+        cdef Py_ssize_t k
+        self.push(deadline, None, value)
+        k = (self.head + self.count - 1) & (self.cap - 1)
+        Py_DECREF(None)
+        self.ring[k].key = NULL
+        self.ring[k].h = h
         return 0
 
     cdef void _drop(self, Py_ssize_t n):
         cdef Linger* e
         while n > 0 and self.count > 0:
             e = &self.ring[self.head]
-            Py_DECREF(<object>e.key)
+            if e.key != NULL:
+                Py_DECREF(<object>e.key)
             Py_DECREF(<object>e.value)
-            self.head = (self.head + 1) % self.cap
+            self.head = (self.head + 1) & (self.cap - 1)
             self.count -= 1
             n -= 1
 
-    def expire(self, double now, dict table) -> int:
-        """Forget every entry due by ``now``: removed from ``table`` if it still holds that value."""
+    def expire(self, double now, table) -> int:
+        """Forget every entry due by ``now``: removed from ``table`` (a dict or a :class:`TxTable`) if it
+        still holds that value."""
         cdef Linger* e
         cdef PyObject* held
         cdef int done = 0
+        cdef TxTable tt = table if type(table) is TxTable else None
+        cdef dict dt = None
+        if tt is None:
+            dt = <dict?>table
         while self.count > 0 and self.ring[self.head].deadline <= now:
             e = &self.ring[self.head]
             if e.value != <PyObject*>None:     # None: released, another queue forgets it
-                held = PyDict_GetItem(table, <object>e.key)
-                if held != NULL and held == e.value:
-                    PyDict_DelItem(table, <object>e.key)
+                if tt is not None:
+                    if e.key == NULL:
+                        tt.discard(e.h, e.value)
+                    else:
+                        tt.discard_key(<object>e.key, <object>e.value)
+                elif e.key != NULL:
+                    held = PyDict_GetItem(dt, <object>e.key)
+                    if held != NULL and held == e.value:
+                        PyDict_DelItem(dt, <object>e.key)
             self._drop(1)
             done += 1
         return done
@@ -531,10 +930,11 @@ cdef class LingerQueue:
         cdef Py_ssize_t k, back = 0
         cdef Linger* e
         while back < self.count and back < max_back:
-            k = (self.head + self.count - 1 - back) % self.cap
+            k = (self.head + self.count - 1 - back) & (self.cap - 1)
             e = &self.ring[k]
             if e.value == <PyObject*>value:
-                Py_DECREF(<object>e.key)
+                if e.key != NULL:
+                    Py_DECREF(<object>e.key)
                 Py_DECREF(<object>e.value)
                 Py_INCREF(None)
                 Py_INCREF(None)
@@ -547,7 +947,7 @@ cdef class LingerQueue:
     def append(self, double deadline, key, value) -> None:
         """Queue ``key`` to be forgotten at ``deadline`` if the table still holds ``value`` then
         (deadlines must not decrease: the queue is taken in arrival order)."""
-        if self.count and deadline < self.ring[(self.head + self.count - 1) % self.cap].deadline:
+        if self.count and deadline < self.ring[(self.head + self.count - 1) & (self.cap - 1)].deadline:
             raise ValueError("deadlines must not decrease")
         self.push(deadline, key, value)
 
@@ -624,8 +1024,11 @@ cdef class FastPath:
     cdef Py_ssize_t max_size
     cdef object trust_identity       # callable(ip) -> bool
     cdef public bint enabled
-    # per batch, read and reset by the proxy
-    cdef public list decisions       # call-record rows + (shadowed,)
+    # per batch, read and reset by the proxy: the call records of the decisions, as rows_mode says
+    cdef public int rows_mode
+    cdef public list decisions       # ROWS_TUPLES: call-record rows + (shadowed,)
+    cdef Packed packed               # ROWS_PACKED: RowBuffer's layout (take_packed)
+    cdef list rule_names_b           # per rule index, the name in UTF-8
     # decisions of the batch per rule index, and their core times by latency bucket (and summed)
     cdef unsigned long rule_n[MAX_RULES]
     cdef unsigned long lat_n[MAX_BUCKETS]
@@ -663,6 +1066,11 @@ cdef class FastPath:
         self.soverflow = []
         self.in_codes = {}
         self.decisions = []
+        self.rows_mode = ROWS_TUPLES
+        self.packed.data = NULL
+        self.packed.cap = 0
+        self._reset_packed()
+        self.rule_names_b = []
         self.out_codes = {}
         self.lingering = LingerQueue()
         self.lingering_acked = LingerQueue()
@@ -677,6 +1085,7 @@ cdef class FastPath:
         self.kept_since = 0.0
 
     def __dealloc__(self):
+        free(self.packed.data)
         free(self.bufs)
         free_vectors(self.msgs, self.iovs, self.addrs)
         free_vectors(self.smsgs, self.siovs, self.saddrs)
@@ -715,6 +1124,7 @@ cdef class FastPath:
             raise ValueError(f"at most {MAX_RULES} rules")
         self.core = <Core>core
         self.rule_names = list(rule_names)
+        self.rule_names_b = [str(name).encode("utf-8") for name in self.rule_names]
         self.r_allow = self.rule_names.index("allow")
         self.r_emergency = self.rule_names.index("emergency")
         self.r_untrusted = self.rule_names.index("untrusted_source")
@@ -806,7 +1216,7 @@ cdef class FastPath:
         cdef int got
         cdef double now
         cdef list rest
-        cdef dict stx = proxy.stx
+        cdef TxTable stx = proxy.stx
         listener.in_batch = True
         try:
             for round_ in range(self.max_rounds):
@@ -897,11 +1307,11 @@ cdef class FastPath:
         self._reset_counts()
         return out
 
-    def expire(self, double now, dict stx) -> int:
+    def expire(self, double now, stx) -> int:
         """Forget the answered transactions whose linger is over (the proxy's timer tick calls this)."""
         return self.lingering.expire(now, stx) + self.lingering_acked.expire(now, stx)
 
-    def run(self, proxy, ep, dict stx, double mono, long headroom, unsigned int max_batch=64):
+    def run(self, proxy, ep, TxTable stx, double mono, long headroom, unsigned int max_batch=64):
         """Receive and handle one batch; returns the number of datagrams read (raises OSError).
 
         ``headroom``: INVITEs that may still be forwarded before the proxy is at ``max_in_flight``
@@ -909,7 +1319,7 @@ cdef class FastPath:
         """
         return self._run(proxy, ep, stx, mono, headroom, max_batch)
 
-    cdef int _run(self, proxy, ep, dict stx, double mono, long headroom, unsigned int max_batch) except -1:
+    cdef int _run(self, proxy, ep, TxTable stx, double mono, long headroom, unsigned int max_batch) except -1:
         cdef unsigned int i, count = max_batch if max_batch < self.capacity else self.capacity
         cdef int got, method, port, rule, src
         cdef unsigned int length, k
@@ -920,6 +1330,10 @@ cdef class FastPath:
         cdef double now, t0, lat
         cdef bint fast = self.enabled
         cdef socklen_t alen
+        cdef char kbuf[TX_KEY_MAX]
+        cdef Py_ssize_t blen, klen
+        cdef Py_hash_t h
+        cdef PyObject* prevp
         handler = proxy.handle
         got = recv_batch(self.fd, self.msgs, self.iovs, self.addrs, self.bufs, self.bufsize, count)
         for i in range(<unsigned int>got):
@@ -944,23 +1358,28 @@ cdef class FastPath:
                 handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
                         ep)
                 continue
-            branch = PyUnicode_DecodeASCII(<const char*>p + sc.br_s, sc.br_e - sc.br_s, NULL)
-            sent_by = PyUnicode_DecodeASCII(<const char*>p + sc.sent_s, sc.sent_e - sc.sent_s, NULL)
-            if sc.sent_upper:
-                sent_by = sent_by.lower()
-            key = _untracked((branch, sent_by))
-            prev = stx.get(key)
+            # The server transaction, found from the datagram's bytes: no key object is made unless
+            # a transaction object needs one (a forwarded call, an ACK to a relayed final).
+            klen = _tx_rawkey(p, &sc, kbuf, &blen)
+            if klen < 0:
+                self.slow += 1
+                handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
+                        ep)
+                continue
+            h = _Py_HashBytes(kbuf, klen)
+            prevp = stx.find(h, kbuf, blen, klen)
+            prev = None if prevp == NULL else <object>prevp
             if method == M_ACK:
                 if type(prev) is bytes:
                     # The ACK to our own final: absorbed; the transaction goes after Timer I.
                     self.acks_in += 1
-                    self.lingering_acked.push(mono + T4, key, prev)
+                    self.lingering_acked.push_hashed(mono + T4, h, prev)
                     self.lingering.release(prev, RELEASE_SEARCH)
                 elif prev is not None and (prev.final >= 300 or not prev.final):
                     # The ACK to a non-2xx final the proxy relayed (and ACKed itself): absorbed too.
                     self.acks_in += 1
                     if prev.final:
-                        self._acked(proxy, key, prev, mono)
+                        self._acked(proxy, prev.key, prev, mono)
                 else:
                     self.slow += 1
                     handler(PyBytes_FromStringAndSize(<const char*>p, length),
@@ -989,7 +1408,7 @@ cdef class FastPath:
             now = _clock(CLOCK_REALTIME)
             t0 = _clock(CLOCK_MONOTONIC)
             try:
-                self.core._decide(caller, callee, ip, now, &dec, &cr, &ce, &src, True)
+                self.core._decide(caller, callee, ip, now, &dec, &cr, &ce, &src, self.rows_mode == ROWS_TUPLES)
             except Exception:  # noqa - the slow path decides again and fails open there, counted
                 self.slow += 1
                 handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
@@ -1005,34 +1424,96 @@ cdef class FastPath:
                     self.lat_n[k] += 1
                     break
             self.counted = True
-            call_id = _s(p, sc.cid_s, sc.cid_e)
-            if dec.nshadow:
+            allowed = rule == self.r_allow or rule == self.r_emergency
+            code = 0 if allowed else self.core.codes[rule]
+            # The call record: packed here, or a tuple for the proxy (decision logs); a rejection
+            # then makes no Python object but its response.
+            if self.rows_mode == ROWS_PACKED:
+                self._pack(now, p, &sc, ip, &cr, &ce, rule, allowed, code, dec.score, <long>(lat * 1e6))
+            shadowed = ()
+            if dec.nshadow and (allowed or self.rows_mode == ROWS_TUPLES):
                 shadowed = tuple([self.rule_names[dec.shadow[k]] for k in range(dec.nshadow)])
-            else:
-                shadowed = ()
-            if rule == self.r_allow or rule == self.r_emergency:
-                self.decisions.append(_untracked((now, call_id, ip, self.core._cr_s, self.core._ce_s, self.rule_names[rule],
-                                       "allow", 0, dec.score, <long>(lat * 1e6), shadowed)))
+            call_id = None
+            if allowed or self.rows_mode == ROWS_TUPLES:
+                call_id = _s(p, sc.cid_s, sc.cid_e)
+                if self.core._cr_s is None:
+                    self.core._strings(&cr, &ce, src)
+            if self.rows_mode == ROWS_TUPLES:
+                self.decisions.append(_untracked((now, call_id, ip, self.core._cr_s, self.core._ce_s,
+                                                  self.rule_names[rule], "allow" if allowed else "reject", code,
+                                                  dec.score, <long>(lat * 1e6), shadowed)))
+            if allowed:
                 headroom -= 1
-                if self.fwd is not None and "untrusted_source" not in shadowed \
-                        and self._forward(proxy, ep, p, length, &sc, i, stx, key, call_id, ip, port, mono, now):
-                    continue
+                if self.fwd is not None and "untrusted_source" not in shadowed:
+                    key = _untracked((PyUnicode_DecodeASCII(kbuf, blen, NULL),
+                                      PyUnicode_DecodeASCII(kbuf + blen + 1, klen - blen - 1, NULL)))
+                    if self._forward(proxy, ep, p, length, &sc, i, stx, key, call_id, ip, port, mono, now):
+                        continue
                 proxy.fast_allowed(PyBytes_FromStringAndSize(<const char*>p, length),
                                    _addr_tuple(&self.addrs[i], ip, port), ep, self.core._cr_s, self.core._ce_s,
                                    shadowed)
                 continue
-            code = self.core.codes[rule]
-            self.decisions.append(_untracked((now, call_id, ip, self.core._cr_s, self.core._ce_s, self.rule_names[rule],
-                                   "reject", code, dec.score, <long>(lat * 1e6), shadowed)))
             resp = self._reject(p, &sc, rule)
-            stx[key] = resp
-            self.lingering.push(mono + TX_LINGER, key, resp)
+            stx.put(h, kbuf, blen, klen, resp, None)
+            self.lingering.push_hashed(mono + TX_LINGER, h, resp)
             self._queue(resp, &self.addrs[i], alen)
             n = self.out_codes.get(code)
             self.out_codes[code] = 1 if n is None else n + 1
         return got
 
-    cdef bint _forward(self, proxy, ep, const unsigned char* p, Py_ssize_t n, Scan* sc, unsigned int i, dict stx,
+    cdef int _pack(self, double now, const unsigned char* p, Scan* sc, str ip, Num* cr, Num* ce, int rule,
+                   bint allowed, int code, double score, long latency_us) except -1:
+        """The decision's call record, packed as ``RowBuffer.append`` packs the proxy's tuple of it."""
+        cdef RowHead head
+        cdef const char* texts[N_TEXT]
+        cdef Py_ssize_t n
+        head.time = now
+        head.code = code
+        head.score = score
+        head.latency_us = <double>latency_us
+        texts[0] = <const char*>p + sc.cid_s           # printable ASCII: the scan took nothing else
+        head.lens[0] = <uint32_t>(sc.cid_e - sc.cid_s)
+        texts[1] = PyUnicode_AsUTF8AndSize(ip, &n)
+        head.lens[1] = <uint32_t>n
+        # the normalised numbers: their digits, or the strings the core made (an area not in ASCII)
+        if self.core._cr_s is None:
+            texts[2] = cr.d
+            head.lens[2] = <uint32_t>cr.n
+            texts[3] = ce.d
+            head.lens[3] = <uint32_t>ce.n
+        else:
+            texts[2] = PyUnicode_AsUTF8AndSize(self.core._cr_s, &n)
+            head.lens[2] = <uint32_t>n
+            texts[3] = PyUnicode_AsUTF8AndSize(self.core._ce_s, &n)
+            head.lens[3] = <uint32_t>n
+        texts[4] = PyBytes_AS_STRING(<bytes>self.rule_names_b[rule])
+        head.lens[4] = <uint32_t>PyBytes_GET_SIZE(<bytes>self.rule_names_b[rule])
+        texts[5] = b"allow" if allowed else b"reject"
+        head.lens[5] = 5 if allowed else 6
+        return pack_row(&self.packed, &head, texts)
+
+    def take_packed(self):
+        """The call records packed since the last call, reset: ``None`` when none, else ``(data, rows,
+        earliest time, latest time, odd)`` -- ``RecordStore.add_packed`` takes it as it is."""
+        if self.packed.rows == 0:
+            return None
+        out = (PyBytes_FromStringAndSize(self.packed.data, self.packed.size), self.packed.rows, self.packed.tmin,
+               self.packed.tmax, self.packed.odd)
+        self._reset_packed()
+        if self.packed.cap > PACKED_KEEP:     # a burst: give the memory back
+            free(self.packed.data)
+            self.packed.data = NULL
+            self.packed.cap = 0
+        return out
+
+    cdef void _reset_packed(self) noexcept:
+        self.packed.size = 0
+        self.packed.rows = 0
+        self.packed.tmin = INFINITY
+        self.packed.tmax = -INFINITY
+        self.packed.odd = False
+
+    cdef bint _forward(self, proxy, ep, const unsigned char* p, Py_ssize_t n, Scan* sc, unsigned int i, TxTable stx,
                        key, call_id, ip, int port, double mono, double now) except -1:
         """The compiled forward path for an allowed INVITE; False: the proxy forwards it (fast_allowed)."""
         try:
@@ -1108,6 +1589,28 @@ def _clean(str text) -> str:
     return "".join(" " if (ord(ch) < 32 and ch != "\t") or ord(ch) == 127 else ch for ch in text)
 
 
+def tx_probe(TxTable table, bytes data, value=None):
+    """The transaction the fast path finds in ``table`` for a request datagram (None: none); with
+    ``value``, store it there first, as the fast path stores a rejection (for tests).  ValueError when
+    the fast path would leave the datagram to the Python path."""
+    cdef Scan sc
+    cdef char kbuf[TX_KEY_MAX]
+    cdef Py_ssize_t blen, klen
+    cdef Py_hash_t h
+    cdef PyObject* found
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    if scan(p, PyBytes_GET_SIZE(data), &sc) == M_OTHER:
+        raise ValueError("not a request the fast path handles")
+    klen = _tx_rawkey(p, &sc, kbuf, &blen)
+    if klen < 0:
+        raise ValueError("transaction key too long for the fast path")
+    h = _Py_HashBytes(kbuf, klen)
+    if value is not None:
+        table.put(h, kbuf, blen, klen, value, None)
+    found = table.find(h, kbuf, blen, klen)
+    return None if found == NULL else <object>found
+
+
 def scan_kind(bytes data) -> int:
     """What the strict scan makes of one datagram: 0 other (slow path), 1 INVITE, 2 ACK (for tests)."""
     cdef Scan sc
@@ -1115,3 +1618,4 @@ def scan_kind(bytes data) -> int:
 
 
 include "_forward.pxi"
+

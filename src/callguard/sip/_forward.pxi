@@ -638,7 +638,7 @@ cdef class Forwarder:
 
     # ------------------------------------------------------------ an allowed INVITE
     cdef int forward(self, FastPath fp, object ep, const unsigned char* p, Py_ssize_t n, Scan* sc, unsigned int i,
-                     dict stx, object key, object call_id, object ip, int port, double mono,
+                     TxTable stx, object key, object call_id, object ip, int port, double mono,
                      double now) except -1:
         """Forward an allowed INVITE as Proxy._forward_invite does; 0: the Python path must (nothing done)."""
         cdef Py_ssize_t pick[2]

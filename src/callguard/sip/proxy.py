@@ -75,6 +75,7 @@ _CTRL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _RECEIVED_RE = re.compile(r";\s*received\s*=", re.I)
 TICK = 0.02                     # resolution of transaction timers (Timer A, trunk timeout, Timer C)
 K_RETRANS, K_TRUNK, K_TIMER_C = 0, 1, 2    # K_TIMER_C + n: stage n of Timer C
+ROWS_NONE, ROWS_TUPLES, ROWS_PACKED = 0, 1, 2   # FastPath.rows_mode: no call records, tuples, packed rows
 TIMER_C_FIRST_STAGE = 4.0       # seconds; see timer_c_stages
 
 
@@ -256,9 +257,10 @@ class LingerQueuePy:
 # The compiled twins (callguard.sip._fastpath), unless CALLGUARD_NO_EXTENSIONS is set.
 _due_timers = due_timers_py
 LingerQueue: Any = LingerQueuePy
+TxTable: Any = dict             # the server transactions: a dict, or the compiled table the fast path probes
 if not os.environ.get("CALLGUARD_NO_EXTENSIONS"):
     try:
-        from ._fastpath import LingerQueue
+        from ._fastpath import LingerQueue, TxTable
         from ._fastpath import due_timers as _due_timers
     except ImportError:  # not built: the Python ones serve
         pass
@@ -286,6 +288,8 @@ class NullRecords:
 
     def add(self, record: dict[str, Any]) -> None: ...
     def add_many(self, rows: Sequence[tuple[Any, ...]]) -> None: ...
+    packs_rows = False      # the fast path keeps no rows for it at all (ROWS_NONE)
+    def add_packed(self, data: bytes, rows: int, tmin: float, tmax: float, odd: bool) -> None: ...
     def outcome(self, call_id: str, final_code: int | None = None, answered_at: float | None = None,
                 ended_at: float | None = None) -> None: ...
     def close(self) -> None: ...
@@ -400,7 +404,7 @@ class Proxy:
         self.udp: list[Any] = []               # UdpListener endpoints
         self.tcp_infos: list[ListenerInfo] = []
         self.tcp: Any = None                   # TcpManager
-        self.stx: dict[Any, Any] = {}
+        self.stx: Any = TxTable()
         self.ctx: dict[str, Tx] = {}
         self.dialogs: dict[str, Dialog] = {}
         # Each queue in deadline order.  Stateless requests' branches, TX_LINGER after they were sent:
@@ -624,6 +628,7 @@ class Proxy:
 
         fast.configure(core, RULE_NAMES, settings.codes, settings.reasons, self.hide_reason, self._server_line,
                        self.max_size, self._trust_identity, LATENCY_BUCKETS)
+        fast.rows_mode = self._rows_mode()
         if configure_forward is None or ep is None or os.environ.get("CALLGUARD_NO_FAST_FORWARD"):
             return
         routes = []
@@ -641,6 +646,16 @@ class Proxy:
 
     def _trust_identity(self, ip: str) -> bool:
         return self._trust_of(ip)[1]
+
+    def _rows_mode(self) -> int:
+        """How the fast path hands over its decisions' call records (see on_batch)."""
+        if self.log is not None and self._log_decisions:
+            return ROWS_TUPLES      # the decision log lines are written from the tuples
+        if isinstance(self.records, NullRecords):
+            return ROWS_NONE
+        if getattr(self.records, "packs_rows", False):
+            return ROWS_PACKED      # packed in C by the fast path: no tuple, no string per decision
+        return ROWS_TUPLES
 
     def fast_headroom(self) -> int:
         """INVITEs the fast path may still hand over for forwarding (0: draining or at max_in_flight)."""
@@ -661,6 +676,9 @@ class Proxy:
     def on_batch(self, fast: Any) -> None:
         """After each fast-path batch: records, metrics and decision logs of the batch, at once."""
         rows = fast.decisions
+        packed = fast.take_packed()
+        if packed is not None:
+            self.records.add_packed(*packed)
         counts = fast.take_counts()
         if counts is not None:
             self.metrics.fast_batch(*counts)
