@@ -29,10 +29,9 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.math cimport INFINITY, isfinite
 from libc.string cimport memcpy
 
-from callguard._rowpack cimport N_FIELDS, N_TEXT, Packed, RowHead, pack_row
+from callguard._rowpack cimport N_FIELDS, N_TEXT, Packed, RowHead, pack_row, reset_packed
 
 cdef extern from *:
     """
@@ -111,17 +110,10 @@ cdef class RowBuffer:
         self.buf.data = <char*>malloc(self.buf.cap)
         if self.buf.data == NULL:
             raise MemoryError()
-        self._reset()
+        reset_packed(&self.buf)
 
     def __dealloc__(self):
         free(self.buf.data)
-
-    cdef void _reset(self) noexcept:
-        self.buf.size = 0
-        self.buf.rows = 0
-        self.buf.tmin = INFINITY
-        self.buf.tmax = -INFINITY
-        self.buf.odd = False
 
     @property
     def rows(self) -> int:
@@ -199,7 +191,7 @@ cdef class RowBuffer:
             self.append(<tuple?>row)
 
     def clear(self) -> None:
-        self._reset()
+        reset_packed(&self.buf)
 
     def __len__(self) -> int:
         return self.buf.rows

@@ -5,7 +5,7 @@
 # functions), as with sip/_udpio.pxd: the fast path packs its decisions without importing the
 # records writer, which is an optional module.
 
-from libc.math cimport isfinite
+from libc.math cimport INFINITY, isfinite
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport realloc
 from libc.string cimport memcpy
@@ -34,6 +34,15 @@ cdef struct Packed:
     double tmin
     double tmax
     bint odd
+
+
+cdef inline void reset_packed(Packed* b) noexcept:
+    """Empty the buffer (its memory stays)."""
+    b.size = 0
+    b.rows = 0
+    b.tmin = INFINITY
+    b.tmax = -INFINITY
+    b.odd = False
 
 
 cdef inline int pack_row(Packed* b, RowHead* head, const char** texts) except -1:

@@ -37,13 +37,12 @@ from cpython.dict cimport PyDict_DelItem, PyDict_GetItem
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.errno cimport EINTR, errno
-from libc.math cimport INFINITY
 from libc.stdint cimport uint32_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
 from callguard._core cimport Core, Decision, Num
-from callguard._rowpack cimport N_TEXT, RowHead, pack_row, Packed
+from callguard._rowpack cimport N_TEXT, Packed, RowHead, pack_row, reset_packed
 from callguard.sip._sipscan cimport (
     MAX_CSEQ, TOKEN, bad_request_uri_char, check_request_uri, check_via, is_ws, parse_addr, parse_digits, skip_ws,
 )
@@ -469,6 +468,9 @@ cdef enum:
     TX_MIN_SLOTS = 1024
 
 
+cdef object _ABSENT = object()
+
+
 cdef class TxTable:
     """The proxy's server transactions (``stx``), keyed by (Via branch, sent-by): a mapping the
     Python path uses as a dict, and the fast path probes with the bytes of a datagram.
@@ -661,13 +663,10 @@ cdef class TxTable:
         return <object>self.slots[i].e.value
 
     def __getitem__(self, key):
-        cdef Py_hash_t h
-        cdef Py_ssize_t i = self._slot_of(key, &h)
-        if i == -3:
-            return self.other[key]
-        if i < 0:
+        value = self.get(key, _ABSENT)
+        if value is _ABSENT:
             raise KeyError(key)
-        return <object>self.slots[i].e.value
+        return value
 
     def __contains__(self, key) -> bool:
         cdef Py_hash_t h
@@ -1069,7 +1068,7 @@ cdef class FastPath:
         self.rows_mode = ROWS_TUPLES
         self.packed.data = NULL
         self.packed.cap = 0
-        self._reset_packed()
+        reset_packed(&self.packed)
         self.rule_names_b = []
         self.out_codes = {}
         self.lingering = LingerQueue()
@@ -1499,19 +1498,12 @@ cdef class FastPath:
             return None
         out = (PyBytes_FromStringAndSize(self.packed.data, self.packed.size), self.packed.rows, self.packed.tmin,
                self.packed.tmax, self.packed.odd)
-        self._reset_packed()
+        reset_packed(&self.packed)
         if self.packed.cap > PACKED_KEEP:     # a burst: give the memory back
             free(self.packed.data)
             self.packed.data = NULL
             self.packed.cap = 0
         return out
-
-    cdef void _reset_packed(self) noexcept:
-        self.packed.size = 0
-        self.packed.rows = 0
-        self.packed.tmin = INFINITY
-        self.packed.tmax = -INFINITY
-        self.packed.odd = False
 
     cdef bint _forward(self, proxy, ep, const unsigned char* p, Py_ssize_t n, Scan* sc, unsigned int i, TxTable stx,
                        key, call_id, ip, int port, double mono, double now) except -1:
