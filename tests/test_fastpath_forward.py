@@ -253,6 +253,8 @@ def test_constants_agree_with_the_proxy() -> None:
     assert (fastpath.T1, fastpath.TX_LINGER, fastpath.T4) == (proxy.T1, proxy.TX_LINGER, proxy.T4)
     assert (fastpath.K_RETRANS, fastpath.K_TRUNK, fastpath.K_TIMER_C) == (proxy.K_RETRANS, proxy.K_TRUNK,
                                                                           proxy.K_TIMER_C)
+    assert (fastpath.ROWS_NONE, fastpath.ROWS_TUPLES, fastpath.ROWS_PACKED) == (proxy.ROWS_NONE, proxy.ROWS_TUPLES,
+                                                                                proxy.ROWS_PACKED)
 
 
 # ---------------------------------------------------------------- byte for byte

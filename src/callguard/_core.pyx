@@ -1322,8 +1322,7 @@ cdef class Core:
         self._cr_s = None
         self._ce_s = None
         if make_strings or (exotic and (ce.default_area or cr.default_area)):
-            self._ce_s = _digits_str(ce, area_s)
-            self._cr_s = _digits_str(cr, area_s)
+            self._strings(cr, ce, src)
         dec.nshadow = 0
         dec.nfeat = 0
         dec.score = 0.0

@@ -3,6 +3,9 @@ from collections.abc import Iterator
 from typing import Any
 
 TX_LINGER: float
+ROWS_NONE: int
+ROWS_TUPLES: int
+ROWS_PACKED: int
 T4: float
 
 def scan_kind(data: bytes) -> int: ...

@@ -101,11 +101,14 @@ cdef extern from *:
 
 
 # ---------------------------------------------------------------- the strict scan
-cdef enum:
-    ROWS_NONE = 0          # FastPath.rows_mode: no call records (records and decision logs off)
+cpdef enum:                # FastPath.rows_mode, as proxy.py sets it (the tests check that they agree)
+    ROWS_NONE = 0          # no call records (records and decision logs off)
     ROWS_TUPLES = 1        # a tuple per decision in FastPath.decisions (decision logs; records without the
                            # compiled writer)
     ROWS_PACKED = 2        # packed into RowBuffer's layout (take_packed)
+
+
+cdef enum:
     PACKED_KEEP = 1 << 20  # bytes of packed rows kept between batches
     M_OTHER = 0
     M_INVITE = 1
@@ -468,6 +471,14 @@ cdef enum:
     TX_MIN_SLOTS = 1024
 
 
+# A transaction's key as the table holds it: the branch, a NUL, the sent-by in lower case, hashed.
+cdef struct TxKey:
+    Py_hash_t h
+    Py_ssize_t blen
+    Py_ssize_t klen
+    char kb[TX_KEY_MAX]
+
+
 cdef object _ABSENT = object()
 
 
@@ -508,27 +519,27 @@ cdef class TxTable:
             free(self.slots)
 
     # ------------------------------------------------------------ C entry points
-    cdef Py_ssize_t _find(self, Py_hash_t h, const char* kb, Py_ssize_t blen, Py_ssize_t klen) noexcept:
+    cdef Py_ssize_t _find(self, const TxKey* k) noexcept:
         """The slot of the key, or -1."""
-        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.mask)
+        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>k.h & <size_t>self.mask)
         cdef TxEntry* e
         while True:
             e = self.slots[i].e
             if e == NULL:
                 return -1
-            if self.slots[i].h == h and e.klen == klen and e.blen == blen and memcmp(e.kb, kb, klen) == 0:
+            if self.slots[i].h == k.h and e.klen == k.klen and e.blen == k.blen \
+                    and memcmp(e.kb, k.kb, k.klen) == 0:
                 return i
             i = (i + 1) & self.mask
 
-    cdef PyObject* find(self, Py_hash_t h, const char* kb, Py_ssize_t blen, Py_ssize_t klen) noexcept:
+    cdef PyObject* find(self, const TxKey* k) noexcept:
         """The value of the key (a borrowed reference), or NULL."""
-        cdef Py_ssize_t i = self._find(h, kb, blen, klen)
+        cdef Py_ssize_t i = self._find(k)
         return NULL if i < 0 else self.slots[i].e.value
 
-    cdef int put(self, Py_hash_t h, const char* kb, Py_ssize_t blen, Py_ssize_t klen, object value,
-                 object key) except -1:
+    cdef int put(self, const TxKey* k, object value, object key) except -1:
         """Set the key's value (``key``: its Python form, or None to make it when asked for)."""
-        cdef Py_ssize_t i = self._find(h, kb, blen, klen)
+        cdef Py_ssize_t i = self._find(k)
         cdef TxEntry* e
         cdef PyObject* old
         if i >= 0:
@@ -543,12 +554,12 @@ cdef class TxTable:
             return 0
         if (self.used + 1) * 2 > self.mask + 1:
             self._resize((self.mask + 1) * 2)
-        e = <TxEntry*>malloc(sizeof(TxEntry) + klen)
+        e = <TxEntry*>malloc(sizeof(TxEntry) + k.klen)
         if e == NULL:
             raise MemoryError()
-        memcpy(e.kb, kb, klen)
-        e.blen = blen
-        e.klen = klen
+        memcpy(e.kb, k.kb, k.klen)
+        e.blen = k.blen
+        e.klen = k.klen
         Py_INCREF(value)
         e.value = <PyObject*>value
         if key is not None:
@@ -556,10 +567,10 @@ cdef class TxTable:
             e.key = <PyObject*>key
         else:
             e.key = NULL
-        i = <Py_ssize_t>(<size_t>h & <size_t>self.mask)
+        i = <Py_ssize_t>(<size_t>k.h & <size_t>self.mask)
         while self.slots[i].e != NULL:
             i = (i + 1) & self.mask
-        self.slots[i].h = h
+        self.slots[i].h = k.h
         self.slots[i].e = e
         self.used += 1
         return 0
@@ -624,38 +635,28 @@ cdef class TxTable:
 
     cdef bint discard_key(self, object key, object value) except -1:
         """Forget ``key`` if it still holds ``value``."""
-        cdef char buf[TX_KEY_MAX]
-        cdef Py_ssize_t blen, i
-        cdef Py_ssize_t klen = _tx_pykey(key, buf, &blen)
-        cdef Py_hash_t h
-        if klen < 0:
+        cdef Py_ssize_t i = self._slot_of(key)
+        if i == -3:
             if self.other.get(key) is value:
                 del self.other[key]
                 return True
             return False
-        h = _Py_HashBytes(buf, klen)
-        i = self._find(h, buf, blen, klen)
         if i >= 0 and self.slots[i].e.value == <PyObject*>value:
             self._remove(i)
             return True
         return False
 
     # ------------------------------------------------------------ the mapping
-    cdef Py_ssize_t _slot_of(self, object key, Py_hash_t* hp) except -2:
+    cdef Py_ssize_t _slot_of(self, object key) except -2:
         """The slot of a Python key in the C table, -1 when absent there, -3 when the key belongs to
         the dict beside it (``self.other``)."""
-        cdef char buf[TX_KEY_MAX]
-        cdef Py_ssize_t blen
-        cdef Py_ssize_t klen = _tx_pykey(key, buf, &blen)
-        if klen < 0:
-            hp[0] = 0
+        cdef TxKey k
+        if not _tx_pykey(key, &k):
             return -3
-        hp[0] = _Py_HashBytes(buf, klen)
-        return self._find(hp[0], buf, blen, klen)
+        return self._find(&k)
 
     def get(self, key, default=None):
-        cdef Py_hash_t h
-        cdef Py_ssize_t i = self._slot_of(key, &h)
+        cdef Py_ssize_t i = self._slot_of(key)
         if i == -3:
             return self.other.get(key, default)
         if i < 0:
@@ -669,24 +670,20 @@ cdef class TxTable:
         return value
 
     def __contains__(self, key) -> bool:
-        cdef Py_hash_t h
-        cdef Py_ssize_t i = self._slot_of(key, &h)
+        cdef Py_ssize_t i = self._slot_of(key)
         if i == -3:
             return key in self.other
         return i >= 0
 
     def __setitem__(self, key, value) -> None:
-        cdef char buf[TX_KEY_MAX]
-        cdef Py_ssize_t blen
-        cdef Py_ssize_t klen = _tx_pykey(key, buf, &blen)
-        if klen < 0:
+        cdef TxKey k
+        if _tx_pykey(key, &k):
+            self.put(&k, value, key)
+        else:
             self.other[key] = value
-            return
-        self.put(_Py_HashBytes(buf, klen), buf, blen, klen, value, key)
 
     def __delitem__(self, key) -> None:
-        cdef Py_hash_t h
-        cdef Py_ssize_t i = self._slot_of(key, &h)
+        cdef Py_ssize_t i = self._slot_of(key)
         if i == -3:
             del self.other[key]
         elif i < 0:
@@ -695,8 +692,7 @@ cdef class TxTable:
             self._remove(i)
 
     def pop(self, key, *default):
-        cdef Py_hash_t h
-        cdef Py_ssize_t i = self._slot_of(key, &h)
+        cdef Py_ssize_t i = self._slot_of(key)
         if i == -3:
             return self.other.pop(key, *default)
         if i < 0:
@@ -744,13 +740,13 @@ cdef class TxTable:
 
     def clear(self) -> None:
         cdef Py_ssize_t i
-        cdef list gone = []
+        cdef TxEntry* e
         for i in range(self.mask + 1):
-            if self.slots[i].e != NULL:
-                gone.append(<object>self.slots[i].e.value)
-                _tx_free(self.slots[i].e)
+            e = self.slots[i].e
+            if e != NULL:
                 self.slots[i].e = NULL
-        self.used = 0
+                self.used -= 1
+                _tx_free(e)     # after the slot is empty: whatever its value frees sees the table whole
         self.other.clear()
 
     def __repr__(self) -> str:
@@ -766,49 +762,53 @@ cdef void _tx_free(TxEntry* e) noexcept:
     Py_DECREF(<object>value)
 
 
-cdef Py_ssize_t _tx_pykey(object key, char* buf, Py_ssize_t* blen) except -2:
-    """``key`` = (branch, sent-by) as the fast path writes it into ``buf``: its length, -1 when the key
-    belongs to the table's dict (not two strings, not UTF-8, too long)."""
+cdef bint _tx_pykey(object key, TxKey* k) except -1:
+    """``key`` = (branch, sent-by) as the fast path writes it; False when the key belongs to the
+    table's dict (not two strings, not UTF-8, too long)."""
     cdef const char* b
     cdef const char* v
     cdef Py_ssize_t nb, nv
     if type(key) is not tuple or len(<tuple>key) != 2:
-        return -1
+        return False
     kb = (<tuple>key)[0]
     ks = (<tuple>key)[1]
     if type(kb) is not str or type(ks) is not str:
-        return -1
+        return False
     try:
         b = PyUnicode_AsUTF8AndSize(kb, &nb)
         v = PyUnicode_AsUTF8AndSize(ks, &nv)
     except UnicodeError:
-        return -1
+        return False
     if nb + 1 + nv > TX_KEY_MAX:
-        return -1
-    memcpy(buf, b, nb)
-    buf[nb] = 0
-    memcpy(buf + nb + 1, v, nv)
-    blen[0] = nb
-    return nb + 1 + nv
+        return False
+    memcpy(k.kb, b, nb)
+    k.kb[nb] = 0
+    memcpy(k.kb + nb + 1, v, nv)
+    k.blen = nb
+    k.klen = nb + 1 + nv
+    k.h = _Py_HashBytes(k.kb, k.klen)
+    return True
 
 
-cdef inline Py_ssize_t _tx_rawkey(const unsigned char* p, Scan* sc, char* buf, Py_ssize_t* blen) noexcept:
-    """The key of a scanned request into ``buf`` (branch, NUL, sent-by in lower case): its length, -1
-    when longer than ``TX_KEY_MAX`` (the Python path takes the message)."""
-    cdef Py_ssize_t nb = sc.br_e - sc.br_s, nv = sc.sent_e - sc.sent_s, k
+cdef inline bint _tx_rawkey(const unsigned char* p, Scan* sc, TxKey* k) noexcept:
+    """The key of a scanned request; False when longer than ``TX_KEY_MAX`` (the Python path takes the
+    message)."""
+    cdef Py_ssize_t nb = sc.br_e - sc.br_s, nv = sc.sent_e - sc.sent_s, j
     cdef unsigned char c
     if nb + 1 + nv > TX_KEY_MAX:
-        return -1
-    memcpy(buf, p + sc.br_s, nb)
-    buf[nb] = 0
+        return False
+    memcpy(k.kb, p + sc.br_s, nb)
+    k.kb[nb] = 0
     if sc.sent_upper:
-        for k in range(nv):
-            c = p[sc.sent_s + k]
-            buf[nb + 1 + k] = <char>(c | 32) if 65 <= c <= 90 else <char>c
+        for j in range(nv):
+            c = p[sc.sent_s + j]
+            k.kb[nb + 1 + j] = <char>(c | 32) if 65 <= c <= 90 else <char>c
     else:
-        memcpy(buf + nb + 1, p + sc.sent_s, nv)
-    blen[0] = nb
-    return nb + 1 + nv
+        memcpy(k.kb + nb + 1, p + sc.sent_s, nv)
+    k.blen = nb
+    k.klen = nb + 1 + nv
+    k.h = _Py_HashBytes(k.kb, k.klen)
+    return True
 
 
 # ---------------------------------------------------------------- forgetting what we answered
@@ -847,6 +847,14 @@ cdef class LingerQueue:
         free(self.ring)
 
     cdef int push(self, double deadline, object key, object value) except -1:
+        return self._push(deadline, <PyObject*>key, 0, value)
+
+    cdef int push_hashed(self, double deadline, Py_hash_t h, object value) except -1:
+        """As :meth:`push`, for an entry of a :class:`TxTable` the fast path made (no key object)."""
+        return self._push(deadline, NULL, h, value)
+
+    cdef int _push(self, double deadline, PyObject* key, Py_hash_t h, object value) except -1:
+        """Queue an entry (``key`` NULL: one of a TxTable, known by its hash ``h``)."""
         cdef Linger* grown
         cdef Py_ssize_t k, first
         if self.count == self.cap:
@@ -861,23 +869,14 @@ cdef class LingerQueue:
             self.head = 0
             self.cap *= 2
         k = (self.head + self.count) & (self.cap - 1)
-        Py_INCREF(key)
+        if key != NULL:
+            Py_INCREF(<object>key)
         Py_INCREF(value)
         self.ring[k].deadline = deadline
-        self.ring[k].key = <PyObject*>key
-        self.ring[k].h = 0
+        self.ring[k].key = key
+        self.ring[k].h = h
         self.ring[k].value = <PyObject*>value
         self.count += 1
-        return 0
-
-    cdef int push_hashed(self, double deadline, Py_hash_t h, object value) except -1:
-        """As :meth:`push`, for an entry of a :class:`TxTable` the fast path made (no key object)."""
-        cdef Py_ssize_t k
-        self.push(deadline, None, value)
-        k = (self.head + self.count - 1) & (self.cap - 1)
-        Py_DECREF(None)
-        self.ring[k].key = NULL
-        self.ring[k].h = h
         return 0
 
     cdef void _drop(self, Py_ssize_t n):
@@ -1329,9 +1328,7 @@ cdef class FastPath:
         cdef double now, t0, lat
         cdef bint fast = self.enabled
         cdef socklen_t alen
-        cdef char kbuf[TX_KEY_MAX]
-        cdef Py_ssize_t blen, klen
-        cdef Py_hash_t h
+        cdef TxKey tk
         cdef PyObject* prevp
         handler = proxy.handle
         got = recv_batch(self.fd, self.msgs, self.iovs, self.addrs, self.bufs, self.bufsize, count)
@@ -1359,20 +1356,18 @@ cdef class FastPath:
                 continue
             # The server transaction, found from the datagram's bytes: no key object is made unless
             # a transaction object needs one (a forwarded call, an ACK to a relayed final).
-            klen = _tx_rawkey(p, &sc, kbuf, &blen)
-            if klen < 0:
+            if not _tx_rawkey(p, &sc, &tk):
                 self.slow += 1
                 handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
                         ep)
                 continue
-            h = _Py_HashBytes(kbuf, klen)
-            prevp = stx.find(h, kbuf, blen, klen)
+            prevp = stx.find(&tk)
             prev = None if prevp == NULL else <object>prevp
             if method == M_ACK:
                 if type(prev) is bytes:
                     # The ACK to our own final: absorbed; the transaction goes after Timer I.
                     self.acks_in += 1
-                    self.lingering_acked.push_hashed(mono + T4, h, prev)
+                    self.lingering_acked.push_hashed(mono + T4, tk.h, prev)
                     self.lingering.release(prev, RELEASE_SEARCH)
                 elif prev is not None and (prev.final >= 300 or not prev.final):
                     # The ACK to a non-2xx final the proxy relayed (and ACKed itself): absorbed too.
@@ -1444,17 +1439,17 @@ cdef class FastPath:
             if allowed:
                 headroom -= 1
                 if self.fwd is not None and "untrusted_source" not in shadowed:
-                    key = _untracked((PyUnicode_DecodeASCII(kbuf, blen, NULL),
-                                      PyUnicode_DecodeASCII(kbuf + blen + 1, klen - blen - 1, NULL)))
-                    if self._forward(proxy, ep, p, length, &sc, i, stx, key, call_id, ip, port, mono, now):
+                    key = _untracked((PyUnicode_DecodeASCII(tk.kb, tk.blen, NULL),
+                                      PyUnicode_DecodeASCII(tk.kb + tk.blen + 1, tk.klen - tk.blen - 1, NULL)))
+                    if self._forward(proxy, ep, p, length, &sc, i, stx, &tk, key, call_id, ip, port, mono, now):
                         continue
                 proxy.fast_allowed(PyBytes_FromStringAndSize(<const char*>p, length),
                                    _addr_tuple(&self.addrs[i], ip, port), ep, self.core._cr_s, self.core._ce_s,
                                    shadowed)
                 continue
             resp = self._reject(p, &sc, rule)
-            stx.put(h, kbuf, blen, klen, resp, None)
-            self.lingering.push_hashed(mono + TX_LINGER, h, resp)
+            stx.put(&tk, resp, None)
+            self.lingering.push_hashed(mono + TX_LINGER, tk.h, resp)
             self._queue(resp, &self.addrs[i], alen)
             n = self.out_codes.get(code)
             self.out_codes[code] = 1 if n is None else n + 1
@@ -1506,10 +1501,10 @@ cdef class FastPath:
         return out
 
     cdef bint _forward(self, proxy, ep, const unsigned char* p, Py_ssize_t n, Scan* sc, unsigned int i, TxTable stx,
-                       key, call_id, ip, int port, double mono, double now) except -1:
+                       const TxKey* tk, key, call_id, ip, int port, double mono, double now) except -1:
         """The compiled forward path for an allowed INVITE; False: the proxy forwards it (fast_allowed)."""
         try:
-            return self.fwd.forward(self, ep, p, n, sc, i, stx, key, call_id, ip, port, mono, now) != 0
+            return self.fwd.forward(self, ep, p, n, sc, i, stx, tk, key, call_id, ip, port, mono, now) != 0
         except Exception as exc:  # noqa - an internal fault: counted and logged, the Python path forwards it
             proxy._fault(exc, None, ep, _addr_tuple(&self.addrs[i], ip, port))
             return False
@@ -1586,20 +1581,16 @@ def tx_probe(TxTable table, bytes data, value=None):
     ``value``, store it there first, as the fast path stores a rejection (for tests).  ValueError when
     the fast path would leave the datagram to the Python path."""
     cdef Scan sc
-    cdef char kbuf[TX_KEY_MAX]
-    cdef Py_ssize_t blen, klen
-    cdef Py_hash_t h
+    cdef TxKey tk
     cdef PyObject* found
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     if scan(p, PyBytes_GET_SIZE(data), &sc) == M_OTHER:
         raise ValueError("not a request the fast path handles")
-    klen = _tx_rawkey(p, &sc, kbuf, &blen)
-    if klen < 0:
+    if not _tx_rawkey(p, &sc, &tk):
         raise ValueError("transaction key too long for the fast path")
-    h = _Py_HashBytes(kbuf, klen)
     if value is not None:
-        table.put(h, kbuf, blen, klen, value, None)
-    found = table.find(h, kbuf, blen, klen)
+        table.put(&tk, value, None)
+    found = table.find(&tk)
     return None if found == NULL else <object>found
 
 

@@ -638,7 +638,7 @@ cdef class Forwarder:
 
     # ------------------------------------------------------------ an allowed INVITE
     cdef int forward(self, FastPath fp, object ep, const unsigned char* p, Py_ssize_t n, Scan* sc, unsigned int i,
-                     TxTable stx, object key, object call_id, object ip, int port, double mono,
+                     TxTable stx, const TxKey* tk, object key, object call_id, object ip, int port, double mono,
                      double now) except -1:
         """Forward an allowed INVITE as Proxy._forward_invite does; 0: the Python path must (nothing done)."""
         cdef Py_ssize_t pick[2]
@@ -785,7 +785,7 @@ cdef class Forwarder:
         tx.cid_e = sc.cid_e
         tx.cseq_s = sc.cseq_s
         tx.cseq_e = sc.cseq_e
-        stx[key] = tx
+        stx.put(tk, tx, key)          # the key the fast path found nothing under, hashed once
         self.ctx[branch] = tx
         self.proxy.in_flight += 1
         fp._queue(trying, &tx.up_ss, tx.up_len)
