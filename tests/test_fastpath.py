@@ -160,6 +160,62 @@ def test_scan_takes_plain_variants(change: Callable[[bytes], bytes]) -> None:
     assert fastpath.scan_kind(change(invite())) == 1
 
 
+# ---------------------------------------------------------------- the vector scans
+# Octets around every class boundary the scans draw, so that short random strings hit them.
+EDGES = bytes([0, 8, 9, 10, 13, 31, 32, 33, 34, 44, 58, 59, 60, 62, 63, 64, 126, 127, 128, 200, 255]) + b"aZ:z9hG4bKcg"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(EDGES) | st.integers(0, 255), max_size=70).map(bytes))
+def test_vector_scans_are_their_byte_loops(data: bytes) -> None:
+    line, line_ref, uri, uri_ref, bare, bare_ref, _, mark = fastpath.scan_probe(data)
+    assert line == line_ref
+    assert (uri, bare) == (uri_ref, bare_ref)
+    assert mark == (b"z9hG4bKcg" in data)
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 31, 32, 33, 47, 48, 49, 100])
+@pytest.mark.parametrize("at", ["start", "middle", "end"])
+def test_vector_scans_find_the_octet_in_every_position(size: int, at: str) -> None:
+    # the SSE2 form reads sixteen at a time and overlaps its last step: the octet that ends a line
+    # or refuses a URI must be found wherever it falls, and never looked for past the end
+    clean = b"a" * size
+    for odd in (b"\r", b"\x7f", b"\x80", b"\x00", b"<", b" "):
+        if size == 0:
+            continue
+        k = {"start": 0, "middle": size // 2, "end": size - 1}[at]
+        data = clean[:k] + odd + clean[k + 1:]
+        line, line_ref, uri, uri_ref, *_ = fastpath.scan_probe(data)
+        assert line == line_ref
+        assert line[0] == (size if odd in (b"<", b" ") else k)     # '<' and space are printable
+        assert uri == uri_ref == (0 if odd == b"\x80" else -1)   # a URI may hold UTF-8
+    for colon_at in range(size):
+        data = clean[:colon_at] + b":" + clean[colon_at + 1:]
+        assert fastpath.scan_probe(data)[0] == (size, colon_at)
+        assert fastpath.scan_probe(data + b"\r\n")[0] == (size, colon_at)
+
+
+@pytest.mark.parametrize("name", sorted(fastpath.HEADER_IDS))
+def test_header_names_told_apart_in_any_case_and_nothing_else(name: str) -> None:
+    known = fastpath.HEADER_IDS[name]
+    for spelling in (name, name.upper(), name.title(), name.swapcase()):
+        assert fastpath.scan_probe(spelling.encode())[6] == known
+    # each octet changed to a neighbour or to its other case bit
+    raw = name.encode()
+    for i in range(len(raw)):
+        for other in {raw[i] + 1, raw[i] - 1, raw[i] ^ 0x40}:
+            assert fastpath.scan_probe(raw[:i] + bytes([other]) + raw[i + 1:])[6] == 0
+    assert fastpath.scan_probe(raw + b"s")[6] == 0
+    assert fastpath.scan_probe(raw[:-1])[6] == 0
+    # CR is the one octet that OR 0x20 maps onto '-': the name compares equal, but a header line
+    # ends at its first CR, so the scan never sees such a name
+    if b"-" in raw:
+        with_cr = raw.replace(b"-", b"\r", 1)
+        assert fastpath.scan_probe(with_cr)[6] == known
+        line = invite(extra="X-Pad: 1").replace(b"X-Pad", with_cr, 1)
+        assert fastpath.scan_kind(line) == 0
+
+
 # ---------------------------------------------------------------- byte for byte
 @pytest.mark.parametrize("over", [{}, {"sip": {"hide_reason": True}}, {"sip": {"user_agent": "edge\x01gw"}}])
 def test_rejection_is_byte_for_byte_the_python_one(pair: Any, over: dict[str, Any]) -> None:

@@ -44,7 +44,8 @@ from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 from callguard._core cimport Core, Decision, Num
 from callguard._rowpack cimport N_TEXT, Packed, RowHead, pack_row, reset_packed
 from callguard.sip._sipscan cimport (
-    MAX_CSEQ, TOKEN, bad_request_uri_char, check_request_uri, check_via, is_ws, parse_addr, parse_digits, skip_ws,
+    MAX_CSEQ, SSE2, TOKEN, check_via, is_ws, line_end, line_end_bytes, parse_addr, parse_digits, skip_ws, uri_ok,
+    uri_ok_bytes,
 )
 from callguard.sip._udpio cimport (
     AF_INET, AF_INET6, MSG_DONTWAIT, alloc_vectors, batch_family, free_vectors, inet_ntop, iovec, is_keepalive, mmsghdr,
@@ -77,27 +78,77 @@ cdef extern from *:
         ['+'] = 1, ['-'] = 1, ['.'] = 1, ['_'] = 1, ['!'] = 1, ['~'] = 1, ['*'] = 1, ['#'] = 1};
     /* header line bytes the fast path accepts: printable ASCII and HT */
     static const int cg_fp_valc[256] = {[32 ... 126] = 1, [9] = 1};
-    /* all of s[0..n) are such bytes: eight at a time (any byte below 0x20 or above 0x7e sends
-       those eight to the table, where HT passes), the per-byte loop cost half the scan */
-    static int cg_fp_printable(const unsigned char *s, Py_ssize_t n) {
-        Py_ssize_t i = 0, k;
-        const unsigned long long ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
-        for (; i + 8 <= n; i += 8) {
-            unsigned long long w;
-            memcpy(&w, s + i, 8);
-            if ((((w - ones * 0x20) & ~w) | ((w + ones * (127 - 0x7e)) | w)) & highs) {
-                for (k = i; k < i + 8; k++)
-                    if (!cg_fp_valc[s[k]]) return 0;
-            }
+    /* Request-URI octets that stop its scan: the space after it, and what the fast path refuses
+       in it: controls, DEL and above, '<', '>', '"' (the parser's refusals) and '?' (headers) */
+    static const int cg_fp_uri_stop[256] = {[0 ... 32] = 1, [127 ... 255] = 1,
+        ['<'] = 1, ['>'] = 1, ['"'] = 1, ['?'] = 1};
+
+    /* The header names the scan looks at, told apart by length and then by whole words compared
+       in lower case (OR 0x20 maps only 'A'-'Z' onto 'a'-'z' and CR onto '-' among the octets of
+       these names, and a header line holds no CR), so that a known name costs neither a loop
+       over its octets nor a chain of comparisons. */
+    enum {CG_H_OTHER, CG_H_VIA, CG_H_FROM, CG_H_TO, CG_H_CALLID, CG_H_CSEQ, CG_H_MF, CG_H_CL,
+          CG_H_PAI, CG_H_PROXY_REQUIRE, CG_H_CONTACT};
+    #include <stdint.h>
+    #include <string.h>
+    static inline uint64_t cg_w8(const void *s) { uint64_t w; memcpy(&w, s, 8); return w; }
+    static inline uint32_t cg_w4(const void *s) { uint32_t w; memcpy(&w, s, 4); return w; }
+    static inline uint16_t cg_w2(const void *s) { uint16_t w; memcpy(&w, s, 2); return w; }
+    #define CG_LC8(s) (cg_w8(s) | 0x2020202020202020ULL)
+    #define CG_LC4(s) (cg_w4(s) | 0x20202020U)
+    #define CG_LC2(s) ((uint16_t)(cg_w2(s) | 0x2020U))
+    static inline int cg_header_id(const unsigned char *s, Py_ssize_t n) {
+        switch (n) {
+        case 2: return CG_LC2(s) == cg_w2("to") ? CG_H_TO : CG_H_OTHER;
+        case 3: return CG_LC2(s) == cg_w2("vi") && (s[2] | 32) == 'a' ? CG_H_VIA : CG_H_OTHER;
+        case 4:
+            if (CG_LC4(s) == cg_w4("from")) return CG_H_FROM;
+            return CG_LC4(s) == cg_w4("cseq") ? CG_H_CSEQ : CG_H_OTHER;
+        case 7:   /* two overlapping words: octets 0-3 and 3-6 */
+            if (CG_LC4(s) == cg_w4("call") && CG_LC4(s + 3) == cg_w4("l-id")) return CG_H_CALLID;
+            return CG_LC4(s) == cg_w4("cont") && CG_LC4(s + 3) == cg_w4("tact") ? CG_H_CONTACT : CG_H_OTHER;
+        case 12:
+            return CG_LC8(s) == cg_w8("max-forw") && CG_LC4(s + 8) == cg_w4("ards") ? CG_H_MF : CG_H_OTHER;
+        case 13:
+            return CG_LC8(s) == cg_w8("proxy-re") && CG_LC8(s + 5) == cg_w8("-require") ? CG_H_PROXY_REQUIRE
+                                                                                          : CG_H_OTHER;
+        case 14:
+            return CG_LC8(s) == cg_w8("content-") && CG_LC8(s + 6) == cg_w8("t-length") ? CG_H_CL : CG_H_OTHER;
+        case 19:
+            return CG_LC8(s) == cg_w8("p-assert") && CG_LC8(s + 8) == cg_w8("ed-ident")
+                   && CG_LC4(s + 15) == cg_w4("tity") ? CG_H_PAI : CG_H_OTHER;
         }
-        for (; i < n; i++)
-            if (!cg_fp_valc[s[i]]) return 0;
-        return 1;
+        return CG_H_OTHER;
+    }
+
+    /* s[0..n) holds our own branch mark "z9hG4bKcg" (memmem's general search cost more than the
+       whole Via check; a Via has one or two 'z' at most) */
+    static inline int cg_has_mark(const unsigned char *s, Py_ssize_t n) {
+        const unsigned char *end = s + n, *z;
+        while (end - s >= 9 && (z = memchr(s, 'z', (size_t)(end - s - 8))) != NULL) {
+            if (memcmp(z, "z9hG4bKcg", 9) == 0) return 1;
+            s = z + 1;
+        }
+        return 0;
     }
     """
     const int USERC "cg_fp_userc"[256]
     const int VALC "cg_fp_valc"[256]
-    bint printable "cg_fp_printable"(const unsigned char* s, Py_ssize_t n) noexcept nogil
+    const int URI_STOP "cg_fp_uri_stop"[256]
+    enum:
+        H_OTHER "CG_H_OTHER"
+        H_VIA "CG_H_VIA"
+        H_FROM "CG_H_FROM"
+        H_TO "CG_H_TO"
+        H_CALLID "CG_H_CALLID"
+        H_CSEQ "CG_H_CSEQ"
+        H_MF "CG_H_MF"
+        H_CL "CG_H_CL"
+        H_PAI "CG_H_PAI"
+        H_PROXY_REQUIRE "CG_H_PROXY_REQUIRE"
+        H_CONTACT "CG_H_CONTACT"
+    int header_id "cg_header_id"(const unsigned char* s, Py_ssize_t n) noexcept nogil
+    bint has_mark "cg_has_mark"(const unsigned char* s, Py_ssize_t n) noexcept nogil
 
 
 # ---------------------------------------------------------------- the strict scan
@@ -210,7 +261,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
     """Fill ``sc`` for a plain INVITE or ACK; returns the method, M_OTHER for anything else."""
     cdef Py_ssize_t i, le, ls, colon, ne, vs, ve, body, k, at
     cdef long long content_length
-    cdef const unsigned char* q
+    cdef int hid
     cdef Py_ssize_t tag_s, tag_e
     cdef int method
     cdef bint seen_cl = False, seen_mf = False
@@ -229,27 +280,25 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
     # CRLFCRLF first was another pass over the head).
     body = -1
     content_length = -1
-    # Request-URI: "sip:user@host..." (a user part as it is, no escapes), then " SIP/2.0"
+    # Request-URI: "sip:user@host..." (a user part as it is, no escapes, no '?'), then " SIP/2.0".
+    # One pass finds its end and refuses what the parser refuses there (bad_request_uri_char) and
+    # '?'; the rest of the parser's check_request_uri follows from the scheme being "sip" and the
+    # host part being checked after the last '@'.
     sc.uri_s = i
-    while i < n and p[i] != 32:
-        if bad_request_uri_char(p[i]):
-            return M_OTHER
+    while i < n and not URI_STOP[p[i]]:
         i += 1
+    if i >= n or p[i] != 32:
+        return M_OTHER
     sc.uri_e = i
     if sc.uri_e - sc.uri_s < 6 or p[sc.uri_s] != 115 or p[sc.uri_s + 1] != 105 or p[sc.uri_s + 2] != 112 \
             or p[sc.uri_s + 3] != 58:
         return M_OTHER
-    # the parser's check (a host part after the last '@'), then a user part before that '@', no '?' at all
-    if check_request_uri(p + sc.uri_s, sc.uri_e - sc.uri_s) < 0:
-        return M_OTHER
     at = sc.uri_e - 1
     while at > sc.uri_s + 3 and p[at] != 64:
         at -= 1
-    if at <= sc.uri_s + 3:
+    # a user part before that '@', a host part after it that starts with neither ';' nor ':'
+    if at <= sc.uri_s + 3 or at + 1 >= sc.uri_e or p[at + 1] == 59 or p[at + 1] == 58:
         return M_OTHER
-    for k in range(sc.uri_s, sc.uri_e):
-        if p[k] == 63:
-            return M_OTHER
     # parse_uri_user: userinfo up to that '@', the user ends at the first ':'
     sc.user_s = sc.uri_s + 4
     k = sc.user_s
@@ -269,47 +318,46 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
     sc.mf = -1
     # header lines: "Name: value" with CRLF, no folding, no compact names, printable ASCII only
     while True:
+        # one pass to the first octet that is not printable ASCII or HT, which must be the CR of
+        # the line's CRLF, noting the first ':' on the way (line_end: sixteen octets a step)
         ls = i
-        q = <const unsigned char*>memchr(p + i, 13, n - i)
-        if q == NULL:
-            return M_OTHER
-        le = q - p
-        if le + 1 >= n or p[le + 1] != 10:
+        le = ls + line_end(p + ls, n - ls, &colon)
+        if le + 1 >= n or p[le] != 13 or p[le + 1] != 10:
             return M_OTHER
         if le == ls:
             body = le + 2
             break
-        if is_ws(p[ls]):
+        if is_ws(p[ls]) or colon < 0:
             return M_OTHER
-        if not printable(p + ls, le - ls):
-            return M_OTHER
-        q = <const unsigned char*>memchr(p + ls, 58, le - ls)
-        if q == NULL:
-            return M_OTHER
-        colon = q - p
+        colon += ls
         ne = colon - ls
         if ne < 2:
             return M_OTHER
-        for k in range(ls, colon):
-            if not TOKEN[p[k]]:
-                return M_OTHER
+        hid = header_id(p + ls, ne)
+        if hid == H_OTHER:     # a known name is all token characters by construction
+            for k in range(ls, colon):
+                if not TOKEN[p[k]]:
+                    return M_OTHER
+            # skip_ws and the value checks below still apply
         vs = skip_ws(p, colon + 1, le)
         ve = le
         if ve == vs or is_ws(p[ve - 1]):
             return M_OTHER
         i = le + 2
-        if _name_is(p + ls, ne, "via", 3):
+        if hid == H_OTHER:
+            continue
+        if hid == H_VIA:
             if sc.nvia >= MAX_VIAS or memchr(p + vs, 44, ve - vs) != NULL or check_via(p + vs, ve - vs) < 0:
                 return M_OTHER
             # our own branch mark in a Via: maybe a loop, which the Python path checks (482)
-            if memmem(p + vs, ve - vs, b"z9hG4bKcg", 9) != NULL:
+            if has_mark(p + vs, ve - vs):
                 return M_OTHER
             if sc.nvia == 0 and _top_via(p, vs, ve, sc) < 0:
                 return M_OTHER
             sc.via_s[sc.nvia] = vs
             sc.via_e[sc.nvia] = ve
             sc.nvia += 1
-        elif _name_is(p + ls, ne, "from", 4):
+        elif hid == H_FROM:
             if sc.from_s >= 0:
                 return M_OTHER
             tag_s = tag_e = -2
@@ -318,7 +366,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
             sc.from_s, sc.from_e = vs, ve
             sc.ftag_s = vs + tag_s if tag_s >= 0 else -1
             sc.ftag_e = vs + tag_e if tag_s >= 0 else -1
-        elif _name_is(p + ls, ne, "to", 2):
+        elif hid == H_TO:
             if sc.to_s >= 0:
                 return M_OTHER
             tag_s = tag_e = -2
@@ -326,14 +374,14 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
                 return M_OTHER
             sc.to_s, sc.to_e = vs, ve
             sc.to_tag = tag_s >= 0
-        elif _name_is(p + ls, ne, "call-id", 7):
+        elif hid == H_CALLID:
             if sc.cid_s >= 0:
                 return M_OTHER
             for k in range(vs, ve):
                 if is_ws(p[k]):
                     return M_OTHER
             sc.cid_s, sc.cid_e = vs, ve
-        elif _name_is(p + ls, ne, "cseq", 4):
+        elif hid == H_CSEQ:
             if sc.cseq_s >= 0:
                 return M_OTHER
             # canonical "digits METHOD": the proxy writes the number back as an int
@@ -352,7 +400,7 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
                     return M_OTHER
             elif ve - k != 3 or p[k] != 65 or p[k + 1] != 67 or p[k + 2] != 75:
                 return M_OTHER
-        elif _name_is(p + ls, ne, "max-forwards", 12):
+        elif hid == H_MF:
             if seen_mf or ve - vs > 3:
                 return M_OTHER
             seen_mf = True
@@ -360,20 +408,20 @@ cdef int scan(const unsigned char* p, Py_ssize_t n, Scan* sc) noexcept nogil:
             if num < 1 or num > 255:
                 return M_OTHER
             sc.mf = <int>num
-        elif _name_is(p + ls, ne, "content-length", 14):
+        elif hid == H_CL:
             if seen_cl or ve - vs > 6:
                 return M_OTHER
             seen_cl = True
             content_length = parse_digits(p + vs, ve - vs)   # -1 when not digits; checked at the end
-        elif _name_is(p + ls, ne, "p-asserted-identity", 19):
+        elif hid == H_PAI:
             if sc.pai_s >= 0 or memchr(p + vs, 44, ve - vs) != NULL:
                 return M_OTHER
             sc.pai_s, sc.pai_e = vs, ve
-        elif _name_is(p + ls, ne, "proxy-require", 13) or _name_is(p + ls, ne, "contact", 7):
-            if _name_is(p + ls, ne, "contact", 7):
-                if (ve - vs == 1 and p[vs] == 42) or (memchr(p + vs, 44, ve - vs) == NULL
-                                                      and parse_addr(p + vs, ve - vs, NULL, NULL) == 0):
-                    continue
+        elif hid == H_CONTACT:
+            if not ((ve - vs == 1 and p[vs] == 42) or (memchr(p + vs, 44, ve - vs) == NULL
+                                                       and parse_addr(p + vs, ve - vs, NULL, NULL) == 0)):
+                return M_OTHER
+        else:   # Proxy-Require
             return M_OTHER
     if content_length != n - body:
         return M_OTHER
@@ -1592,6 +1640,24 @@ def tx_probe(TxTable table, bytes data, value=None):
         table.put(&tk, value, None)
     found = table.find(&tk)
     return None if found == NULL else <object>found
+
+
+def scan_probe(bytes data) -> tuple:
+    """The vector scans and their byte-loop definitions on the same octets (for tests):
+    ``((line end, colon), (line end, colon), uri_ok, uri_ok_bytes, bare uri_ok, bare uri_ok_bytes,
+    header_id, has_mark)``; the pairs must agree, vectors or not (``sse2`` says which ran)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data), c1 = -9, c2 = -9, e1, e2
+    e1 = line_end(p, n, &c1)
+    e2 = line_end_bytes(p, n, &c2)
+    return ((e1, c1), (e2, c2), uri_ok(p, n, False), uri_ok_bytes(p, n, False), uri_ok(p, n, True),
+            uri_ok_bytes(p, n, True), header_id(p, n), has_mark(p, n))
+
+
+sse2 = bool(SSE2)
+HEADER_IDS = {"via": H_VIA, "from": H_FROM, "to": H_TO, "call-id": H_CALLID, "cseq": H_CSEQ,
+              "max-forwards": H_MF, "content-length": H_CL, "p-asserted-identity": H_PAI,
+              "proxy-require": H_PROXY_REQUIRE, "contact": H_CONTACT}
 
 
 def scan_kind(bytes data) -> int:
