@@ -190,5 +190,8 @@ cdef class Core:
     cdef int _strings(self, Num* cr, Num* ce, int src) except -1
     cdef int _decide(self, object caller, object callee, object source, double now, Decision* dec,
                      Num* cr, Num* ce, int* src_out, bint make_strings) except -1
+    cdef int _decide_text(self, int cr_kind, const void* cr_data, Py_ssize_t cr_len, int ce_kind,
+                          const void* ce_data, Py_ssize_t ce_len, object source, double now, Decision* dec,
+                          Num* cr, Num* ce, int* src_out, bint make_strings) except -1
     cdef void _keys(self, u128 caller_key, int src, u128* keys, bint* has) noexcept
     cdef tuple _features(self, Decision* dec)

@@ -1287,6 +1287,19 @@ cdef class Core:
     cdef int _decide(self, object caller, object callee, object source, double now, Decision* dec,
                      Num* cr, Num* ce, int* src_out, bint make_strings) except -1:
         """The twin's check() without the Verdict: fills ``dec``; returns 0."""
+        if not PyUnicode_Check(caller):
+            raise TypeError(f"expected a str, got {type(caller).__name__}")
+        if not PyUnicode_Check(callee):
+            raise TypeError(f"expected a str, got {type(callee).__name__}")
+        return self._decide_text(PyUnicode_KIND(caller), PyUnicode_DATA(caller), PyUnicode_GET_LENGTH(caller),
+                                 PyUnicode_KIND(callee), PyUnicode_DATA(callee), PyUnicode_GET_LENGTH(callee),
+                                 source, now, dec, cr, ce, src_out, make_strings)
+
+    cdef int _decide_text(self, int cr_kind, const void* cr_data, Py_ssize_t cr_len, int ce_kind,
+                          const void* ce_data, Py_ssize_t ce_len, object source, double now, Decision* dec,
+                          Num* cr, Num* ce, int* src_out, bint make_strings) except -1:
+        """_decide over the numbers' characters where they lie (a str's data, or a datagram's octets
+        as PyUnicode_1BYTE_KIND): the fast path makes no string for either number."""
         cdef int64_t t
         cdef double tf = now * 1000.0
         cdef int src, fired, rule, i
@@ -1317,8 +1330,8 @@ cdef class Core:
             exotic = self.srcs[src].exotic
             if exotic:
                 area_s = self._src_area[src]
-        _normalize(callee, area, alen, ce)
-        _normalize(caller, area, alen, cr)
+        _normalize_buf(ce_kind, ce_data, ce_len, area, alen, ce)
+        _normalize_buf(cr_kind, cr_data, cr_len, area, alen, cr)
         self._cr_s = None
         self._ce_s = None
         if make_strings or (exotic and (ce.default_area or cr.default_area)):

@@ -56,6 +56,7 @@ cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
 
 cdef extern from "Python.h":
+    int PyUnicode_1BYTE_KIND
     void PyObject_GC_UnTrack(void* op)
 
 cdef extern from "<time.h>" nogil:
@@ -1377,6 +1378,7 @@ cdef class FastPath:
         cdef bint fast = self.enabled
         cdef socklen_t alen
         cdef TxKey tk
+        cdef Py_ssize_t cr_s, cr_e
         cdef PyObject* prevp
         handler = proxy.handle
         got = recv_batch(self.fd, self.msgs, self.iovs, self.addrs, self.bufs, self.bufsize, count)
@@ -1442,15 +1444,18 @@ cdef class FastPath:
                             _addr_tuple(&self.addrs[i], ip, port), ep)
                 continue
             # a new INVITE: decide
-            callee = PyUnicode_DecodeASCII(<const char*>p + sc.user_s, sc.user_e - sc.user_s, NULL)
+            # the numbers are read where they lie: the scan took only printable ASCII, which is
+            # what a str of PyUnicode_1BYTE_KIND holds, so no string is made for either
             if sc.pai_s >= 0 and self.trust_identity(ip):
-                caller = _s(p, sc.pai_s, sc.pai_e)
+                cr_s, cr_e = sc.pai_s, sc.pai_e
             else:
-                caller = _s(p, sc.from_s, sc.from_e)
+                cr_s, cr_e = sc.from_s, sc.from_e
             now = _clock(CLOCK_REALTIME)
             t0 = _clock(CLOCK_MONOTONIC)
             try:
-                self.core._decide(caller, callee, ip, now, &dec, &cr, &ce, &src, self.rows_mode == ROWS_TUPLES)
+                self.core._decide_text(PyUnicode_1BYTE_KIND, p + cr_s, cr_e - cr_s, PyUnicode_1BYTE_KIND,
+                                       p + sc.user_s, sc.user_e - sc.user_s, ip, now, &dec, &cr, &ce, &src,
+                                       self.rows_mode == ROWS_TUPLES)
             except Exception:  # noqa - the slow path decides again and fails open there, counted
                 self.slow += 1
                 handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
