@@ -347,6 +347,7 @@ cdef int _scan_response(const unsigned char* p, Py_ssize_t n, Resp* r) noexcept 
     """
     cdef Py_ssize_t i, le, ls, colon, ne, vs, ve, body, k, c, a, z, cl = -1
     cdef const unsigned char* q
+    cdef int hid
     cdef bint seen_from = False, seen_cid = False, seen_cseq = False, seen_mf = False
     cdef long long num
     if n < 16 or p[0] != 83 or p[1] != 73 or p[2] != 80 or p[3] != 47 or p[4] != 50 or p[5] != 46 \
@@ -377,31 +378,27 @@ cdef int _scan_response(const unsigned char* p, Py_ssize_t n, Resp* r) noexcept 
     r.to_s = -1
     r.cm_s = -1
     while i < body - 2:
+        # as in the request scan: one pass to the line's CR (the head ends in CRLFCRLF, so there is
+        # one), which must be its first octet outside printable ASCII and HT, noting the first ':'
         ls = i
-        q = <const unsigned char*>memchr(p + i, 13, body - i)
-        le = q - p
-        if p[le + 1] != 10 or is_ws(p[ls]):
+        le = ls + line_end(p + ls, body - ls, &colon)
+        if p[le] != 13 or p[le + 1] != 10 or is_ws(p[ls]) or colon < 0:
             return -1
-        colon = -1
-        for k in range(ls, le):
-            if not VALC[p[k]]:
-                return -1
-            if colon < 0 and p[k] == 58:
-                colon = k
-        if colon < 0:
-            return -1
+        colon += ls
         ne = colon - ls
         if ne < 2:
             return -1
-        for k in range(ls, colon):
-            if not TOKEN[p[k]]:
-                return -1
+        hid = header_id(p + ls, ne)
+        if hid == H_OTHER:     # a known name is all token characters by construction
+            for k in range(ls, colon):
+                if not TOKEN[p[k]]:
+                    return -1
         vs = skip_ws(p, colon + 1, le)
         ve = le
         if ve == vs or is_ws(p[ve - 1]):
             return -1
         i = le + 2
-        if _name_is(p + ls, ne, "via", 3):
+        if hid == H_VIA:
             # each comma-separated element, split and trimmed as the parser's _check_list does
             k = vs
             while True:
@@ -420,23 +417,23 @@ cdef int _scan_response(const unsigned char* p, Py_ssize_t n, Resp* r) noexcept 
                 if c >= ve:
                     break
                 k = c + 1
-        elif _name_is(p + ls, ne, "from", 4):
+        elif hid == H_FROM:
             if seen_from or parse_addr(p + vs, ve - vs, NULL, NULL) < 0:
                 return -1
             seen_from = True
-        elif _name_is(p + ls, ne, "to", 2):
+        elif hid == H_TO:
             if r.to_s >= 0 or parse_addr(p + vs, ve - vs, NULL, NULL) < 0:
                 return -1
             r.to_s = vs
             r.to_e = ve
-        elif _name_is(p + ls, ne, "call-id", 7):
+        elif hid == H_CALLID:
             if seen_cid:
                 return -1
             for k in range(vs, ve):
                 if is_ws(p[k]):
                     return -1
             seen_cid = True
-        elif _name_is(p + ls, ne, "cseq", 4):
+        elif hid == H_CSEQ:
             if seen_cseq:
                 return -1
             seen_cseq = True
@@ -450,21 +447,22 @@ cdef int _scan_response(const unsigned char* p, Py_ssize_t n, Resp* r) noexcept 
             for k in range(r.cm_s, r.cm_e):
                 if not TOKEN[p[k]]:
                     return -1
-        elif _name_is(p + ls, ne, "max-forwards", 12):
+        elif hid == H_MF:
             if seen_mf or parse_digits(p + vs, ve - vs) < 0:
                 return -1
             seen_mf = True
-        elif _name_is(p + ls, ne, "content-length", 14):
+        elif hid == H_CL:
             if cl >= 0:
                 return -1
             num = parse_digits(p + vs, ve - vs)
             if num < 0 or num > n - body:
                 return -1
             cl = <Py_ssize_t>num
-        elif _name_is(p + ls, ne, "contact", 7):
+        elif hid == H_CONTACT:
             if not ((ve - vs == 1 and p[vs] == 42) or (memchr(p + vs, 44, ve - vs) == NULL
                                                        and parse_addr(p + vs, ve - vs, NULL, NULL) == 0)):
                 return -1
+        # other names (P-Asserted-Identity and Proxy-Require among them) are taken as they are
     if i != body - 2:
         return -1
     if r.nvia == 0 or not seen_from or r.to_s < 0 or not seen_cid or not seen_cseq:
