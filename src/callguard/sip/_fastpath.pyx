@@ -37,6 +37,7 @@ from cpython.dict cimport PyDict_DelItem, PyDict_GetItem
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.errno cimport EINTR, errno
+from libc.limits cimport LONG_MIN
 from libc.stdint cimport uint32_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset, strlen
@@ -159,6 +160,9 @@ cpdef enum:                # FastPath.rows_mode, as proxy.py sets it (the tests 
                            # compiled writer)
     ROWS_PACKED = 2        # packed into RowBuffer's layout (take_packed)
 
+
+# FastPath._run's headroom when pump calls it: ask the proxy (fast_headroom) if an INVITE comes
+cdef long HEADROOM_ASK = LONG_MIN
 
 cdef enum:
     PACKED_KEEP = 1 << 20  # bytes of packed rows kept between batches
@@ -1268,7 +1272,7 @@ cdef class FastPath:
         try:
             for round_ in range(self.max_rounds):
                 try:
-                    got = self._run(proxy, listener, stx, loop.time(), proxy.fast_headroom(), self.max_batch)
+                    got = self._run(proxy, listener, stx, loop.time(), HEADROOM_ASK, self.max_batch)
                 except OSError:
                     # An ICMP error (port or host unreachable) queued with IP_RECVERR, or a transient one.
                     listener.errors += 1
@@ -1399,6 +1403,9 @@ cdef class FastPath:
                     proxy._fault(exc, None, ep, _addr_tuple(&self.addrs[i], ip, port))
                 if done:
                     continue
+            if method == M_INVITE and headroom == HEADROOM_ASK:
+                # asked of the proxy at the batch's first INVITE: half the wake-ups bring ACKs only
+                headroom = proxy.fast_headroom()
             if method == M_OTHER or (method == M_INVITE and headroom <= 0):
                 self.slow += 1
                 handler(PyBytes_FromStringAndSize(<const char*>p, length), _addr_tuple(&self.addrs[i], ip, port),
