@@ -174,15 +174,13 @@ def test_vector_scans_are_their_byte_loops(data: bytes) -> None:
     assert mark == (b"z9hG4bKcg" in data)
 
 
-@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 31, 32, 33, 47, 48, 49, 100])
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 31, 32, 33, 47, 48, 49, 100])
 @pytest.mark.parametrize("at", ["start", "middle", "end"])
 def test_vector_scans_find_the_octet_in_every_position(size: int, at: str) -> None:
     # the SSE2 form reads sixteen at a time and overlaps its last step: the octet that ends a line
     # or refuses a URI must be found wherever it falls, and never looked for past the end
     clean = b"a" * size
     for odd in (b"\r", b"\x7f", b"\x80", b"\x00", b"<", b" "):
-        if size == 0:
-            continue
         k = {"start": 0, "middle": size // 2, "end": size - 1}[at]
         data = clean[:k] + odd + clean[k + 1:]
         line, line_ref, uri, uri_ref, *_ = fastpath.scan_probe(data)

@@ -345,7 +345,7 @@ cdef int _scan_response(const unsigned char* p, Py_ssize_t n, Resp* r) noexcept 
     names, printable ASCII), at most MAX_VIAS Vias, and the parser's checks of Via, From, To, Call-ID,
     CSeq, Max-Forwards, Content-Length and Contact.
     """
-    cdef Py_ssize_t i, le, ls, colon, ne, vs, ve, body, k, c, a, z, cl = -1
+    cdef Py_ssize_t i, le, vs, ve, body, k, c, a, z, cl = -1
     cdef const unsigned char* q
     cdef int hid
     cdef bint seen_from = False, seen_cid = False, seen_cseq = False, seen_mf = False
@@ -378,25 +378,11 @@ cdef int _scan_response(const unsigned char* p, Py_ssize_t n, Resp* r) noexcept 
     r.to_s = -1
     r.cm_s = -1
     while i < body - 2:
-        # as in the request scan: one pass to the line's CR (the head ends in CRLFCRLF, so there is
-        # one), which must be its first octet outside printable ASCII and HT, noting the first ':'
-        ls = i
-        le = ls + line_end(p + ls, body - ls, &colon)
-        if p[le] != 13 or p[le + 1] != 10 or is_ws(p[ls]) or colon < 0:
+        # the request scan's line rules (the head ends in CRLFCRLF: no empty line comes before it)
+        hid = header_line(p, i, body, &le, &vs)
+        if hid < 0:
             return -1
-        colon += ls
-        ne = colon - ls
-        if ne < 2:
-            return -1
-        hid = header_id(p + ls, ne)
-        if hid == H_OTHER:     # a known name is all token characters by construction
-            for k in range(ls, colon):
-                if not TOKEN[p[k]]:
-                    return -1
-        vs = skip_ws(p, colon + 1, le)
         ve = le
-        if ve == vs or is_ws(p[ve - 1]):
-            return -1
         i = le + 2
         if hid == H_VIA:
             # each comma-separated element, split and trimmed as the parser's _check_list does

@@ -30,6 +30,10 @@ cdef extern from *:
     /* inside [...] of an IPv6 reference (an IPv4 tail included) */
     static const int cg_sip_hexc[256] = {
         CG_DIGIT, ['a' ... 'f'] = 1, ['A' ... 'F'] = 1, [':'] = 1, ['.'] = 1};
+    /* Request-URI octets: 1 for those it may not hold (controls, space, DEL and above, '<', '>',
+       '"'), 2 for '?' (headers in it, which the fast path leaves to the Python path) */
+    static const int cg_sip_ruri[256] = {[0 ... 32] = 1, [127 ... 255] = 1, ['<'] = 1, ['>'] = 1,
+        ['"'] = 1, ['?'] = 2};
     #undef CG_ALPHA
     #undef CG_DIGIT
     #endif
@@ -39,6 +43,7 @@ cdef extern from *:
     const int SCHEME_START "cg_sip_scheme_start"[256]
     const int SCHEME_C "cg_sip_scheme_c"[256]
     const int HEXC "cg_sip_hexc"[256]
+    const int RURI "cg_sip_ruri"[256]
 
 # Vector scans: sixteen octets per step with SSE2 (every x86-64 has it), one octet per step
 # elsewhere.  Both forms are always compiled, so the tests compare them on the same inputs
@@ -213,7 +218,7 @@ cdef inline Py_ssize_t next_comma(const unsigned char* s, Py_ssize_t i, Py_ssize
 
 cdef inline bint bad_request_uri_char(unsigned char c) noexcept nogil:
     """Octets a Request-URI may not hold: controls, space, non-ASCII, '<', '>' and '"'."""
-    return c <= 32 or c >= 127 or c == 60 or c == 62 or c == 34
+    return RURI[c] == 1
 
 
 cdef inline Py_ssize_t scheme_end(const unsigned char* s, Py_ssize_t n) noexcept nogil:
