@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         if n not in SYSTEMS:
             print(f"unknown system {n!r} (known: {', '.join(SYSTEMS)})", file=sys.stderr)
             return 2
+        if set(SYSTEMS[n].paths) != {"reject", "forward", "mixed"}:
+            print(f"{n} answers the {'/'.join(SYSTEMS[n].paths)} path only, and a full run needs every call "
+                  f"mix: measure it with bench/pairs.py --path reject", file=sys.stderr)
+            return 2
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = Path(tempfile.mkdtemp(prefix=f"callguard-load-{stamp}-"))
     opts = Options(duration=a.duration, sipp_max_rate=a.sipp_max_rate, probe_interval_ms=a.probe_interval_ms,

@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [n for n in a.names if n not in SYSTEMS]
     if unknown:
         p.error(f"unknown system(s) {', '.join(unknown)} (known: {', '.join(SYSTEMS)})")
+    narrow = [n for n in a.names if a.path not in SYSTEMS[n].paths]
+    if narrow:
+        only = "/".join(SYSTEMS[narrow[0]].paths)
+        p.error(f"{', '.join(narrow)} cannot be measured on the {a.path} path (only {only})")
     if a.rounds < 1 or a.rate <= 0 or a.duration <= 0:
         p.error("--rounds, --rate and --duration must be positive")
     return a

@@ -68,6 +68,8 @@ class System:
     available: Callable[[], str | None]      # None when it can run, else why not
     start: Callable[[Context], Running]
     info: Callable[[], dict[str, str]] = lambda: {}
+    #: The call mixes it can be measured on (the C floor answers every INVITE 403: reject only).
+    paths: tuple[str, ...] = ("reject", "forward", "mixed")
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,6 +118,42 @@ def _responder_start(ctx: Context) -> Running:
     run = Running([p])
     _wait_healthy(run, ctx.port, 15)
     return run
+
+
+# ------------------------------------------------------------------ the C floor
+CRESPONDER_SOURCE = Path(__file__).with_name("cresponder.c")
+
+
+def _c_compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _cresponder_available() -> str | None:
+    return None if _c_compiler() else "no C compiler (cc or gcc) to build bench/loadlib/cresponder.c"
+
+
+def _cresponder_binary(workdir: Path) -> Path:
+    """bench/loadlib/cresponder.c built into the work folder, once per run."""
+    binary = workdir / "cresponder"
+    if not binary.exists():
+        cc = _c_compiler()
+        if cc is None:
+            raise RuntimeError(_cresponder_available())
+        built = subprocess.run([cc, "-O2", "-o", str(binary), str(CRESPONDER_SOURCE)], capture_output=True,
+                               text=True, timeout=120)
+        if built.returncode != 0:
+            raise RuntimeError(f"building {CRESPONDER_SOURCE.name} failed:\n{built.stderr[-2000:]}")
+    return binary
+
+
+def _cresponder_start(mode: str) -> Callable[[Context], Running]:
+    def start(ctx: Context) -> Running:
+        p = procs.start(f"cresponder-{mode}", [str(_cresponder_binary(ctx.workdir)), str(ctx.port), mode],
+                        ctx.workdir / f"cresponder-{mode}.log")
+        run = Running([p])
+        _wait_healthy(run, ctx.port, 15)
+        return run
+    return start
 
 
 # ------------------------------------------------------------------ callguard serve
@@ -274,4 +312,9 @@ SYSTEMS: dict[str, System] = {
                               _plugin_available, _plugin_start, lambda: {**_kamailio_info(), "core": core_in_use()}),
     "kamailio-native": System("kamailio-native", "Kamailio -x tlsf, native script (htable blocklist, rate "
                               "limit): the anchor", _native_available, _native_start, _kamailio_info),
+    # The floor under any screening, reject path only; not in load.py's default set.
+    "c-floor": System("c-floor", "C responder, blocking recvmmsg: answers every INVITE 403, screens nothing",
+                      _cresponder_available, _cresponder_start("block"), paths=("reject",)),
+    "c-floor-epoll": System("c-floor-epoll", "C responder, epoll + recvmmsg: answers every INVITE 403, screens "
+                            "nothing", _cresponder_available, _cresponder_start("epoll"), paths=("reject",)),
 }
