@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if n not in SYSTEMS:
             print(f"unknown system {n!r} (known: {', '.join(SYSTEMS)})", file=sys.stderr)
             return 2
-        if set(SYSTEMS[n].paths) != {"reject", "forward", "mixed"}:
+        if set(SYSTEMS[n].paths) != set(mix.MIXES):
             print(f"{n} answers the {'/'.join(SYSTEMS[n].paths)} path only, and a full run needs every call "
                   f"mix: measure it with bench/pairs.py --path reject", file=sys.stderr)
             return 2

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadlib import procs, sipp  # noqa: E402
+from loadlib import mix, procs, sipp  # noqa: E402
 from loadlib.runner import Bench, Options  # noqa: E402
 from loadlib.systems import SYSTEMS  # noqa: E402
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--systems", default="serve,kamailio-native",
                    help="comma-separated, the last one is the anchor of the ratios (default serve,kamailio-native)")
-    p.add_argument("--path", default="reject", choices=("reject", "forward", "mixed"),
+    p.add_argument("--path", default="reject", choices=tuple(mix.MIXES),
                    help="call mix of every point (default reject)")
     p.add_argument("--rate", type=float, default=10000.0, help="calls/s of every point (default 10000)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of one point per system (default 5)")

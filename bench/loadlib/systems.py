@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import procs
+from . import mix, procs
 
 ROOT = Path(__file__).resolve().parents[2]      # the source checkout
 KAMAILIO_DIR = ROOT / "config" / "kamailio"
@@ -69,7 +69,7 @@ class System:
     start: Callable[[Context], Running]
     info: Callable[[], dict[str, str]] = lambda: {}
     #: The call mixes it can be measured on (the C floor answers every INVITE 403: reject only).
-    paths: tuple[str, ...] = ("reject", "forward", "mixed")
+    paths: tuple[str, ...] = tuple(mix.MIXES)
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,7 +133,7 @@ def _cresponder_available() -> str | None:
 
 
 def _cresponder_binary(workdir: Path) -> Path:
-    """bench/loadlib/cresponder.c built into the work folder, once per run."""
+    """bench/loadlib/cresponder.c built into the point's work folder, unless a point before it built it there."""
     binary = workdir / "cresponder"
     if not binary.exists():
         cc = _c_compiler()
