@@ -486,6 +486,60 @@ def test_rejections_are_forgotten_after_their_linger(pair: Any) -> None:
     caller.close()
 
 
+def test_a_wake_up_forgets_what_lingered_out_without_the_tick(pair: Any) -> None:
+    """Each wake-up forgets at most ``expire_per_wake`` due entries once its answers are out; the tick
+    is not needed for it (and 0 leaves it all to the tick)."""
+    trunk, caller = Peer(), Peer()
+    fast, _ = pair(trunk.port)
+    port = port_of(fast)
+    fp = _fast(fast)
+    fast.call(lambda: fast.proxy._tick_handle.cancel())     # only wake-ups forget from here on
+    keys = [(f"z9hG4bKdue{i}", f"127.0.0.1:{caller.port}") for i in range(100)]
+
+    def linger_out(n: int) -> None:
+        def put() -> None:
+            past = fast.proxy.loop.time() - 1.0
+            for key in keys[:n]:
+                fast.proxy.stx[key] = b"SIP/2.0 403 Forbidden\r\n\r\n"
+                fp.lingering.append(past, key, fast.proxy.stx[key])
+        fast.call(put)
+
+    def ping() -> None:
+        caller.send(request("OPTIONS", caller.port, port, uri=f"sip:127.0.0.1:{port}"), port)
+        assert status(caller.recv(match=lambda m: "OPTIONS" in headers(m, "CSeq")[0])) == 200
+
+    def left() -> tuple[int, int]:
+        # run on the loop after the wake-up that sent the answer has returned
+        return fast.call(lambda: (len(fp.lingering), sum(k in fast.proxy.stx for k in keys)))
+
+    assert fp.expire_per_wake == 64
+    linger_out(100)
+    ping()
+    assert left() == (36, 36)
+    assert all(k not in fast.proxy.stx for k in keys[:64])
+    ping()
+    assert left() == (0, 0)
+    fp.expire_per_wake = 0
+    linger_out(5)
+    ping()
+    assert left() == (5, 5)
+    fast.call(lambda: fast.proxy._forget_due(fast.proxy.loop.time()))    # what the tick does
+    assert left() == (0, 0)
+    trunk.close()
+    caller.close()
+
+
+def test_linger_queue_expire_stops_at_its_limit() -> None:
+    queue = fastpath.LingerQueue()
+    table = {(f"b{i}", "h"): bytes([i]) for i in range(10)}
+    for i in range(10):
+        queue.append(float(i), (f"b{i}", "h"), table[(f"b{i}", "h")])
+    assert queue.expire(100.0, table, 3) == 3 and len(table) == 7 and ("b3", "h") in table
+    assert queue.expire(100.0, table, 0) == 0 and len(queue) == 7
+    assert queue.expire(5.0, table, -1) == 3 and len(queue) == 4
+    assert queue.expire(100.0, table) == 4 and table == {}
+
+
 def test_decision_log_lines_written_per_batch(pair: Any) -> None:
     import io
     import json
@@ -528,3 +582,38 @@ def test_ack_to_a_relayed_rejection_absorbed_in_c(pair: Any) -> None:
     assert trunk.silent(0.3, is_method("ACK"))
     trunk.close()
     caller.close()
+
+
+def test_a_plain_handler_gets_every_datagram_through_the_fast_listener() -> None:
+    """A listener whose handler is not a proxy: the fast path stays off and hands every datagram over
+    (its wake-up probed a dict as the transaction table and raised at every datagram)."""
+    import asyncio
+    import socket
+
+    from callguard.sip import transport
+
+    sent = [invite(), b"OPTIONS sip:127.0.0.1 SIP/2.0\r\n\r\n"]
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        got: list[bytes] = []
+        done = loop.create_future()
+
+        def handler(data: bytes, addr: Any, ep: Any) -> None:
+            got.append(data)
+            if len(got) == 2:
+                done.set_result(None)
+
+        ep = await transport.open_udp(loop, handler, "127.0.0.1", 0)
+        assert isinstance(ep, transport.FastUdpListener) and not ep.fast.enabled
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for data in sent:
+                sock.sendto(data, ("127.0.0.1", ep.listener.port))
+            await asyncio.wait_for(done, 5)
+        finally:
+            sock.close()
+            ep.close()
+        return got
+
+    assert asyncio.run(main()) == sent

@@ -894,6 +894,11 @@ cdef struct Linger:
 
 
 cdef enum:
+    # answered transactions one wake-up forgets at most: a wake-up at 45k calls/s finds about ten
+    # due in each queue; the tick forgets whatever a burst left over
+    EXPIRE_PER_WAKE = 64
+
+cdef enum:
     RELEASE_SEARCH = 2048     # newest entries LingerQueue.release looks through (an ACK 45 ms late at 45k calls/s)
 
 
@@ -964,17 +969,20 @@ cdef class LingerQueue:
             self.count -= 1
             n -= 1
 
-    def expire(self, double now, table) -> int:
-        """Forget every entry due by ``now``: removed from ``table`` (a dict or a :class:`TxTable`) if it
-        still holds that value."""
+    def expire(self, double now, table, Py_ssize_t limit=-1) -> int:
+        """Forget every entry due by ``now`` (at most ``limit`` of them, when not negative): removed from
+        ``table`` (a dict or a :class:`TxTable`) if it still holds that value."""
+        return self._expire(now, table, limit)
+
+    cdef Py_ssize_t _expire(self, double now, table, Py_ssize_t limit) except -1:
         cdef Linger* e
         cdef PyObject* held
-        cdef int done = 0
+        cdef Py_ssize_t done = 0
         cdef TxTable tt = table if type(table) is TxTable else None
         cdef dict dt = None
         if tt is None:
             dt = <dict?>table
-        while self.count > 0 and self.ring[self.head].deadline <= now:
+        while self.count > 0 and self.ring[self.head].deadline <= now and done != limit:
             e = &self.ring[self.head]
             if e.value != <PyObject*>None:     # None: released, another queue forgets it
                 if tt is not None:
@@ -1121,6 +1129,8 @@ cdef class FastPath:
     cdef public unsigned int max_rounds, max_batch
     cdef public Py_ssize_t bookkeeping_rows
     cdef public double bookkeeping_interval, kept_since
+    # answered transactions each wake-up forgets, at most, once its answers are out (0: only the tick)
+    cdef public Py_ssize_t expire_per_wake
 
     def __cinit__(self, int fd, unsigned int capacity=64, size_t bufsize=65535):
         self.family = batch_family(fd, capacity, bufsize)
@@ -1155,6 +1165,7 @@ cdef class FastPath:
         self.bookkeeping_rows = 64
         self.bookkeeping_interval = 0.005
         self.kept_since = 0.0
+        self.expire_per_wake = EXPIRE_PER_WAKE
 
     def __dealloc__(self):
         free(self.packed.data)
@@ -1318,6 +1329,16 @@ cdef class FastPath:
                     listener._flush()
                 if <unsigned int>got < self.max_batch:
                     break
+            if self.expire_per_wake > 0:
+                # What lingered out, forgotten while the loop is awake anyway and its answers are
+                # out: at 30k calls/s the 20 ms tick forgot some 600 at once, 170 us (up to 0.55 ms)
+                # that the next datagrams waited for.
+                now = loop.time()
+                if self.lingering.count > 0 and self.lingering.ring[self.lingering.head].deadline <= now:
+                    self.lingering._expire(now, stx, self.expire_per_wake)
+                if self.lingering_acked.count > 0 and \
+                        self.lingering_acked.ring[self.lingering_acked.head].deadline <= now:
+                    self.lingering_acked._expire(now, stx, self.expire_per_wake)
         finally:
             listener.in_batch = False
             if listener.out:

@@ -284,8 +284,9 @@ class _PlainOwner:
     """What FastPath.run needs from a proxy, for a plain handler: every datagram to the handler."""
 
     def __init__(self, handler: Handler) -> None:
+        from ._fastpath import TxTable  # FastPath.run probes the compiled table, never a dict
         self.handle = handler
-        self.stx: dict[Any, Any] = {}
+        self.stx = TxTable()
 
     def fast_headroom(self) -> int:
         return 0
