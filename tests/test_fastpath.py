@@ -25,9 +25,11 @@ from .test_proxy_basic import (
     InProcess,
     Peer,
     ack_for,
+    answer,
     free_port,
     headers,
     is_method,
+    is_status,
     make_config,
     request,
     status,
@@ -292,6 +294,36 @@ def test_allowed_invite_decided_in_c_is_forwarded_once(pair: Any) -> None:
     assert fast.call(lambda: fast.proxy.in_flight) == 1
     trunk.close()
     caller.close()
+
+
+def test_a_quick_outcome_waits_for_the_record_it_completes(pair: Any) -> None:
+    """A trunk's 486 that comes before the fast path handed its decision over: the outcome must not
+    reach the store first (it applies only to records written before it, and would be lost)."""
+    trunk = Peer()
+    fast, slow = pair(trunk.port, records={"enabled": True})
+    fp = _fast(fast)
+
+    def hold() -> None:
+        fp.bookkeeping_interval = 1e9               # no hand-over until the test asks for one
+        fp.kept_since = fast.proxy.loop.time()
+    fast.call(hold)
+    for n, ip in enumerate((fast, slow)):
+        caller = Peer()
+        inv = request("INVITE", caller.port, port_of(ip), caller=CALLER, call_id=f"quick{n}")
+        caller.send(inv, port_of(ip))
+        fwd = trunk.recv(match=is_method("INVITE"))
+        trunk.send(answer(fwd, 486, "Busy Here"), port_of(ip))
+        caller.recv(match=is_status(486))
+        ip.server.records.flush()                   # the store writes all it was given so far
+        if ip is fast:
+            assert fast.call(lambda: len(fast.proxy._outcomes)) == 1     # held behind the record
+            assert ip.server.records.query(caller=CALLER) == []
+            fast.call(lambda: fast.proxy.on_batch(fp))
+            ip.server.records.flush()
+        rows = ip.server.records.query(caller=CALLER)
+        assert [(r["call_id"], r["rule"], r["final_code"]) for r in rows] == [(f"quick{n}", "allow", 486)]
+        caller.close()
+    trunk.close()
 
 
 def test_call_records_packed_by_the_fast_path_are_those_of_the_python_path(pair: Any) -> None:

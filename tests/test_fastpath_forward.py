@@ -475,7 +475,7 @@ def test_internal_fault_in_the_forward_path_fails_open(rigs: Any, socks: Any, mo
     def broken(*args: Any, **kw: Any) -> None:
         raise RuntimeError("records broke")
 
-    monkeypatch.setattr(fast.proxy.records, "outcome", broken)
+    monkeypatch.setattr(fast.proxy, "outcome", broken)
     inv = invite(caller.port, "13900000005", call_id="ft1", branch="z9hG4bKft1")
     caller.send(inv, fast)
     caller.take(1)

@@ -24,6 +24,7 @@ from .helpers import (
     options_ping,
     status_of,
     vias,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -149,7 +150,9 @@ def test_logs_are_json_lines_with_the_decision(pj: PjEnv) -> None:
     bad = [ln for ln in lines if not ln.lstrip().startswith("{")]
     assert not bad, f"log lines that are not JSON objects: {bad[:5]}"
     decisions = [e for e in pj.proxy.logs() if e.get("event") == "decision"]
-    banned = [e for e in decisions if e.get("caller") == BANNED]
+    # logged a batch at a time: wait for the banned caller's
+    banned = wait_until(lambda: [e for e in pj.proxy.logs() if e.get("event") == "decision"
+                                 and e.get("caller") == BANNED], 10, "the banned caller's decision logged")
     assert banned and banned[0].get("rule") == "banned" and banned[0].get("call_id"), decisions[-5:]
     assert all(k in banned[0] for k in ("caller", "callee", "rule", "call_id")), banned[0]
     assert any(k.startswith("latency") for k in banned[0]), banned[0]

@@ -1162,8 +1162,8 @@ cdef class FastPath:
         self.max_size = 65535
         self.max_rounds = 8
         self.max_batch = capacity
-        self.bookkeeping_rows = 64
-        self.bookkeeping_interval = 0.005
+        self.bookkeeping_rows = 256
+        self.bookkeeping_interval = 0.05
         self.kept_since = 0.0
         self.expire_per_wake = EXPIRE_PER_WAKE
 
@@ -1322,7 +1322,8 @@ cdef class FastPath:
                 if rest is not None:
                     listener.out.extend(rest)
                 now = loop.time()
-                if len(self.decisions) >= self.bookkeeping_rows or now - self.kept_since >= self.bookkeeping_interval:
+                if len(self.decisions) + self.packed.rows >= self.bookkeeping_rows \
+                        or now - self.kept_since >= self.bookkeeping_interval:
                     self.kept_since = now
                     proxy.on_batch(self)
                 if listener.out:

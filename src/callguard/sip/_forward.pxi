@@ -914,7 +914,7 @@ cdef class Forwarder:
         tx.final = code
         proxy.in_flight -= 1
         now = _clock(CLOCK_REALTIME)
-        proxy.records.outcome(tx.call_id, code)
+        proxy.outcome(tx.call_id, code)      # behind the decision's record (Proxy.outcome)
         try:
             proxy.guard.observe(tx.caller, False, 0.0, tx.source, now)
         except Exception as exc:  # noqa - scoring input only, as in Proxy._finish

@@ -421,6 +421,8 @@ class Proxy:
         self.dialog_expiry: collections.deque[tuple[float, str, Dialog]] = collections.deque()
         self.in_flight = 0
         self.draining = False
+        # Outcomes held back until the fast paths hand over the decisions they still hold (see outcome)
+        self._outcomes: list[tuple[str, int | None, float | None, float | None]] = []
         self.faults = 0
         self.our_hosts: set[tuple[str, int]] = set()
         self.our_ports: set[int] = set()
@@ -514,6 +516,7 @@ class Proxy:
                 t.ka_handle = None
         for fast in self._fast_paths():
             self.on_batch(fast)     # the last decisions of the fast path, before the records close
+        self._flush_outcomes()
 
     def is_ours(self, host: str, port: int | None) -> bool:
         """Whether host:port (port None = 5060) is one of our listeners."""
@@ -673,12 +676,31 @@ class Proxy:
         except Exception as exc:  # noqa: BLE001 - one bad message must never stop the proxy
             self._fault(exc, msg, ep, addr)
 
+    def outcome(self, call_id: str, final_code: int | None = None, answered_at: float | None = None,
+                ended_at: float | None = None) -> None:
+        """A call's outcome for its records, never ahead of its decision's record.
+
+        The store applies an outcome to the records of its Call-ID written before it, and the fast
+        paths hand their decisions over only every ``bookkeeping_interval``: a trunk's quick 486
+        would otherwise reach the store before the record it completes, and be lost.  So while a
+        fast path serves, outcomes wait for the next hand-over (``on_batch``).
+        """
+        if type(self.records) is NullRecords:
+            return
+        if self._fast_paths():
+            self._outcomes.append((call_id, final_code, answered_at, ended_at))
+        else:
+            self.records.outcome(call_id, final_code, answered_at, ended_at)
+
     def on_batch(self, fast: Any) -> None:
-        """After each fast-path batch: records, metrics and decision logs of the batch, at once."""
-        rows = fast.decisions
-        packed = fast.take_packed()
-        if packed is not None:
-            self.records.add_packed(*packed)
+        """After fast-path batches: records, metrics and decision logs of the batches, at once; then
+        the outcomes held back (behind every fast path's decisions, as any may hold their records)."""
+        self._hand_over_rows(fast)
+        if self._outcomes:
+            for other in self._fast_paths():
+                if other is not fast:
+                    self._hand_over_rows(other)
+            self._flush_outcomes()
         counts = fast.take_counts()
         if counts is not None:
             self.metrics.fast_batch(*counts)
@@ -687,6 +709,21 @@ class Proxy:
             for code, n in fast.in_codes.items():
                 self.metrics.message_in(code, n)
             fast.in_codes.clear()
+
+    def _flush_outcomes(self) -> None:
+        outcomes, self._outcomes = self._outcomes, []
+        for o in outcomes:
+            try:
+                self.records.outcome(*o)
+            except Exception as exc:  # noqa: BLE001 - one bad outcome must not cost the others
+                self._fault(exc, None, None, None)
+
+    def _hand_over_rows(self, fast: Any) -> None:
+        """The call records (and decision log lines) of what ``fast`` decided since it last handed over."""
+        packed = fast.take_packed()
+        if packed is not None:
+            self.records.add_packed(*packed)
+        rows = fast.decisions
         if not rows:
             return
         fast.decisions = []
@@ -1086,7 +1123,10 @@ class Proxy:
         now = self.loop.time()
         self._forget_due(now)
         for fast in self._fast_paths():
-            self.on_batch(fast)     # what the fast path decided since its last bookkeeping
+            # what an idle fast path decided since its last bookkeeping (a busy one drains itself)
+            if now - fast.kept_since >= fast.bookkeeping_interval:
+                fast.kept_since = now
+                self.on_batch(fast)
         due: list[tuple[float, int, Tx, int, int]] = []
         queues = 0
         for q in self.timers.values():
@@ -1164,12 +1204,12 @@ class Proxy:
         self.in_flight -= 1
         now = time.time()
         if 200 <= code < 300:
-            self.records.outcome(tx.call_id, final_code=code, answered_at=now)
+            self.outcome(tx.call_id, code, now)
             d = Dialog(tx.caller, tx.source, now, tx.dest_addr, tx.up_ep, tx.up_addr, tx.dest_ep)
             self.dialogs[tx.call_id] = d
             self.dialog_expiry.append((self.loop.time() + DIALOG_LINGER, tx.call_id, d))
         else:
-            self.records.outcome(tx.call_id, final_code=code)
+            self.outcome(tx.call_id, code)
             try:
                 self.guard.observe(tx.caller, False, 0.0, tx.source, now)
             except Exception as exc:  # noqa: BLE001 - scoring input only; never fail a call for it
@@ -1266,7 +1306,7 @@ class Proxy:
         if msg.method == "BYE" and d is not None:
             now = time.time()
             self.dialogs.pop(msg.call_id, None)
-            self.records.outcome(msg.call_id, ended_at=now)
+            self.outcome(msg.call_id, ended_at=now)
             try:
                 self.guard.observe(d.caller, True, max(0.0, now - d.answered_at), d.source, now)
             except Exception as exc:  # noqa: BLE001 - scoring input only
