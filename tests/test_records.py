@@ -205,6 +205,32 @@ def test_queue_full_counts_dropped(tmp_path: Path) -> None:
         s.close()
 
 
+def test_queue_max_counts_records_not_batches(tmp_path: Path) -> None:
+    # A batch of rows is one queue item; the bound is on what it holds, or a stalled writer lets the
+    # queue hold queue_max batches of rows.
+    s = RecordStore(str(tmp_path / "r.sqlite3"), flush_interval=3600, queue_max=100)
+    batch = [tuple(make_record(i, T0 + i)[k] for k in RECORD_FIELDS) for i in range(60)]
+    s.flush()                    # the writer is asleep until asked again
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)   # and stays off the CPU while the batches are queued
+    try:
+        for _ in range(3):
+            s.add_many(list(batch))
+        s.outcome("call-1@test", 486)
+        queued, dropped = s.pending, s.dropped
+    finally:
+        sys.setswitchinterval(old)
+    try:
+        assert (queued, dropped) == (120, 61)   # the third batch and the outcome found it full
+        s.flush()
+        assert (s.written, s.pending) == (120, 0)
+        s.outcome("call-1@test", 486)           # room again
+        s.flush()
+        assert s.dropped == 61 and s.pending == 0
+    finally:
+        s.close()
+
+
 def test_reopen_keeps_data_and_close_is_final(tmp_path: Path) -> None:
     path = str(tmp_path / "sub" / "dir" / "records.sqlite3")     # parent folders are created
     s = RecordStore(path)

@@ -236,6 +236,15 @@ def _defaults_filled(row: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(_DEFAULTS[name] if v is None else v for name, v in zip(RECORD_FIELDS, row[:_NFIELDS], strict=True))
 
 
+def _weight(item: Any) -> int:
+    """Records and outcomes in a queue item (flush markers and calls: none)."""
+    if isinstance(item, _Rows):
+        return len(item.rows) if item.rows is not None else int(item.packed.rows)
+    if isinstance(item, (threading.Event, _Call)):
+        return 0
+    return 1
+
+
 class _Rows:
     """Queued decision rows from one add_many call: packed for the compiled inserter by the caller
     (``packed``, a RowBuffer; ``rows`` is then None), or the tuples in RECORD_FIELDS order when the
@@ -425,6 +434,11 @@ class RecordStore:
         self._closed = False
         # deque.append/popleft are atomic in CPython: the SIP path never takes a lock.
         self._queue: collections.deque[Any] = collections.deque()
+        # Records and outcomes queued (a batch of rows is one queue item, so queue_max counts these,
+        # not items): each counter has one writer -- the adding side, the writer thread -- so
+        # neither loses an update without a lock.
+        self._queued_in = 0
+        self._queued_out = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._read_lock = threading.Lock()
@@ -557,10 +571,11 @@ class RecordStore:
         Keys: ``time`` (epoch seconds), ``call_id``, ``source``, ``caller``, ``callee``, ``rule``,
         ``verdict``, ``code``, ``score``, ``latency_us``; missing keys are stored empty/zero.
         """
-        if self._closed or len(self._queue) >= self.queue_max:
+        if self._closed or self._queued_in - self._queued_out >= self.queue_max:
             self._drop()
             return
         self._queue.append(record)
+        self._queued_in += 1
 
     def add_many(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Queue many decision records at once; never blocks.
@@ -571,7 +586,7 @@ class RecordStore:
         """
         if not rows:
             return
-        if self._closed or len(self._queue) >= self.queue_max:
+        if self._closed or self._queued_in - self._queued_out >= self.queue_max:
             for _ in rows:
                 self._drop()
             return
@@ -587,6 +602,7 @@ class RecordStore:
             except (TypeError, ValueError, OverflowError):
                 packed = None   # the writer sorts these rows out one by one
         self._queue.append(_Rows(None if packed is not None else rows, packed))
+        self._queued_in += len(rows)
 
     @property
     def packs_rows(self) -> bool:
@@ -600,11 +616,12 @@ class RecordStore:
             raise RuntimeError("add_packed needs the compiled records writer (see packs_rows)")
         if rows <= 0:
             return
-        if self._closed or len(self._queue) >= self.queue_max:
+        if self._closed or self._queued_in - self._queued_out >= self.queue_max:
             for _ in range(rows):
                 self._drop()
             return
         self._queue.append(_Rows(None, _recwriter.RowBuffer.adopt(data, rows, tmin, tmax, odd)))
+        self._queued_in += rows
 
     def outcome(self, call_id: str, final_code: int | None = None, answered_at: float | None = None,
                 ended_at: float | None = None) -> None:
@@ -613,12 +630,13 @@ class RecordStore:
         Applies to every record of that Call-ID stored so far; arguments left at None keep what
         is stored, so the answer and the end may be reported by separate calls.
         """
-        if self._closed or len(self._queue) >= self.queue_max:
+        if self._closed or self._queued_in - self._queued_out >= self.queue_max:
             self._drop()
             return
         # A bare tuple: the writer tells it from the other queue items by its type, and holding only
         # numbers and a string it leaves the garbage collector's view at its first pass.
         self._queue.append((final_code, answered_at, ended_at, call_id))
+        self._queued_in += 1
 
     def _drop(self) -> None:
         self._dropped_full += 1
@@ -635,8 +653,8 @@ class RecordStore:
 
     @property
     def pending(self) -> int:
-        """Items queued and not yet written."""
-        return len(self._queue)
+        """Records and outcomes queued and not yet written."""
+        return self._queued_in - self._queued_out
 
     # ------------------------------------------------------------ the writer
     @staticmethod
@@ -684,6 +702,7 @@ class RecordStore:
             while q and n < BATCH_MAX:
                 item = q.popleft()
                 n += 1
+                self._queued_out += _weight(item)
                 if isinstance(item, _Rows):
                     if item.packed is not None and not inserts:
                         packed.append(item.packed)
@@ -1036,7 +1055,7 @@ class RecordStore:
             if self._on_dropped is not None:
                 self._on_dropped(dropped - self._dropped_reported)
             self._dropped_reported = dropped
-        if self._dropping and not self._closed and len(self._queue) < self.queue_max:
+        if self._dropping and not self._closed and self.pending < self.queue_max:
             self._dropping = False
             _log().warning("records_dropping_stopped", path=self.path, dropped=dropped)
 
@@ -1101,7 +1120,7 @@ class RecordStore:
                 self._inserter.close()
             self._wconn.close()
             # An add() racing with close() may land after the last drain: count it, do not lose it silently.
-            left = sum(1 for item in self._queue if not isinstance(item, (threading.Event, _Call)))
+            left = sum(map(_weight, self._queue))
             for item in self._queue:
                 if isinstance(item, _Call):
                     item.error = CallguardError(f"{self.path}: the records store is closed")
