@@ -571,7 +571,7 @@ class RecordStore:
         Keys: ``time`` (epoch seconds), ``call_id``, ``source``, ``caller``, ``callee``, ``rule``,
         ``verdict``, ``code``, ``score``, ``latency_us``; missing keys are stored empty/zero.
         """
-        if self._closed or self._queued_in - self._queued_out >= self.queue_max:
+        if self._closed or self.pending >= self.queue_max:
             self._drop()
             return
         self._queue.append(record)
@@ -586,7 +586,7 @@ class RecordStore:
         """
         if not rows:
             return
-        if self._closed or self._queued_in - self._queued_out >= self.queue_max:
+        if self._closed or self.pending >= self.queue_max:
             for _ in rows:
                 self._drop()
             return
@@ -616,7 +616,7 @@ class RecordStore:
             raise RuntimeError("add_packed needs the compiled records writer (see packs_rows)")
         if rows <= 0:
             return
-        if self._closed or self._queued_in - self._queued_out >= self.queue_max:
+        if self._closed or self.pending >= self.queue_max:
             for _ in range(rows):
                 self._drop()
             return
@@ -630,7 +630,7 @@ class RecordStore:
         Applies to every record of that Call-ID stored so far; arguments left at None keep what
         is stored, so the answer and the end may be reported by separate calls.
         """
-        if self._closed or self._queued_in - self._queued_out >= self.queue_max:
+        if self._closed or self.pending >= self.queue_max:
             self._drop()
             return
         # A bare tuple: the writer tells it from the other queue items by its type, and holding only

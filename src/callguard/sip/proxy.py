@@ -421,8 +421,10 @@ class Proxy:
         self.dialog_expiry: collections.deque[tuple[float, str, Dialog]] = collections.deque()
         self.in_flight = 0
         self.draining = False
-        # Outcomes held back until the fast paths hand over the decisions they still hold (see outcome)
+        # Outcomes held back until the fast paths hand over the decisions they still hold (see outcome);
+        # whether any listener has a fast path is known once they are bound (start)
         self._outcomes: list[tuple[str, int | None, float | None, float | None]] = []
+        self._hold_outcomes = False
         self.faults = 0
         self.our_hosts: set[tuple[str, int]] = set()
         self.our_ports: set[int] = set()
@@ -489,6 +491,7 @@ class Proxy:
                 self._configure_fast(fast, ep)
         for info in self.tcp_infos:
             self._add_ours(info)
+        self._hold_outcomes = bool(self._fast_paths())
         if self._sweep_handle is None:
             self._sweep_handle = self.loop.call_later(1.0, self._sweep)
         if self._tick_handle is None:
@@ -687,7 +690,7 @@ class Proxy:
         """
         if type(self.records) is NullRecords:
             return
-        if self._fast_paths():
+        if self._hold_outcomes:
             self._outcomes.append((call_id, final_code, answered_at, ended_at))
         else:
             self.records.outcome(call_id, final_code, answered_at, ended_at)
