@@ -8,6 +8,7 @@ answered by the Python path; records and metrics must still be written.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -649,3 +650,107 @@ def test_a_plain_handler_gets_every_datagram_through_the_fast_listener() -> None
         return got
 
     assert asyncio.run(main()) == sent
+
+
+# ---------------------------------------------------------------- mutated INVITEs, both paths
+def _mutate(data: bytes, edits: list[tuple[int, float, int]]) -> bytes:
+    """Byte edits at relative positions: 0 replace, 1 insert, 2 delete up to 8 octets, 3 repeat the line."""
+    out = bytearray(data)
+    for op, where, octet in edits:
+        at = min(int(where * len(out)), max(len(out) - 1, 0))
+        if op == 0 and out:
+            out[at] = octet
+        elif op == 1:
+            out.insert(at, octet)
+        elif op == 2:
+            del out[at:at + 1 + octet % 8]
+        elif op == 3:
+            start = out.rfind(b"\n", 0, at) + 1
+            end = out.find(b"\n", at)
+            if end >= 0:
+                out[end + 1:end + 1] = out[start:end + 1]
+    return bytes(out)
+
+
+def _answers_until_probe(peer: Peer, port: int, data: bytes) -> list[bytes]:
+    """What ``data`` got from the proxy: every datagram that came back before the answer to an
+    OPTIONS sent right after it (the proxy handles one peer's datagrams in order, so the probe's
+    200 marks the end of whatever ``data`` was answered with, and an empty list means dropped)."""
+    probe_id = "probe-" + uuid.uuid4().hex
+    peer.send(data, port)
+    peer.send(request("OPTIONS", peer.port, port, call_id=probe_id, uri=f"sip:127.0.0.1:{port}"), port)
+    got: list[bytes] = []
+    while True:
+        raw = raw_recv(peer)
+        if probe_id.encode() in raw and raw.startswith(b"SIP/2.0 200 "):
+            return got
+        got.append(raw)
+
+
+def _forwarded(trunk: Peer, by_port: dict[int, set[bytes]]) -> dict[int, set[bytes]]:
+    """Adds the Call-ID lines of the requests queued at the trunk to ``by_port``, under the port of the
+    proxy whose Via is on top (sets: the trunk never answers, so the proxies retransmit whenever
+    their timers say)."""
+    trunk.sock.setblocking(False)
+    try:
+        while True:
+            try:
+                data, _ = trunk.sock.recvfrom(65535)
+            except BlockingIOError:
+                return by_port
+            lines = data.split(b"\r\n")
+            top_via = next(line for line in lines if line.startswith(b"Via: "))
+            port = int(re.match(rb"Via: SIP/2\.0/UDP 127\.0\.0\.1:(\d+);", top_via).group(1))  # type: ignore[union-attr]
+            by_port[port].update(line for line in lines if line.lower().startswith(b"call-id:"))
+    finally:
+        trunk.sock.setblocking(True)
+
+
+def test_mutated_invites_get_the_same_answers_from_both_paths(pair: Any) -> None:
+    # Whatever an octet-level edit of a plain INVITE makes of it, the fast path answers it as the
+    # Python path does, or leaves it to it: the same datagrams back, byte for byte, the same
+    # dropped, the same forwarded.
+    trunk = Peer()
+    fast, slow = pair(trunk.port)
+    edit = st.tuples(st.integers(0, 3), st.floats(0.0, 1.0), st.sampled_from(EDGES) | st.integers(0, 255))
+    seen = {"answered": 0, "dropped": 0, "sent": 0}
+    forwarded: dict[int, set[bytes]] = {port_of(fast): set(), port_of(slow): set()}
+
+    @settings(max_examples=int(os.environ.get("CALLGUARD_FUZZ_EXAMPLES", "250")), deadline=None,
+              derandomize="CALLGUARD_FUZZ_EXAMPLES" not in os.environ)
+    @given(st.sampled_from([BANNED, CALLER, "95588123"]), st.booleans(), st.lists(edit, min_size=1, max_size=3))
+    def check(caller: str, edit_ack: bool, edits: list[tuple[int, float, int]]) -> None:
+        # edit_ack: the INVITE goes as it is and the ACK to its final answer is edited
+        call_id = uuid.uuid4().hex
+        branch = "z9hG4bK" + uuid.uuid4().hex[:12]
+        got: dict[str, list[bytes]] = {}
+        peer = Peer()          # one caller for both: the To-tag digests the caller's Via
+        peer.sock.settimeout(3.0)
+        try:
+            for name, ip in (("fast", fast), ("slow", slow)):
+                port = port_of(ip)
+                inv = request("INVITE", peer.port, port, caller=caller, uri=URI, branch=branch, call_id=call_id)
+                if edit_ack:
+                    first = _answers_until_probe(peer, port, inv.encode())
+                    texts = [r.decode("utf-8", "replace") for r in first]
+                    finals = [t for t in texts if status(t) >= 300]
+                    ack = ack_for(inv, finals[0], peer.port, port) if finals else ack_for(inv, inv, peer.port, port)
+                    got[name] = first + [b"--"] + _answers_until_probe(peer, port, _mutate(ack.encode(), edits))
+                else:
+                    got[name] = _answers_until_probe(peer, port, _mutate(inv.encode(), edits))
+        finally:
+            peer.close()
+        assert got["fast"] == got["slow"]
+        # a forwarded INVITE leaves within the batch that decided it, before the probe's answer
+        _forwarded(trunk, forwarded)
+        assert forwarded[port_of(fast)] == forwarded[port_of(slow)]
+        edited = got["fast"][got["fast"].index(b"--") + 1:] if edit_ack else got["fast"]
+        seen["answered" if edited else "dropped"] += 1
+        seen["sent"] += 4 if edit_ack else 2       # to the fast proxy, probes included
+
+    slow_before = _fast(fast).slow
+    check()
+    # the edits reached both outcomes, and the fast path handled some of the datagrams itself
+    assert seen["answered"] and seen["dropped"] and forwarded[port_of(fast)]
+    assert _fast(fast).slow - slow_before < seen["sent"] - 10
+    trunk.close()

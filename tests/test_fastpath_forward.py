@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import itertools
 import os
+import re
 import select
 import socket
 import sys
@@ -171,10 +172,22 @@ def _ports_aligned(a: bytes, b: bytes, port_a: bytes, port_b: bytes) -> tuple[by
     return bytes(out_a + a[i:]), bytes(out_b + b[j:])
 
 
+def _own_tag_blanked(data: bytes) -> bytes:
+    """``data`` with the To-tag we give our own answers blanked when the message being answered had
+    our Via on top (a damaged response taken for a request): the tag digests that Via, our own port
+    in it, so the two proxies cannot agree on it.  Elsewhere the same bytes give the same tag (see
+    test_fastpath's byte-for-byte tests, where one peer calls both)."""
+    head = data.split(b"\r\n", 2)
+    if len(head) < 2 or not head[0].startswith(b"SIP/2.0 ") or b"branch=z9hG4bKcg" not in head[1]:
+        return data
+    return re.sub(rb";tag=cg[0-9a-f]{12}", b";tag=cgOURS", data)
+
+
 def same(fast: Rig, slow: Rig, got_fast: list[bytes], got_slow: list[bytes]) -> None:
     """The two proxies sent the same datagrams, their own port aside."""
     port_fast, port_slow = str(fast.port).encode(), str(slow.port).encode()
-    pairs = [_ports_aligned(f, s, port_fast, port_slow) for f, s in zip(got_fast, got_slow)]
+    pairs = [_ports_aligned(_own_tag_blanked(f), _own_tag_blanked(s), port_fast, port_slow)
+             for f, s in zip(got_fast, got_slow)]
     assert [f for f, _ in pairs] + got_fast[len(pairs):] == [s for _, s in pairs] + got_slow[len(pairs):]
 
 
@@ -583,7 +596,8 @@ def mutate(data: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
     return data
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("CALLGUARD_FUZZ_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(inv_ops=MUTATIONS, resp_ops=MUTATIONS, code=st.sampled_from([180, 200, 486, 503]),
        joined=st.booleans())
 def test_damaged_messages_get_the_same_treatment(tmp_path_factory: pytest.TempPathFactory,
