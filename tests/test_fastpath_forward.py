@@ -580,10 +580,14 @@ MUTATIONS = st.lists(st.tuples(st.sampled_from(["del", "ins", "dup", "case"]), s
 
 
 def mutate(data: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
+    """Edits at octet ``at`` (modulo the length): delete it, insert ``text``, replace it by ``text``
+    ("set"), repeat its line, or swap its case."""
     for op, at, text in ops:
         i = at % max(1, len(data))
         if op == "del":
             data = data[:i] + data[i + 1:]
+        elif op == "set":
+            data = data[:i] + text + data[i + 1:]
         elif op == "ins":
             data = data[:i] + text + data[i:]
         elif op == "dup":
