@@ -97,6 +97,7 @@ def test_counters_change() -> None:
     m.overload()
     m.overload()
     m.fault()
+    m.tcp_overflow()
     m.record_written(250)
     m.record_written()
     m.record_dropped(3)
@@ -106,6 +107,7 @@ def test_counters_change() -> None:
     assert value(m, "callguard_sip_parse_errors_total") == 1
     assert value(m, "callguard_overload_rejections_total") == 2
     assert value(m, "callguard_internal_faults_total") == 1
+    assert value(m, "callguard_tcp_write_overflows_total") == 1
     assert value(m, "callguard_records_written_total") == 251
     assert value(m, "callguard_records_dropped_total") == 3
     assert value(m, "callguard_trunk_up", trunk="trunk-a") == 1
@@ -133,7 +135,7 @@ def test_render_has_every_family() -> None:
                    "callguard_sip_messages_in_total", "callguard_sip_messages_out_total",
                    "callguard_sip_parse_errors_total", "callguard_trunk_up", "callguard_records_written_total",
                    "callguard_records_dropped_total", "callguard_overload_rejections_total",
-                   "callguard_internal_faults_total"):
+                   "callguard_internal_faults_total", "callguard_tcp_write_overflows_total"):
         assert f"# TYPE {family.removesuffix('_total')}" in text, family
 
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -672,6 +673,34 @@ def test_tcp_partial_message_times_out(start: Any, peers: Any) -> None:
         s.close()
 
 
+def test_tcp_stream_whose_reads_never_end_on_a_message_boundary_stays_open(start: Any, peers: Any) -> None:
+    trunk = peers()
+    tport = free_port(socket.SOCK_STREAM)
+    start([trunk.port], listen=[f"tcp:127.0.0.1:{tport}"], sip={"tcp_partial_timeout": 0.2})
+    s = _tcp(tport)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def options() -> bytes:
+        return request("OPTIONS", 5999, tport, uri=f"sip:127.0.0.1:{tport}", transport="TCP").encode()
+
+    try:
+        # Each write ends one message and begins the next: the proxy always holds a partial message,
+        # a different one each time, for five times the partial-message timeout in all.
+        current = options()
+        s.sendall(current[:30])
+        began, answered = time.monotonic(), 0
+        while time.monotonic() - began < 1.0:
+            following = options()
+            s.sendall(current[30:] + following[:30])
+            assert [status(m) for m in _tcp_read(s, 1)] == [200], f"closed after {answered} answers"
+            answered += 1
+            current = following
+        s.sendall(current[30:])
+        assert [status(m) for m in _tcp_read(s, 1)] == [200]
+    finally:
+        s.close()
+
+
 def test_tcp_invite_forwarded_to_udp_trunk_and_back(start: Any, peers: Any) -> None:
     trunk = peers()
     tport = free_port(socket.SOCK_STREAM)
@@ -706,6 +735,139 @@ def test_tcp_connection_limit(start: Any, peers: Any) -> None:
             second.close()
     finally:
         first.close()
+
+
+def _fat(method: str, tport: int, i: int, transport: str = "TCP", uri: str | None = None,
+         caller: str = CALLER) -> bytes:
+    """A request carrying 40 long Vias, which every answer to it copies: what a peer does not read piles up fast."""
+    vias = [f"Via: SIP/2.0/{transport} 127.0.0.1:5999;branch=z9hG4bK{i:06d}n0;rport"]
+    vias += [f"Via: SIP/2.0/TCP 192.0.2.{n}:5060;branch=z9hG4bK{i:06d}n{n}{'x' * 120}" for n in range(1, 41)]
+    lines = [f"{method} {uri or f'sip:127.0.0.1:{tport}'} SIP/2.0", *vias,
+             f"From: <sip:{caller}@127.0.0.1>;tag=f{i}", f"To: <sip:{CALLEE}@127.0.0.1>", f"Call-ID: fat-{i:06d}",
+             f"CSeq: 1 {method}", "Max-Forwards: 70", "Content-Length: 0"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _tcp_connections(ip: InProcess) -> list[Any]:
+    return ip.call(lambda: [c for c in ip.proxy.tcp.by_peer.values() if not c.outgoing])
+
+
+def test_tcp_peer_that_does_not_read_is_not_read_until_it_does(start: Any, peers: Any) -> None:
+    trunk = peers()
+    tport = free_port(socket.SOCK_STREAM)
+    ip, _ = start([trunk.port], listen=[f"tcp:127.0.0.1:{tport}"])
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)   # fixed: the kernel holds few answers for us
+    s.connect(("127.0.0.1", tport))
+    n = 2000            # 15 MB of requests and as much in answers: about three times what the kernels hold
+    data = b"".join(_fat("OPTIONS", tport, i) for i in range(n))
+    try:
+        s.setblocking(False)
+        sent = 0
+        paused = False
+        while sent < len(data) and not paused:
+            try:
+                sent += s.send(data[sent:sent + 65536])
+            except BlockingIOError:
+                select.select([], [s], [], 0.05)
+            conns = _tcp_connections(ip)
+            assert len(conns) == 1
+            paused = not ip.call(conns[0].transport.is_reading)
+        assert paused, f"all {n} requests were read while their answers were left unread"
+        queued = ip.call(conns[0].transport.get_write_buffer_size)
+        assert 0 < queued <= ip.cfg.sip.tcp_write_queue_max
+        assert ip.proxy.tcp.overflows == 0
+        # Read now: every request gets its answer, in order, and the proxy reads the rest.
+        s.setblocking(True)
+        s.settimeout(30)
+        failed: list[BaseException] = []
+
+        def send_rest() -> None:
+            try:
+                s.sendall(data[sent:])
+            except OSError as exc:
+                failed.append(exc)
+
+        rest = threading.Thread(target=send_rest, daemon=True)
+        rest.start()
+        got = b""
+        while got.count(b"\r\n\r\n") < n:       # answers have no body
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {got.count(b'SIP/2.0 200 ')} answers"
+            got += chunk
+        rest.join(30)
+        assert not failed
+        assert got.count(b"SIP/2.0 200 ") == n
+        ids = re.findall(rb"\r\nCall-ID: fat-(\d+)\r\n", got)
+        assert [int(x) for x in ids] == list(range(n))
+        assert ip.call(conns[0].transport.is_reading)
+    finally:
+        s.close()
+
+
+def test_tcp_peer_that_never_reads_is_aborted_past_the_write_queue_limit(start: Any, peers: Any) -> None:
+    trunk = peers()
+    tport = free_port(socket.SOCK_STREAM)
+    ip, _ = start([trunk.port], listen=[f"tcp:127.0.0.1:{tport}"], sip={"tcp_write_queue_max": 65536})
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", tport))
+    data = b"".join(_fat("OPTIONS", tport, i) for i in range(4000))
+    try:
+        s.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 60
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while True:
+                assert time.monotonic() < deadline, "never aborted"
+                assert sent < len(data), "all 4000 requests were read while their answers were left unread"
+                try:
+                    sent += s.send(data[sent:sent + 65536])
+                except BlockingIOError:
+                    select.select([], [s], [], 1.0)
+        assert ip.proxy.tcp.overflows == 1
+        assert _tcp_connections(ip) == []
+        # The proxy goes on: a new connection is answered.
+        fresh = _tcp(tport)
+        try:
+            fresh.sendall(request("OPTIONS", 5999, tport, uri=f"sip:127.0.0.1:{tport}", transport="TCP").encode())
+            assert [status(m) for m in _tcp_read(fresh, 1)] == [200]
+        finally:
+            fresh.close()
+    finally:
+        s.close()
+
+
+def test_tcp_trunk_that_does_not_read_is_aborted_and_its_calls_fail_over(start: Any, peers: Any) -> None:
+    caller, backup = peers(), peers()
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)    # inherited by the accepted connection
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        ip, port = start([], trunks=[{"name": "stuck", "address": f"tcp:127.0.0.1:{server.getsockname()[1]}"},
+                                    {"name": "backup", "address": f"udp:127.0.0.1:{backup.port}"}],
+                        sip={"trunk_timeout": 60, "tcp_write_queue_max": 65536})
+        # The stuck trunk never reads: its INVITEs fill the connection until the proxy gives up on it
+        # and fails what waited on it over to the backup, the first INVITE included.
+        first = None
+        for i in range(2000):
+            # A caller per call: one caller's burst would trip high_frequency.
+            caller.send(_fat("INVITE", port, i, "UDP", f"sip:{CALLEE}@127.0.0.1:{port}", f"1391{i:07d}"), port)
+            caller.recv(match=lambda m, i=i: status(m) == 100 and f"fat-{i:06d}" in m)   # forwarded (or failed over)
+            backup.sock.setblocking(False)
+            try:
+                first = backup.sock.recv(65535).decode()
+                break
+            except BlockingIOError:
+                continue
+            finally:
+                backup.sock.setblocking(True)
+        assert first is not None, "2000 INVITEs and none failed over"
+        assert first_line(first).startswith("INVITE ") and headers(first, "Call-ID") == ["fat-000000"]
+        assert ip.proxy.tcp.overflows >= 1
+    finally:
+        server.close()
 
 
 def test_tcp_trunk_and_failover_on_connection_error(start: Any, peers: Any) -> None:

@@ -258,6 +258,9 @@ class SipSettings:
     tcp_idle_timeout: float = opt(300.0, "seconds before an idle TCP connection is closed", between(1, 86400))
     tcp_partial_timeout: float = opt(10.0, "seconds a TCP connection may sit on a partial message",
                                      between(0.1, 600))
+    tcp_write_queue_max: int = opt(1048576, "bytes sent to a TCP peer and not yet read by it before the connection "
+                                   "is aborted (an accepted one is no longer read from 64 KiB on)",
+                                   between(65536, 1_073_741_824))
     max_in_flight: int = opt(10000, "transactions in flight before new INVITEs get 503", between(1, 10_000_000))
     retry_after: int = opt(5, "Retry-After seconds sent with an overload 503", between(0, 3600))
     transaction_timeout: float = opt(180.0, "seconds a forwarded INVITE may go without a final response before "

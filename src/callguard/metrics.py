@@ -197,6 +197,9 @@ class Metrics:
                                  "INVITEs answered 503 because too many transactions were in flight", registry=reg)
         self._faults = Counter("callguard_internal_faults_total",
                                "Internal faults that failed open (the call passed)", registry=reg)
+        self._tcp_overflows = Counter("callguard_tcp_write_overflows_total",
+                                      "TCP connections aborted because the peer left more than "
+                                      "sip.tcp_write_queue_max bytes unread", registry=reg)
         # Label of each method or status seen (statuses are remembered: at most 600 of them).
         self._method_labels: dict[str | int, str] = {m: m for m in labels}
         self._trunks: dict[str, Any] = {}
@@ -275,6 +278,10 @@ class Metrics:
     def fault(self) -> None:
         """Count an internal fault that failed open."""
         self._faults.inc()
+
+    def tcp_overflow(self) -> None:
+        """Count a TCP connection aborted because its peer did not read what it was sent."""
+        self._tcp_overflows.inc()
 
     # ------------------------------------------------------------ exposition
     def render(self) -> bytes:

@@ -281,6 +281,7 @@ class NullMetrics:
     def record_dropped(self, n: int = 1) -> None: ...
     def overload(self) -> None: ...
     def fault(self) -> None: ...
+    def tcp_overflow(self) -> None: ...
 
 
 class NullRecords:
@@ -480,7 +481,7 @@ class Proxy:
         self.trunk_ips = frozenset(t.host for t in trunks)
         if self.tcp is not None:
             self.tcp.configure(sip.max_tcp_connections, sip.max_message_size, sip.tcp_idle_timeout,
-                               sip.tcp_partial_timeout)
+                               sip.tcp_partial_timeout, sip.tcp_write_queue_max)
 
     def start(self) -> None:
         """Start timers (transaction sweep, trunk keepalives); call once listeners are bound."""

@@ -131,9 +131,16 @@ class Server:
             self.metrics.parse_error()
             # The stream cannot be resynchronised: the connection is closed.
 
-        tcp = TcpManager(loop, proxy.handle, frame_stream, on_frame_error, proxy.on_connect_failed)
+        def on_overflow(conn: Any, queued: int) -> None:
+            self.metrics.tcp_overflow()
+            peer = f"{conn.peer[0]}:{conn.peer[1]}" if conn.peer else None
+            self.log.warning("tcp_write_queue_overflow", peer=peer, outgoing=conn.outgoing, queued_bytes=queued,
+                             limit=self.cfg.sip.tcp_write_queue_max)
+
+        tcp = TcpManager(loop, proxy.handle, frame_stream, on_frame_error, proxy.on_connect_failed, on_overflow)
         sip = self.cfg.sip
-        tcp.configure(sip.max_tcp_connections, sip.max_message_size, sip.tcp_idle_timeout, sip.tcp_partial_timeout)
+        tcp.configure(sip.max_tcp_connections, sip.max_message_size, sip.tcp_idle_timeout, sip.tcp_partial_timeout,
+                      sip.tcp_write_queue_max)
         proxy.tcp = tcp
         try:
             for spec in sip.listen:

@@ -37,7 +37,7 @@ import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..errors import SipError
 
@@ -354,7 +354,16 @@ class FastUdpListener(BatchUdpListener):
 
 # ---------------------------------------------------------------- TCP
 class TcpConnection(asyncio.Protocol):
-    """One TCP connection (accepted or opened towards a trunk): an endpoint with one peer."""
+    """One TCP connection (accepted or opened towards a trunk): an endpoint with one peer.
+
+    What the peer does not read stays in the transport's write buffer.  An accepted connection
+    whose buffer passes the transport's high-water mark stops being read until it drains, so a
+    caller that sends without reading is slowed down to its own pace; one whose buffer still grows
+    past ``manager.write_queue_max`` (what was read before the pause gets its answers) is aborted,
+    as is an outgoing one (we do not stop reading a trunk's responses because it is slow to read
+    our requests), and what waited on that trunk fails over.  Without this a peer that never reads
+    made the proxy's memory grow by every answer it was sent.
+    """
 
     kind = "tcp"
 
@@ -367,28 +376,51 @@ class TcpConnection(asyncio.Protocol):
         self.outgoing = outgoing is not None
         self.buf = bytearray()
         self.pending: list[bytes] = []     # written before an outgoing connection is up
+        self.pending_bytes = 0
         self.last = manager.loop.time()
         self.partial_since = 0.0           # 0: no partial message buffered
+        self.read_paused = False           # not read while the peer does not read (pause_writing)
         self.closed = False
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        transport = cast(asyncio.Transport, transport)     # uvloop's are not subclasses of it
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         if not self.outgoing:
             self.peer = (peer[0], peer[1]) if peer else None
             if not self.manager.admit(self):
                 transport.close()
                 return
-        for data in self.pending:
-            transport.write(data)  # type: ignore[attr-defined]
-        self.pending.clear()
+        elif self.closed:
+            # Given up (its queue overflowed) while the connection was being opened.
+            transport.abort()
+            return
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        for data in pending:
+            self.send(data)
         self.last = self.manager.loop.time()
+
+    def pause_writing(self) -> None:
+        # Past the transport's high-water mark: an accepted peer that does not read is not read.
+        if not self.outgoing and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+            self.read_paused = True
+
+    def resume_writing(self) -> None:
+        if self.read_paused and not self.closed and self.transport is not None:
+            self.transport.resume_reading()
+            # What we did not read while paused was not the peer's delay.
+            self.last = self.manager.loop.time()
+            if self.partial_since:
+                self.partial_since = self.last
+        self.read_paused = False
 
     def data_received(self, data: bytes) -> None:
         self.last = self.manager.loop.time()
         buf = self.buf
         buf += data
+        framed = False
         while buf:
             try:
                 msg = self.manager.frame(buf, self.manager.max_size)
@@ -398,10 +430,16 @@ class TcpConnection(asyncio.Protocol):
                 return
             if msg is None:
                 break
+            framed = True
             self.manager.handler(msg, self.peer, self)
             if self.closed:
                 return
-        self.partial_since = (self.partial_since or self.last) if buf else 0.0
+        # The partial-message clock runs from when the message now buffered began to arrive: on a
+        # busy connection reads seldom end on a message boundary, and that is no reason to close it.
+        if not buf:
+            self.partial_since = 0.0
+        elif framed or not self.partial_since:
+            self.partial_since = self.last
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -413,14 +451,28 @@ class TcpConnection(asyncio.Protocol):
             return
         if self.transport is None:
             self.pending.append(data)
+            self.pending_bytes += len(data)
+            queued = self.pending_bytes
         else:
             self.transport.write(data)
+            queued = self.transport.get_write_buffer_size()
+        if queued > self.manager.write_queue_max:
+            self.manager.overflowed(self, queued)
 
     def close(self) -> None:
+        """Close the connection: gracefully, unless what was written to it is still not read.
+
+        A transport that is closed with a full write buffer waits for the peer to read it, for
+        ever if the peer never does; so such a connection is aborted (RST) instead.
+        """
         if not self.closed:
             self.closed = True
+            self.pending, self.pending_bytes = [], 0
             if self.transport is not None:
-                self.transport.close()
+                if self.transport.get_write_buffer_size():
+                    self.transport.abort()
+                else:
+                    self.transport.close()
             self.manager.forget(self, None)
 
 
@@ -429,26 +481,43 @@ class TcpManager:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handler: Handler, frame: Callable[..., bytes | None],
                  on_frame_error: Callable[[TcpConnection, SipError], None],
-                 on_connect_failed: Callable[[tuple[str, int]], None]) -> None:
+                 on_connect_failed: Callable[[tuple[str, int]], None],
+                 on_overflow: Callable[[TcpConnection, int], None] | None = None) -> None:
         self.loop = loop
         self.handler = handler
         self.frame = frame
         self.on_frame_error = on_frame_error
         self.on_connect_failed = on_connect_failed
+        self.on_overflow = on_overflow
         self.by_peer: dict[Any, TcpConnection] = {}
         self.accepted = 0
         self.max_connections = 1024
         self.max_size = 16384
         self.idle_timeout = 300.0
         self.partial_timeout = 10.0
+        self.write_queue_max = 1024 * 1024
         self.rejected = 0
+        self.overflows = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def configure(self, max_connections: int, max_size: int, idle_timeout: float, partial_timeout: float) -> None:
+    def configure(self, max_connections: int, max_size: int, idle_timeout: float, partial_timeout: float,
+                  write_queue_max: int | None = None) -> None:
         self.max_connections = max_connections
         self.max_size = max_size
         self.idle_timeout = idle_timeout
         self.partial_timeout = partial_timeout
+        if write_queue_max is not None:
+            self.write_queue_max = write_queue_max
+
+    def overflowed(self, conn: TcpConnection, queued: int) -> None:
+        """``conn`` holds more unread bytes than ``write_queue_max``: abort it, count it, tell the owner."""
+        self.overflows += 1
+        conn.close()        # aborts: the write buffer is not empty
+        if self.on_overflow is not None:
+            self.on_overflow(conn, queued)
+        if conn.outgoing:
+            # Later, not from inside the send that overflowed: failing over sends again.
+            self.loop.call_soon(self.on_connect_failed, conn.peer)
 
     def admit(self, conn: TcpConnection) -> bool:
         if self.accepted >= self.max_connections:
@@ -505,7 +574,7 @@ class TcpManager:
                 continue
             if now - conn.last > self.idle_timeout:
                 conn.close()
-            elif conn.partial_since and now - conn.partial_since > self.partial_timeout:
+            elif conn.partial_since and not conn.read_paused and now - conn.partial_since > self.partial_timeout:
                 conn.close()
         if self.by_peer:
             self._arm()
