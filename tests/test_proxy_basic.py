@@ -790,11 +790,13 @@ def test_tcp_peer_that_does_not_read_is_not_read_until_it_does(start: Any, peers
 
         rest = threading.Thread(target=send_rest, daemon=True)
         rest.start()
-        got = b""
-        while got.count(b"\r\n\r\n") < n:       # answers have no body
+        got, ends = bytearray(), 0
+        while ends < n:                            # answers have no body: one blank line each
             chunk = s.recv(1 << 20)
-            assert chunk, f"closed after {got.count(b'SIP/2.0 200 ')} answers"
+            assert chunk, f"closed after {ends} answers"
+            scan_from = max(0, len(got) - 3)
             got += chunk
+            ends += got.count(b"\r\n\r\n", scan_from)
         rest.join(30)
         assert not failed
         assert got.count(b"SIP/2.0 200 ") == n
