@@ -1265,8 +1265,6 @@ class Proxy:
         self._send(ep, data, addr, "ACK")
 
     # ------------------------------------------------------------ other requests
-    def _may_relay(self, ip: str, call_id: str | None) -> bool:
-        return self._trust_of(ip)[0] or ip in self.trunk_ips or (call_id is not None and call_id in self.dialogs)
 
     def _routes_after_ours(self, msg: Any) -> list[str]:
         """The Route set, with our own entry on top (loose routing, RFC 3261 16.4) removed."""
@@ -1280,8 +1278,17 @@ class Proxy:
         return routes
 
     def _in_dialog(self, msg: Any, key: Any, ep: Any, addr: Any, ip: str) -> None:
-        """A request inside a dialog (To tag): routed by Route / Request-URI, never screened."""
-        if not self._may_relay(ip, msg.call_id):
+        """A request inside a dialog (To tag): routed by Route / Request-URI, never screened.
+
+        From a trusted source or a trunk it goes where it says.  From anywhere else it is relayed
+        only when it comes from the caller of a dialog we set up (an emergency call from an
+        untrusted source hanging up) and only towards that dialog's trunk: an in-dialog request is
+        not screened, so one that named a target of its own would make the proxy an open relay for
+        whoever has seen a Call-ID (a re-INVITE to any address, unscreened).
+        """
+        d = self.dialogs.get(msg.call_id) if msg.call_id else None
+        vouched = self._trust_of(ip)[0] or ip in self.trunk_ips
+        if not vouched and (d is None or ip != d.up_addr[0]):
             if msg.method != "ACK":
                 self._respond(msg, ep, addr, 403, "Forbidden - untrusted source")
             return
@@ -1294,8 +1301,7 @@ class Proxy:
             if t is not None and not self.is_ours(t[1], t[2]):
                 target = t
         dest: tuple[str, str, int] | None = None
-        d = self.dialogs.get(msg.call_id) if msg.call_id else None
-        if target is not None and (d is None or _is_ip(target[1])):
+        if target is not None and (d is None or _is_ip(target[1])) and (vouched or target[1] in self.trunk_ips):
             dest = (target[3], target[1], target[2] or 5060)
         if dest is None and d is not None:
             # The Request-URI names us (or a host name) and no Route is left: to the other side of the call.
