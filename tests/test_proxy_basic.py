@@ -975,6 +975,42 @@ def test_ipv6_listener_and_trunk(start: Any) -> None:
             s6.close()
 
 
+def test_sighup_during_a_reload_reads_the_files_again_after_it(start: Any, peers: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    caller, trunk = peers(), peers()
+    ip, port = start([trunk.port])
+    path = Path(ip.server.config_path)
+
+    def set_reason(text: str) -> None:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data["rules"] = {"banned": {"reason": text}}
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    # The first reload reads the config, then waits until the file changed again and a second
+    # SIGHUP came; that one must not be lost.
+    real_load = config_mod.load
+    read_first, release = threading.Event(), threading.Event()
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        cfg = real_load(*args, **kwargs)
+        if not read_first.is_set():
+            read_first.set()
+            assert release.wait(10)
+        return cfg
+
+    monkeypatch.setattr(config_mod, "load", load)
+    set_reason("first")
+    ip.call(ip.server._on_hup)
+    assert read_first.wait(10)
+    set_reason("second")
+    ip.call(ip.server._on_hup)
+    release.set()
+    wait_until(lambda: not ip.call(lambda: ip.server.reloading), 10, "the reloads to finish")
+    caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+    resp = caller.recv(match=lambda m: status(m) >= 200)
+    assert status(resp) == 403 and first_line(resp) == "SIP/2.0 403 second"
+
+
 def test_records_and_outcomes(start: Any, peers: Any, tmp_path: Path) -> None:
     from callguard.records import RecordStore
 

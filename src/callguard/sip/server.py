@@ -114,6 +114,7 @@ class Server:
         self.log = _logger()
         self.stop_event: asyncio.Event | None = None
         self.reloading = False
+        self.reload_again = False      # a SIGHUP came while reloading
         self.udp: list[Any] = []
         self.tcp_servers: list[Any] = []
         self.snapshot_time = snapshot_time     # when the restored snapshot was written (None: none)
@@ -177,10 +178,23 @@ class Server:
     # ------------------------------------------------------------ signals
     def _on_hup(self) -> None:
         if self.reloading:
-            self.log.warning("reload_busy")
+            # The files may have changed again since the running reload read them: read them once
+            # more when it is done (however many SIGHUPs come meanwhile), never drop the request.
+            self.reload_again = True
+            self.log.info("reload_queued")
             return
         self.reloading = True
-        asyncio.get_running_loop().create_task(self.reload())
+        asyncio.get_running_loop().create_task(self._reload_while_asked())
+
+    async def _reload_while_asked(self) -> None:
+        try:
+            while True:
+                self.reload_again = False
+                await self.reload()
+                if not self.reload_again:
+                    return
+        finally:
+            self.reloading = False
 
     def _on_term(self) -> None:
         if self.stop_event is not None and not self.stop_event.is_set():
@@ -222,8 +236,6 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - a reload must never take the proxy down
             self.log.error("reload_failed", config=self.config_path, error=repr(exc))
             return False
-        finally:
-            self.reloading = False
 
     # ------------------------------------------------------------ shutdown
     async def _drain(self) -> None:
