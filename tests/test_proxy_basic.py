@@ -761,6 +761,35 @@ def test_tcp_invite_forwarded_to_udp_trunk_and_back(start: Any, peers: Any) -> N
         s.close()
 
 
+def test_tcp_response_opens_a_connection_when_the_callers_has_closed(start: Any, peers: Any) -> None:
+    trunk = peers()
+    tport, uport = free_port(socket.SOCK_STREAM), free_port()
+    ip, _ = start([trunk.port], listen=[f"tcp:127.0.0.1:{tport}", f"udp:127.0.0.1:{uport}"])
+    back = socket.socket(socket.AF_INET, socket.SOCK_STREAM)    # the caller's own SIP port (its Via's sent-by)
+    back.bind(("127.0.0.1", 0))
+    back.listen(1)
+    back.settimeout(5)
+    s = _tcp(tport)
+    try:
+        inv = request("INVITE", back.getsockname()[1], tport, transport="TCP")
+        s.sendall(inv.encode())
+        fwd = trunk.recv(match=is_method("INVITE"))
+        assert [status(m) for m in _tcp_read(s, 1)] == [100]
+        s.close()
+        wait_until(lambda: not _tcp_connections(ip), 5, "the proxy to see the connection closed")
+        trunk.send(answer(fwd, 486, "Busy Here"), uport)
+        conn, _ = back.accept()                                  # RFC 3261 18.2.2: to received, sent-by port
+        try:
+            got = _tcp_read(conn, 1)
+            assert [status(m) for m in got] == [486]
+            assert headers(got[0], "Call-ID") == headers(inv, "Call-ID")
+        finally:
+            conn.close()
+    finally:
+        s.close()
+        back.close()
+
+
 def test_tcp_connection_limit(start: Any, peers: Any) -> None:
     trunk = peers()
     tport = free_port(socket.SOCK_STREAM)

@@ -579,6 +579,10 @@ class Proxy:
         """Send one message; ``method`` labels the metric (a response: its status code or "response")."""
         if ep is None:
             return
+        if ep.kind == "tcp" and ep.closed and not ep.outgoing and data.startswith(b"SIP/2.0 "):
+            ep = self._reconnect_for_response(ep, data)
+            if ep is None:
+                return
         ep.send(data, addr)
         if method == "response":
             try:
@@ -586,6 +590,24 @@ class Proxy:
             except ValueError:
                 pass
         self.metrics.message_out(method)
+
+    def _reconnect_for_response(self, conn: Any, data: bytes) -> Any:
+        """The connection a response goes over when the request's own connection has closed.
+
+        RFC 3261 §18.2.2: open one to the address the request came from (its Via's ``received``)
+        at the port of the Via's sent-by, 5060 when it names none.  A caller's SBC that dropped
+        the connection while the trunk was ringing still gets the final response; without this
+        it waited for its Timer B (32 s).  Only the request's own source address is connected to,
+        so a Via cannot point the proxy at anyone else.
+        """
+        if self.tcp is None or not conn.peer:
+            return None
+        try:
+            top = parse_message(data, datagram=False).vias[0]
+            port = parse_via(top).port or 5060
+        except (SipError, IndexError, ValueError):
+            return None
+        return self.tcp.connect(conn.peer[0], port, conn.listener)
 
     def _respond(self, msg: Any, ep: Any, addr: Any, code: int, reason: str, *, to_tag: str | None = None,
                  extra: tuple[Any, ...] = ()) -> bytes:
