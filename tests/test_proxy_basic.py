@@ -644,6 +644,38 @@ def test_keepalive_marks_trunk_down_and_calls_skip_it(start: Any, peers: Any) ->
     assert dead.recv(match=is_method("INVITE"))
 
 
+def test_emergency_call_goes_to_trunks_marked_down_when_none_is_up(start: Any, peers: Any) -> None:
+    caller, t1, t2 = peers(), peers(), peers()
+    ip, port = start([], trunks=[{"name": "a", "address": f"udp:127.0.0.1:{t1.port}", "keepalive": 0.2},
+                                 {"name": "b", "address": f"udp:127.0.0.1:{t2.port}", "keepalive": 0.2}],
+                     sip={"trunk_timeout": 0.3})
+    wait_until(lambda: not any(t.up for t in ip.proxy.trunks), 5, "both silent trunks to be marked down")
+    caller.send(request("INVITE", caller.port, port), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 503      # an ordinary call: no trunk up
+    emergency = request("INVITE", caller.port, port, callee="110")
+    caller.send(emergency, port)
+    assert "sip:110@" in first_line(t1.recv(match=is_method("INVITE")))
+    second = t2.recv(match=is_method("INVITE"))                              # t1 did not answer either
+    assert headers(second, "Call-ID") == headers(emergency, "Call-ID")
+    t2.send(answer(second, 200, "OK"), port)
+    assert headers(caller.recv(match=is_status(200)), "Call-ID") == headers(emergency, "Call-ID")
+
+
+def test_emergency_call_goes_to_a_trunk_marked_down_once_the_trunks_up_failed(start: Any, peers: Any) -> None:
+    caller, down, up = peers(), peers(), peers()
+    ip, port = start([], trunks=[{"name": "down", "address": f"udp:127.0.0.1:{down.port}", "keepalive": 0.2},
+                                 {"name": "up", "address": f"udp:127.0.0.1:{up.port}"}],
+                     sip={"trunk_timeout": 0.3})
+    wait_until(lambda: not ip.proxy.trunks[0].up, 5, "the silent trunk to be marked down")
+    emergency = request("INVITE", caller.port, port, callee="120")
+    caller.send(emergency, port)
+    up.recv(match=is_method("INVITE"))                       # the trunk up first; it does not answer
+    got = down.recv(match=is_method("INVITE"))
+    assert headers(got, "Call-ID") == headers(emergency, "Call-ID")
+    down.send(answer(got, 486, "Busy Here"), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 486
+
+
 def test_overload_gets_503_with_retry_after(start: Any, peers: Any) -> None:
     caller, trunk = peers(), peers()
     _, port = start([trunk.port], sip={"max_in_flight": 1, "retry_after": 7, "trunk_timeout": 30})

@@ -1097,15 +1097,27 @@ class Proxy:
         return via, sent_by
 
     def _try_next(self, tx: Tx) -> None:
-        """Send the INVITE to the next trunk that is up; 503 to the caller when none is left."""
+        """Send the INVITE to the next trunk that is up; 503 to the caller when none is left.
+
+        A trunk marked down by its keepalive is skipped -- except for an emergency call, which is
+        not refused because OPTIONS went unanswered: once the trunks up have failed (or when none
+        is), it goes to the ones marked down, in route order.  Attempts past the candidates' count
+        are that second pass, so the attempt number alone says where the call is.
+        """
+        n = len(tx.candidates)
         while True:
             tx.attempt += 1
-            if tx.attempt >= len(tx.candidates):
+            if tx.attempt < n:
+                trunk = tx.candidates[tx.attempt]
+                if trunk.up:
+                    break
+            elif tx.attempt < 2 * n and self._is_emergency(tx.callee):
+                trunk = tx.candidates[tx.attempt - n]
+                if not trunk.up:
+                    break
+            else:
                 self._final_local(tx, 503, "Service Unavailable - no trunk available")
                 return
-            trunk = tx.candidates[tx.attempt]
-            if trunk.up:
-                break  # a trunk marked down by its keepalive is skipped
         tx.provisional = False
         tx.trunk = trunk
         ep = self._endpoint_to(trunk.transport, trunk.host, trunk.port)
@@ -1452,10 +1464,7 @@ class Proxy:
                 if self.log is not None:
                     self.log.warning("trunk_failover", trunk=tx.trunk.name if tx.trunk else None, code=code,
                                      call_id=tx.call_id)
-                if tx.attempt + 1 < len(tx.candidates):
-                    self._try_next(tx)
-                    return
-                self._final_local(tx, 503, "Service Unavailable - no trunk available")
+                self._try_next(tx)      # 503 to the caller when no trunk is left
                 return
             tx.last_resp = self._relay_response(msg, tx)
             self._finish(tx, code)
