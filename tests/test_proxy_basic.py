@@ -644,6 +644,31 @@ def test_keepalive_marks_trunk_down_and_calls_skip_it(start: Any, peers: Any) ->
     assert dead.recv(match=is_method("INVITE"))
 
 
+def test_emergency_calls_in_every_form_the_core_knows_pass_overload(start: Any, peers: Any) -> None:
+    from callguard.guard import Guard
+
+    caller, trunk = peers(), peers()
+    ip, port = start([trunk.port], sip={"max_in_flight": 1, "trunk_timeout": 30})
+    forms = ["110", "+86-110", "+86110", "0086110", "0391110", "0391-119", "sip:120@127.0.0.1", "86110", "0110",
+             "1100", "anonymous"]
+    guard = Guard(ip.cfg)
+    core_says = {f: guard.check(CALLER, f, source="127.0.0.1").rule == "emergency" for f in forms}
+    assert [f for f in forms if core_says[f]] == forms[:7]
+    caller.send(request("INVITE", caller.port, port), port)
+    trunk.recv(match=is_method("INVITE"))              # max_in_flight reached: new INVITEs get 503 ...
+    for form in forms:
+        inv = request("INVITE", caller.port, port, callee=form.replace("sip:", "").split("@")[0])
+        caller.send(inv, port)
+        if core_says[form]:                            # ... unless the core would let them through as emergency
+            got = trunk.recv(match=lambda m, inv=inv: is_method("INVITE")(m) and
+                             headers(m, "Call-ID") == headers(inv, "Call-ID"))
+            assert got
+        else:
+            resp = caller.recv(match=lambda m, inv=inv: status(m) >= 200 and
+                               headers(m, "Call-ID") == headers(inv, "Call-ID"))
+            assert status(resp) == 503, form
+
+
 def test_emergency_call_goes_to_trunks_marked_down_when_none_is_up(start: Any, peers: Any) -> None:
     caller, t1, t2 = peers(), peers(), peers()
     ip, port = start([], trunks=[{"name": "a", "address": f"udp:127.0.0.1:{t1.port}", "keepalive": 0.2},

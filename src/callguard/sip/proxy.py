@@ -36,6 +36,8 @@ from typing import Any
 
 from ..config import Config, parse_address
 from ..errors import SipError
+from ..numbers import HIDDEN
+from ..numbers import normalize as normalize_number
 from ..settings import resolve_source
 
 # message.py selects the Cython twin of the parser itself (unless CALLGUARD_NO_EXTENSIONS is set).
@@ -911,10 +913,11 @@ class Proxy:
         return str(user) if user else str(msg.uri)
 
     def _is_emergency(self, callee: str) -> bool:
-        digits = "".join(ch for ch in callee if ch.isdigit())
-        if digits.startswith("86") and digits[2:] in self.emergency:
-            return True
-        return digits in self.emergency
+        """Whether the core's rule 1 lets this callee through: the same normalisation, so every form
+        it knows (``0391 110`` with an area code, ``0086110``, ``+86 110``) passes overload, drain and
+        trunks marked down too."""
+        number = normalize_number(callee)
+        return number.kind != HIDDEN and number.digits in self.emergency
 
     def _on_invite(self, msg: Any, key: Any, ep: Any, addr: Any, ip: str) -> None:
         prev = self.stx.get(key)
