@@ -229,6 +229,9 @@ class InProcess:
         self.thread.start()
         wait_until(lambda: getattr(self.server, "proxy", None) is not None and self.server.proxy.our_ports,
                    10, "the proxy to listen")
+        # Its ports are known in the middle of Proxy.start(), which configures the fast paths after
+        # them; a call through the loop returns once that step of Server.run is over.
+        self.call(lambda: None)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -1153,6 +1156,14 @@ def test_internal_fault_fails_open(start: Any, peers: Any) -> None:
     caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
     assert trunk.recv(match=is_method("INVITE"))   # failed open: forwarded
     assert ip.proxy.faults == 1
+    # Stopping (SIGTERM's drain): an ordinary call gets 503, an emergency call still fails open.
+    ip.call(lambda: setattr(ip.proxy, "draining", True))
+    caller.send(request("INVITE", caller.port, port), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 503
+    emergency = request("INVITE", caller.port, port, callee="112")
+    caller.send(emergency, port)
+    assert trunk.recv(match=lambda m: is_method("INVITE")(m) and headers(m, "Call-ID") == headers(emergency, "Call-ID"))
+    assert ip.proxy.faults == 2
 
 
 # ---------------------------------------------------------------- reload and stop (subprocess)

@@ -832,9 +832,11 @@ class Proxy:
         if msg is not None and getattr(msg, "is_request", False) and msg.method == "INVITE":
             try:
                 key = tx_key(msg)
-                # Only a trusted source (or an emergency call) fails open: never an open relay.
-                allowed = self._trust_of(addr[0])[0] or self._is_emergency(self._callee_of(msg))
-                if allowed and key not in self.stx and not self.draining:
+                # Only a trusted source (or an emergency call) fails open: never an open relay;
+                # while draining, only an emergency call (as _on_invite lets it in).
+                emergency = self._is_emergency(self._callee_of(msg))
+                allowed = emergency or (self._trust_of(addr[0])[0] and not self.draining)
+                if allowed and key not in self.stx:
                     self._forward_invite(msg, key, ep, addr, None)
             except Exception as exc2:  # noqa: BLE001 - nothing more can be done for this message
                 if self.log is not None:
