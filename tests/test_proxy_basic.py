@@ -1178,13 +1178,14 @@ def _serve_env() -> dict[str, str]:
 class Served:
     """``python -m callguard serve`` as a subprocess; its stderr log lines are collected by a thread."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, read_log: bool = True) -> None:
         env = _serve_env()
         self.proc = subprocess.Popen([sys.executable, "-m", "callguard", "serve", "--config", str(config)],
                                      cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        if read_log:
+            self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -1271,6 +1272,33 @@ def test_sighup_reload_and_sigterm_snapshot_survive_restart(tmp_path: Path, peer
         assert served.proc.wait(20) == 0
     finally:
         served.kill()
+
+
+def test_a_log_nobody_reads_does_not_stall_calls(tmp_path: Path, peers: Any) -> None:
+    caller, trunk = peers(), peers()
+    port = free_port()
+    cfg = make_config(tmp_path, [f"udp:127.0.0.1:{port}"], [{"name": "t", "address": f"udp:127.0.0.1:{trunk.port}"}],
+                      logging={"level": "info"})
+    served = Served(cfg, read_log=False)     # its stderr is a pipe of 64 KiB that nothing reads for now
+    try:
+        served.wait_options(caller, port)
+        # 2000 decisions at info: some 600 kB of log lines, ten times what the pipe holds.
+        call_ids = []
+        for i in range(2000):
+            inv = request("INVITE", caller.port, port, caller=BANNED, callee=f"0215{i:07d}")
+            call_ids.append(headers(inv, "Call-ID")[0])
+            caller.send(inv, port)
+            resp = caller.recv(match=lambda m, cid=call_ids[-1]: status(m) >= 200 and headers(m, "Call-ID") == [cid])
+            assert status(resp) == 403, i
+        served.proc.send_signal(signal.SIGTERM)
+        _, log = served.proc.communicate(timeout=60)     # reads the log at last, while the proxy stops
+        assert served.proc.returncode == 0
+    finally:
+        served.kill()
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    decided = [e["call_id"] for e in events if e.get("event") == "decision"]
+    assert decided == call_ids                             # every line kept, in order
+    assert [e["event"] for e in events][-1] == "stopped"
 
 
 def test_sigkill_restart_rebuilds_rate_limits_from_the_records(tmp_path: Path, peers: Any) -> None:

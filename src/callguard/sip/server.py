@@ -21,8 +21,8 @@ from typing import Any
 from .. import config as config_mod
 from ..config import Config, Trunk, parse_address
 from ..errors import CallguardError, ConfigError, SipError
+from ..log import QueuedStream, get_logger
 from ..log import configure as configure_logging
-from ..log import get_logger
 from ..state import rebuild_rate_state, restore_snapshot, write_snapshot
 from .proxy import NullMetrics, NullRecords, Proxy, frame_stream
 from .transport import TcpManager, open_tcp, open_udp
@@ -37,8 +37,8 @@ def _logger() -> Any:
     return get_logger("callguard.serve")
 
 
-def _configure_logging(cfg: Config) -> None:
-    configure_logging(cfg.logging.level, cfg.logging.format)
+def _configure_logging(cfg: Config, stream: Any = None) -> None:
+    configure_logging(cfg.logging.level, cfg.logging.format, stream)
 
 
 def apply_overrides(cfg: Config, listen: list[str] | None, trunk: str | None) -> Config:
@@ -115,6 +115,7 @@ class Server:
         self.stop_event: asyncio.Event | None = None
         self.reloading = False
         self.reload_again = False      # a SIGHUP came while reloading
+        self.log_stream: Any = None     # where the proxy writes its batched decision lines (None: stderr)
         self.udp: list[Any] = []
         self.tcp_servers: list[Any] = []
         self.snapshot_time = snapshot_time     # when the restored snapshot was written (None: none)
@@ -127,6 +128,7 @@ class Server:
         rebuild_rate_state(self.guard, self.records, self.cfg, self.snapshot_time, self.log)
         proxy = self.proxy = Proxy(loop, self.cfg, self.guard, records=self.records, metrics=self.metrics,
                                    log=self.log)
+        proxy.log_stream = self.log_stream
 
         def on_frame_error(conn: Any, exc: SipError) -> None:
             self.metrics.parse_error()
@@ -315,18 +317,32 @@ def serve_main(args: Any) -> int:
     listen = list(getattr(args, "listen", None) or [])
     trunk = getattr(args, "trunk", None)
     path = args.config or config_mod.default_config_path()
+    log_stream: QueuedStream | None = None
     try:
         cfg = apply_overrides(config_mod.load(path), listen, trunk)
-        _configure_logging(cfg)
+        # Logs leave through a thread of their own: a stalled reader of stderr never stalls calls.
+        log_stream = QueuedStream(sys.stderr)
+        _configure_logging(cfg, log_stream)
         guard = Guard(cfg)
     except CallguardError as exc:
+        if log_stream is not None:
+            log_stream.close()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        return _serve(cfg, guard, path, listen, trunk, log_stream)
+    finally:
+        log_stream.close()
+
+
+def _serve(cfg: Config, guard: Any, path: str, listen: list[str], trunk: str | None,
+           log_stream: QueuedStream) -> int:
     log = _logger()
     for p in guard.problems[:20]:
         log.warning("list_row_skipped", problem=str(p))
     snapshot_time = restore_snapshot(guard, cfg.records.state_path, log)
     server = Server(cfg, guard, path, listen, trunk, snapshot_time)
+    server.log_stream = log_stream
     tune_gc()
     loop = _new_loop()
     asyncio.set_event_loop(loop)
