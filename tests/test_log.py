@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from callguard.log import QueuedStream
 
@@ -75,3 +80,37 @@ def test_close_writes_out_what_is_pending() -> None:
     stream.close()
     assert sink.text.splitlines() == [f"event {i}" for i in range(1000)]
     assert stream.write("after close\n") and stream.dropped == 1
+
+
+def test_a_decider_whose_log_nobody_reads_still_answers(tmp_path: Path) -> None:
+    from callguard.kamailio import protocol as proto
+    from callguard.kamailio.client import DeciderClient
+
+    from .test_proxy_basic import BANNED, _serve_env, free_port, make_config, wait_until
+
+    cfg = make_config(tmp_path, [f"udp:127.0.0.1:{free_port()}"], [{"name": "t", "address": "udp:127.0.0.1:5999"}],
+                      logging={"level": "info"})
+    sock = str(tmp_path / "decider.sock")
+    # stderr: a pipe of 64 KiB that nothing reads until the end
+    argv = [sys.executable, "-m", "callguard.kamailio.daemon", "--config", str(cfg), "--socket", sock]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=_serve_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        client = DeciderClient(sock, timeout=5.0)
+        wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, 30, "the decider to open its socket")
+        assert proc.poll() is None
+        # 2000 rejections at info, one log line each: ten times what the pipe holds.
+        for i in range(2000):
+            reply = client.check(proto.CheckRequest(BANNED, f"0215{i:07d}", "127.0.0.1", "", f"k{i}|1|z9hG4bKk{i}",
+                                                    f"call-{i}"))
+            assert reply.code == 403 and reply.rule == "banned", i
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert sum(1 for e in events if e.get("rule") == "banned") == 2000
+    assert events[-1]["event"] == "decider_stopped"

@@ -44,8 +44,8 @@ from ..config import Config
 from ..errors import CallguardError
 from ..guard import Guard, load_lists
 from ..lists import Lists
+from ..log import QueuedStream, get_logger
 from ..log import configure as configure_logging
-from ..log import get_logger
 from ..osthread import set_os_thread_name
 from ..records import RecordStore
 from ..state import restore_snapshot, write_snapshot
@@ -552,7 +552,16 @@ def decider_main(args: argparse.Namespace) -> int:
     except CallguardError as exc:
         sys.stderr.write(f"callguard decider: {exc}\n")
         return 2
-    configure_logging(cfg.logging.level, cfg.logging.format)
+    # Log lines leave through a thread of their own: a stalled reader of stderr never stalls decisions.
+    log_stream = QueuedStream(sys.stderr)
+    configure_logging(cfg.logging.level, cfg.logging.format, log_stream)
+    try:
+        return _run_decider(args, config_path)
+    finally:
+        log_stream.close()
+
+
+def _run_decider(args: argparse.Namespace, config_path: str) -> int:
     global log
     log = _get_log()   # bound after configure, so it renders as configured
     try:
