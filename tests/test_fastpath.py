@@ -371,6 +371,10 @@ def test_metrics_counted_per_batch(pair: Any) -> None:
     assert re.search(r'callguard_decision_latency_seconds_bucket\{le="\+Inf"\} 3\.0', text), text
     total = re.search(r"callguard_decision_latency_seconds_sum (\S+)", text)
     assert total and 0 < float(total.group(1)) < 1, text
+    # what the listeners could not send is read from them at each scrape
+    assert "callguard_udp_send_drops_total 0.0" in text, text
+    fast.call(lambda: setattr(fast.proxy.udp[0], "send_drops", fast.proxy.udp[0].send_drops + 5))
+    assert "callguard_udp_send_drops_total 5.0" in fast.server.metrics.render().decode()
     trunk.close()
     caller.close()
 

@@ -114,6 +114,16 @@ def test_counters_change() -> None:
     assert m.registry.get_sample_value("callguard_trunk_up", {"trunk": "trunk-b"}) == 0
 
 
+def test_udp_send_drops_are_read_at_each_scrape() -> None:
+    m = Metrics()
+    drops = [0]
+    m.watch_udp_send_drops(lambda: drops[0])
+    assert value(m, "callguard_udp_send_drops_total") == 0
+    drops[0] = 7
+    assert value(m, "callguard_udp_send_drops_total") == 7
+    assert "callguard_udp_send_drops_total 7.0" in m.render().decode()
+
+
 def test_registries_are_separate() -> None:
     a, b = Metrics(), Metrics()
     a.fault()

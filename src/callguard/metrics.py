@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -283,6 +283,17 @@ class Metrics:
         """Count a TCP connection aborted because its peer did not read what it was sent."""
         self._tcp_overflows.inc()
 
+    def watch_udp_send_drops(self, read: Callable[[], int]) -> None:
+        """Export ``read()`` as ``callguard_udp_send_drops_total``, read at each scrape.
+
+        The listeners count datagrams the kernel would not take (a full socket buffer, an
+        unreachable address) on the SIP thread; reading the count when scraped keeps the metric
+        off the hot path.
+        """
+        self.registry.register(_CallbackCounter("callguard_udp_send_drops_total",
+                                                "UDP datagrams the kernel refused to send (full buffer, bad address)",
+                                                read))
+
     # ------------------------------------------------------------ exposition
     def render(self) -> bytes:
         """The Prometheus text exposition of every family."""
@@ -310,6 +321,21 @@ class Metrics:
             server.server_close()
             if thread is not None:
                 thread.join(timeout=5.0)
+
+
+class _CallbackCounter:
+    """A counter whose value a callback reads at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read = read
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.name.removesuffix("_total"), self.documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name.removesuffix("_total"), self.documentation, value=self.read())
 
 
 def parse_listen(text: str) -> tuple[str, int]:

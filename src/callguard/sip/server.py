@@ -163,6 +163,8 @@ class Server:
             self.records.close()
             return EXIT_RUNTIME
         proxy.start()
+        udp = self.udp
+        self.metrics.watch_udp_send_drops(lambda: sum(getattr(ep, "send_drops", 0) for ep in udp))
         listeners = [ep.listener.spec() for ep in self.udp] + [i.spec() for i in proxy.tcp_infos]
         self.log.info("listening", listeners=listeners, trunks=[t.address for t in self.cfg.trunks],
                       implementation=getattr(self.guard, "implementation", None) or _implementation())
