@@ -73,8 +73,9 @@ class Peer:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                firsts = [g[0].splitlines()[0] for g in self.got]
                 raise AssertionError(f"port {self.port}: nothing (matching) received within {timeout}s; "
-                                     f"got {[g[0].splitlines()[0] for g in self.got]}")
+                                     f"got {len(firsts)}, the last: {firsts[-20:]}")
             self.sock.settimeout(left)
             try:
                 data, addr = self.sock.recvfrom(65535)
