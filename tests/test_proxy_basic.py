@@ -260,11 +260,11 @@ class InProcess:
 
 
 @pytest.fixture
-def peers() -> Iterator[Callable[[], Peer]]:
+def peers() -> Iterator[Callable[..., Peer]]:
     made: list[Peer] = []
 
-    def make() -> Peer:
-        p = Peer()
+    def make(host: str = "127.0.0.1") -> Peer:
+        p = Peer(host)
         made.append(p)
         return p
 
@@ -537,44 +537,40 @@ def test_in_dialog_requests_are_forwarded_without_screening(start: Any, peers: A
 
 def test_in_dialog_requests_from_an_untrusted_caller_go_only_to_its_trunk(start: Any, peers: Any) -> None:
     trunk = peers()
-    caller, stranger, elsewhere = Peer("127.0.0.2"), Peer("127.0.0.3"), Peer("127.0.0.4")
-    try:
-        # Only 127.0.0.1 (the trunk) is vouched for; an emergency call from 127.0.0.2 passes all the same.
-        _, port = start([trunk.port], sources=[{"name": "elsewhere", "networks": ["10.9.0.0/16"]}],
-                        sip={"record_route": True})
-        inv = request("INVITE", caller.port, port, callee="110")
-        caller.send(inv, port)
-        fwd = trunk.recv(match=is_method("INVITE"))
-        rr = headers(fwd, "Record-Route")[0]
-        trunk.send(answer(fwd, 200, "OK"), port)
-        caller.recv(match=is_status(200))
-        call_id = headers(inv, "Call-ID")[0]
+    caller, stranger, elsewhere = peers("127.0.0.2"), peers("127.0.0.3"), peers("127.0.0.4")
+    # Only 127.0.0.1 (the trunk) is vouched for; an emergency call from 127.0.0.2 passes all the same.
+    _, port = start([trunk.port], sources=[{"name": "elsewhere", "networks": ["10.9.0.0/16"]}],
+                    sip={"record_route": True})
+    inv = request("INVITE", caller.port, port, callee="110")
+    caller.send(inv, port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    rr = headers(fwd, "Record-Route")[0]
+    trunk.send(answer(fwd, 200, "OK"), port)
+    caller.recv(match=is_status(200))
+    call_id = headers(inv, "Call-ID")[0]
 
-        # The caller's re-INVITE names another host: it is not screened, so it goes to the dialog's trunk.
-        reinvite = request("INVITE", caller.port, port, callee="110", call_id=call_id, cseq=2, to_tag="trunk1",
-                           uri=f"sip:02150001234@127.0.0.4:{elsewhere.port}", extra=f"Route: {rr}")
-        caller.send(reinvite, port)
-        got = trunk.recv(match=lambda m: is_method("INVITE")(m) and "CSeq: 2 INVITE" in m)
-        assert headers(got, "Call-ID") == [call_id]
+    # The caller's re-INVITE names another host: it is not screened, so it goes to the dialog's trunk.
+    reinvite = request("INVITE", caller.port, port, callee="110", call_id=call_id, cseq=2, to_tag="trunk1",
+                       uri=f"sip:02150001234@127.0.0.4:{elsewhere.port}", extra=f"Route: {rr}")
+    caller.send(reinvite, port)
+    got = trunk.recv(match=lambda m: is_method("INVITE")(m) and "CSeq: 2 INVITE" in m)
+    assert headers(got, "Call-ID") == [call_id]
 
-        # Someone else with the dialog's Call-ID and tags is refused, not relayed.
-        bye = request("BYE", stranger.port, port, callee="110", call_id=call_id, cseq=3, to_tag="trunk1",
-                      uri=f"sip:110@127.0.0.1:{trunk.port}", extra=f"Route: {rr}")
-        stranger.send(bye, port)
-        refused = stranger.recv(match=lambda m: status(m) >= 200)
-        assert status(refused) == 403 and "untrusted" in first_line(refused)
+    # Someone else with the dialog's Call-ID and tags is refused, not relayed.
+    bye = request("BYE", stranger.port, port, callee="110", call_id=call_id, cseq=3, to_tag="trunk1",
+                  uri=f"sip:110@127.0.0.1:{trunk.port}", extra=f"Route: {rr}")
+    stranger.send(bye, port)
+    refused = stranger.recv(match=lambda m: status(m) >= 200)
+    assert status(refused) == 403 and "untrusted" in first_line(refused)
 
-        # The caller's own BYE to the trunk goes through, and ends the dialog.
-        bye = request("BYE", caller.port, port, callee="110", call_id=call_id, cseq=4, to_tag="trunk1",
-                      uri=f"sip:110@127.0.0.1:{trunk.port}", extra=f"Route: {rr}")
-        caller.send(bye, port)
-        got = trunk.recv(match=is_method("BYE"))
-        assert headers(got, "CSeq") == ["4 BYE"]
-        trunk.send(answer(got, 200, "OK", to_tag=None), port)
-        assert "BYE" in headers(caller.recv(match=is_status(200)), "CSeq")[0]
-    finally:
-        for p in (caller, stranger, elsewhere):
-            p.close()
+    # The caller's own BYE to the trunk goes through, and ends the dialog.
+    bye = request("BYE", caller.port, port, callee="110", call_id=call_id, cseq=4, to_tag="trunk1",
+                  uri=f"sip:110@127.0.0.1:{trunk.port}", extra=f"Route: {rr}")
+    caller.send(bye, port)
+    got = trunk.recv(match=is_method("BYE"))
+    assert headers(got, "CSeq") == ["4 BYE"]
+    trunk.send(answer(got, 200, "OK", to_tag=None), port)
+    assert "BYE" in headers(caller.recv(match=is_status(200)), "CSeq")[0]
 
 
 # ---------------------------------------------------------------- trunks

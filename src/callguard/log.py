@@ -7,6 +7,7 @@ nothing, and loggers are cached on first use (structlog's performance advice).
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import logging
 import sys
@@ -94,9 +95,6 @@ class QueuedStream:
     def flush(self) -> None:
         """Nothing: the writer thread flushes after every write it makes."""
 
-    def writable(self) -> bool:
-        return True
-
     def _run(self) -> None:
         from .osthread import set_os_thread_name
 
@@ -143,4 +141,5 @@ class QueuedStream:
 
 
 def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+    """Now as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it, like the lines around it."""
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")

@@ -331,8 +331,8 @@ class _CallbackCounter:
         self.documentation = documentation
         self.read = read
 
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self.name.removesuffix("_total"), self.documentation)]
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name.removesuffix("_total"), self.documentation)
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self.name.removesuffix("_total"), self.documentation, value=self.read())

@@ -1305,7 +1305,6 @@ class Proxy:
         self._send(ep, data, addr, "ACK")
 
     # ------------------------------------------------------------ other requests
-
     def _routes_after_ours(self, msg: Any) -> list[str]:
         """The Route set, with our own entry on top (loose routing, RFC 3261 16.4) removed."""
         routes: list[str] = []
