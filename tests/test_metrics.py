@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
+import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -202,3 +206,52 @@ def test_per_call_methods_do_not_grow_series() -> None:
         m.message_in(f"{i}")
     assert series() == before
     assert value(m, "callguard_sip_messages_in_total", method="other") > 2000 - 600
+
+
+def test_idle_connections_to_the_endpoint_are_bounded_and_dropped() -> None:
+    """An exposed /metrics port: connections that send nothing hold at most max_connections threads
+    (the rest are closed at once and counted), each is dropped after the handler's timeout, and a
+    scrape works again once they are gone."""
+    from callguard.metrics import MetricsHTTPServer
+
+    m = Metrics()
+    port = m.start_server("127.0.0.1", 0)
+    idle: list[socket.socket] = []
+    try:
+        threads_before = threading.active_count()
+        limit = MetricsHTTPServer.max_connections
+        for _ in range(limit + 20):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        # The first connection refused past the bound reads end-of-file at once.
+        closed = None
+        for s in reversed(idle):
+            s.settimeout(0.2)
+            try:
+                if s.recv(1) == b"":
+                    closed = s
+                    break
+            except TimeoutError:
+                continue
+        assert closed is not None, "no connection past the bound was closed"
+        assert threading.active_count() <= threads_before + limit
+        # One the server kept is dropped once it has sent nothing for the handler's timeout.
+        idle[0].settimeout(30)
+        assert idle[0].recv(1) == b""
+        for s in idle:
+            s.close()
+        idle.clear()
+        deadline = time.monotonic() + 30
+        while True:     # the kept connections' threads are leaving; a scrape gets through once one has
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                    body = resp.read().decode()
+                break
+            except (OSError, http.client.HTTPException):
+                if time.monotonic() > deadline:
+                    raise
+        refused = [line for line in body.splitlines() if line.startswith("callguard_metrics_connections_refused_total")]
+        assert refused and float(refused[0].split()[1]) >= 1
+    finally:
+        for s in idle:
+            s.close()
+        m.stop_server()

@@ -23,19 +23,22 @@ Families (all prefixed ``callguard_``):
 ``records_dropped_total``                  call records lost (queue full or write failure)
 ``overload_rejections_total``              INVITEs answered 503 because too many were in flight
 ``internal_faults_total``                  internal faults that failed open (the call passed)
+``metrics_connections_refused_total``      connections to this endpoint closed at once (too many open)
 =========================================  =======================================================
 """
 
 from __future__ import annotations
 
 import bisect
+import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
 
 from .config import RULE_IDS
 
@@ -206,6 +209,11 @@ class Metrics:
         self._lock = threading.Lock()
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
+        self._refused_before = 0     # by the endpoint's earlier servers (stop_server, start_server)
+        reg.register(_CallbackCounter("callguard_metrics_connections_refused_total",
+                                      f"Connections to this endpoint closed at once: "
+                                      f"{MetricsHTTPServer.max_connections} were open",
+                                      self._metrics_refused))
 
     # ------------------------------------------------------------ per call
     def decision(self, rule: str, latency_seconds: float) -> None:
@@ -307,9 +315,16 @@ class Metrics:
         with self._lock:
             if self._server is not None:
                 return int(self._server.server_port)
-            server, thread = start_http_server(port, addr=host, registry=self.registry)
+            server = MetricsHTTPServer(host, port)
+            server.set_app(make_wsgi_app(self.registry))
+            thread = threading.Thread(target=server.serve_forever, name="cg-metrics", daemon=True)
+            thread.start()
             self._server, self._server_thread = server, thread
             return int(server.server_port)
+
+    def _metrics_refused(self) -> int:
+        server = self._server
+        return self._refused_before + (server.refused if server is not None else 0)
 
     def stop_server(self) -> None:
         """Stop the HTTP server started by :meth:`start_server`, if any."""
@@ -319,8 +334,65 @@ class Metrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+            self._refused_before += server.refused
             if thread is not None:
                 thread.join(timeout=5.0)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    # A client that sends nothing for this long is dropped (the socket timeout of each read):
+    # without it an idle connection held its thread for ever.
+    timeout = 5.0
+
+    def log_message(self, format: str, *args: Any) -> None:   # noqa: A002 - the stdlib's name
+        pass    # one stderr line per scrape is noise; the proxy logs through structlog
+
+
+class MetricsHTTPServer(socketserver.ThreadingMixIn, WSGIServer):
+    """The ``/metrics`` endpoint: a thread per connection, as prometheus-client's own server, but
+    at most ``max_connections`` at once and none idle for more than ``_QuietHandler.timeout``.
+
+    prometheus-client's ``start_http_server`` starts a thread for every connection and lets it
+    wait for a request for ever: 500 idle connections to the port were 500 threads, each taking
+    the interpreter lock from the SIP loop when it woke.  Past the bound a connection is closed at
+    once and counted (``callguard_metrics_connections_refused_total``); a scraper opens one at a
+    time.
+    """
+
+    daemon_threads = True
+    max_connections = 64
+    request_queue_size = 128     # the listen backlog (socketserver's 5 left connecting clients retrying SYNs)
+
+    def __init__(self, host: str, port: int) -> None:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+        self.address_family = family
+        self.refused = 0
+        self.client_errors = 0      # clients that timed out or went away mid-request
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().__init__(addr, _QuietHandler)    # type: ignore[arg-type]  # an AF_INET/AF_INET6 address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)   # starts the connection's thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr for each client that timed out or went away
+        # mid-request: on an exposed port that is whoever cares to, as often as they care to.
+        self.client_errors += 1
 
 
 class _CallbackCounter:
