@@ -13,7 +13,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_Check
-from libc.math cimport isfinite
+from libc.math cimport floor, isfinite
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
@@ -23,7 +23,7 @@ cimport numpy as cnp
 
 import numpy as np
 
-from .lists import NEVER, P_ABSENT, P_SCALE, SOURCE_BIG_DATA, SOURCES
+from .lists import MAX_EPOCH, NEVER, P_ABSENT, P_EPSILON, P_SCALE, SOURCE_BIG_DATA, SOURCES
 from .numbers import KIND_NAMES
 from .settings import FEATURES, RULE_NAMES, resolve_source
 
@@ -79,6 +79,8 @@ cdef enum:
 cdef uint64_t C_NEVER = NEVER
 cdef uint16_t C_P_ABSENT = P_ABSENT
 cdef double C_P_SCALE = P_SCALE
+cdef double C_P_EPSILON = P_EPSILON
+cdef double C_MAX_EPOCH = MAX_EPOCH
 cdef int C_BIG_DATA = SOURCE_BIG_DATA
 
 # Interned strings so a verdict costs no formatting.
@@ -1132,16 +1134,23 @@ cdef class Core:
 
     cdef int _filing_rule(self, Num* cr, double now) noexcept:
         cdef int n = cr.n, fit, L, stop = cr.area_len + 2
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, found
         fit = cr.fit
         L = n
         while L >= stop:
             if L <= fit and self._fl.n:
                 i = self._fl.find(cr.pk[L])
                 if i >= 0:
-                    if not (self._fl_from[i] <= now < self._fl_until[i]):
+                    # A number filed more than once (a renewal beside the expired filing): the
+                    # filing in force decides, the last in the file when several are.
+                    found = -1
+                    while i < self._fl.n and self._fl.keys[i] == cr.pk[L]:
+                        if self._fl_from[i] <= now < self._fl_until[i]:
+                            found = i
+                        i += 1
+                    if found < 0:
                         return R_EXPIRED
-                    if not self._fl_outbound[i]:
+                    if not self._fl_outbound[found]:
                         return R_OUTBOUND
                     return -1
             L -= 1
@@ -1686,7 +1695,6 @@ import codecs
 import os
 
 from cython cimport view
-from libc.math cimport rint
 from libc.stdlib cimport strtod
 from libc.string cimport memchr
 
@@ -1754,12 +1762,13 @@ cdef bint _fast_time(const char* s, Py_ssize_t n, bint end_of_day, bint tz_ok, i
         else:
             break
     if n and dots + digits == n:
-        if dots > 1 or digits == 0 or n > 15:
+        # eight or fourteen digits are ISO 8601's basic date (and time): Python reads them
+        if dots > 1 or digits == 0 or n > 15 or (dots == 0 and (n == 8 or n == 14)):
             return False
         memcpy(tmp, s, n)
         tmp[n] = 0
         out[0] = strtod(tmp, NULL)
-        return True
+        return out[0] <= C_MAX_EPOCH     # later is refused by Python, with the message
     if not tz_ok or n != 10 or s[4] != 45 or s[7] != 45:
         return False
     for i in range(10):
@@ -2170,7 +2179,7 @@ cdef class BlocklistReader:
         if n:
             if not _fast_p(v, n, &x) or not (0.0 <= x <= 1.0):
                 return 0
-            prob = <uint16_t>rint(x * C_P_SCALE)
+            prob = <uint16_t>floor(x * C_P_SCALE + C_P_EPSILON)   # truncated, as lists.blocklist_row
         elif src == C_BIG_DATA:
             return 0
         # complaints (optional column)

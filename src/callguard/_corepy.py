@@ -114,7 +114,10 @@ class CorePy:
         self._bl_reason = bl.reason.tolist()
         self._bl_reasons = list(bl.reasons)
         fl = lists.filings
-        self._filing = {k: i for i, k in reversed(list(enumerate(fl.keys.tolist())))}
+        filing: dict[int, list[int]] = {}
+        for i, k in enumerate(fl.keys.tolist()):
+            filing.setdefault(k, []).append(i)
+        self._filing = filing
         self._fl_outbound = fl.outbound.tolist()
         self._fl_from = fl.valid_from.tolist()
         self._fl_until = fl.valid_until.tolist()
@@ -284,11 +287,13 @@ class CorePy:
         n = len(digits)
         stop = len(area) + 2
         for length in range(n, stop - 1, -1):
-            i = self._filing.get(key_of(digits[:length]))
-            if i is not None:
-                if not (self._fl_from[i] <= now < self._fl_until[i]):
+            rows = self._filing.get(key_of(digits[:length]))
+            if rows is not None:
+                # the filing in force decides (the last in the file when several are)
+                in_force = [i for i in rows if self._fl_from[i] <= now < self._fl_until[i]]
+                if not in_force:
                     return R_EXPIRED
-                if not self._fl_outbound[i]:
+                if not self._fl_outbound[in_force[-1]]:
                     return R_OUTBOUND
                 return -1
         return R_UNFILED

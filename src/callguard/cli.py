@@ -117,22 +117,25 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if v.shadowed:
             text += f" shadow={','.join(v.shadowed)}"
         print(text)
+    if guard.faults:
+        return EXIT_INTERNAL     # the verdict printed is the fail-open one, not a decision
     return EXIT_OK if v.verdict == "allow" else EXIT_REJECT
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .guard import Guard
-    from .replay import open_output, replay
+    from .replay import Output, replay
 
     guard = Guard.from_config(args.config or default_config_path())
-    out, close = open_output(args.out)
-    summary_stream = sys.stderr if out is sys.stdout else sys.stdout
+    out = Output(args.out, args.log)
+    summary_stream = sys.stderr if out.stream is sys.stdout else sys.stdout
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     try:
-        summary = replay(guard, args.log, out, progress=sys.stderr if show else None)
-    finally:
-        if close and out is not None:
-            out.close()
+        summary = replay(guard, args.log, out.stream, progress=sys.stderr if show else None)
+    except BaseException:
+        out.abort()
+        raise
+    out.commit()
     for problem in summary.problems:
         print(f"warning: {problem}", file=sys.stderr)
     print(summary.format(), file=summary_stream)
@@ -153,8 +156,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .records import join_time_values
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_time_values(sys.argv[1:] if argv is None else list(argv)))
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from . import numbers
 from .errors import ConfigError
 
 Check = Callable[[Any], "str | None"]
@@ -112,15 +113,30 @@ def _digits_list(v: Any) -> str | None:
 
 
 def _sip_code(v: Any) -> str | None:
-    return None if 400 <= v <= 699 else f"must be a SIP final error code 400-699 (got {v})"
+    return None if v == 0 or 400 <= v <= 699 else f"must be a SIP final error code 400-699 (got {v})"
 
 
 def _area(v: Any) -> str | None:
     return None if v == "" or re.fullmatch(r"0[0-9]{2,3}", v) else f"expected an area code like 0391 (got {v!r})"
 
 
+def _caller_numbers(v: Any) -> str | None:
+    problem = _digits_list(v)
+    if problem:
+        return problem
+    for item in v:
+        if numbers.normalize(item).hidden:
+            return f"not a number a caller can have: {item!r}"
+    return None
+
+
 def _utc_offset(v: Any) -> str | None:
-    return None if re.fullmatch(r"[+-]\d\d:\d\d", v) else f"expected +HH:MM (got {v!r})"
+    m = re.fullmatch(r"[+-](\d\d):(\d\d)", v)
+    if m is None:
+        return f"expected +HH:MM (got {v!r})"
+    if int(m.group(1)) > 14 or int(m.group(2)) > 59:
+        return f"not a UTC offset: {v!r} (from -14:00 to +14:00)"
+    return None
 
 
 # ---------------------------------------------------------------- the options
@@ -130,7 +146,8 @@ class RuleSettings:
 
     mode: str = opt("enforce", "enforce: reject when the rule fires; shadow: log only and let the call pass",
                     one_of("enforce", "shadow"))
-    code: int = opt(403, "SIP final response code sent when the rule rejects", _sip_code)
+    code: int = opt(0, "SIP final response code sent when the rule rejects (0: the rule's own, as in the table "
+                    "of rules)", _sip_code)
     reason: str = opt("", "reason phrase of the response and text of the Reason header")
 
 
@@ -318,7 +335,7 @@ class Config:
                                              "callees that always pass", _digits_list)
     allowlist_numbers: tuple[str, ...] = opt(("10085", "10001", "10016"),
                                              "callers that skip high_frequency and score (besides the "
-                                             "allowlist file)", _digits_list)
+                                             "allowlist file)", _caller_numbers)
     rate_limits: tuple[RateLimit, ...] = opt(DEFAULT_RATE_LIMITS, "sliding-window limits; any one fires "
                                              "high_frequency")
     max_tracked_keys: int = opt(2_000_000, "rate-limit keys kept in memory; idle ones are evicted first",
@@ -421,7 +438,8 @@ def _finish(cfg: Config, file: str) -> Config:
             raise ConfigError(file, f"rules.{rule_id}",
                               f"unknown rule id (known: {', '.join(DEFAULT_RULES)})")
         base = DEFAULT_RULES[rule_id]
-        rules[rule_id] = RuleSettings(mode=settings.mode, code=settings.code,
+        # What the file leaves out keeps the rule's own: `{mode: shadow}` alone kept 433 a 403.
+        rules[rule_id] = RuleSettings(mode=settings.mode, code=settings.code or base.code,
                                       reason=settings.reason or base.reason)
     for i, rl in enumerate(cfg.rate_limits):
         if rl.max_calls == 0 and rl.max_distinct_callees == 0:
@@ -458,6 +476,37 @@ def from_mapping(data: dict[str, Any] | None, file: str = "<config>") -> Config:
     return _finish(cfg, file)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as PyYAML's safe loader reads it, with two surprises taken out.
+
+    YAML 1.1 reads an unquoted ``0371`` as the octal number 249 (and ``0x10``, ``1_000`` or
+    ``1:30`` as numbers too): an area code or number prefix written without quotes became other
+    digits, silently.  Here only plain decimal integers are integers; anything else stays the
+    string it was written as (a digit-string option takes it as is, a number option refuses it).
+    And a key given twice in one mapping is refused instead of the last one winning, which
+    silently dropped the first (``lists:`` twice lost the blocklist).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                    list("-+0123456789"))
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Read, check and freeze a YAML config file.
 
@@ -469,8 +518,11 @@ def load(path: str | os.PathLike[str]) -> Config:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = Path(file).read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(file, "", f"not UTF-8: byte 0x{exc.object[exc.start]:02x} on line {line}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -27,6 +27,7 @@ SOURCE_BIG_DATA = SOURCES.index("big_data")
 NEVER = 0xFFFFFFFF          # "expires" of an entry that never expires (uint32 seconds)
 P_ABSENT = 0xFFFF           # "p" of an entry without one; p is stored in units of 1/10000
 P_SCALE = 10000.0
+P_EPSILON = 1e-6    # below the list's resolution; absorbs the binary error of value * P_SCALE
 
 BLOCKLIST_COLUMNS = ("number", "match", "source", "reason", "added", "expires", "p")
 FILING_COLUMNS = ("number", "area", "carrier", "usage", "inbound", "outbound", "valid_from", "valid_until")
@@ -105,21 +106,41 @@ def parse_tz(offset: str) -> dt.timezone:
     return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
 
 
+#: The last second of year 9999: later "epoch seconds" are a unit mistake (milliseconds) or garbage.
+MAX_EPOCH = 253402300799.0
+
+
 def parse_time(text: str, tz: dt.tzinfo, end_of_day: bool = False) -> float:
     """ISO 8601 date or date-time, or epoch seconds, to epoch seconds.
 
     A date without a time means the start of that day in ``tz``, or with
-    ``end_of_day`` the start of the next day (so the named day is included).
+    ``end_of_day`` the start of the next day (so the named day is included).  Eight or fourteen
+    digits are ISO 8601's basic form, ``YYYYMMDD`` and ``YYYYMMDDhhmmss`` (call-detail records
+    write them so), not epoch seconds, which have ten digits for any date after 2001.
     """
     text = text.strip()
     try:
-        return float(text) if text.replace(".", "", 1).isdigit() else _parse_iso(text, tz, end_of_day)
+        if not text.isascii():
+            raise ValueError(text)
+        if text.isdigit() and len(text) in (8, 14):
+            return _parse_iso(text if len(text) == 8 else f"{text[:8]}T{text[8:]}", tz, end_of_day)
+        if text.replace(".", "", 1).isdigit():
+            return epoch_seconds(text)
+        return _parse_iso(text, tz, end_of_day)
     except ValueError:
         raise ValueError(f"not an ISO 8601 date or time: {text!r}") from None
 
 
+def epoch_seconds(text: str) -> float:
+    """Epoch seconds from their text; ValueError unless a finite time from 1970 to year 9999."""
+    t = float(text)
+    if not 0.0 <= t <= MAX_EPOCH:     # NaN fails too
+        raise ValueError(f"epoch seconds out of range: {text!r}")
+    return t
+
+
 def _parse_iso(text: str, tz: dt.tzinfo, end_of_day: bool) -> float:
-    if len(text) == 10:
+    if len(text) in (8, 10) and text[:4].isdigit() and "T" not in text and " " not in text:
         day = dt.date.fromisoformat(text)
         start = dt.datetime(day.year, day.month, day.day, tzinfo=tz)
         if end_of_day:
@@ -133,39 +154,62 @@ def _parse_iso(text: str, tz: dt.tzinfo, end_of_day: bool) -> float:
 
 # ---------------------------------------------------------------- CSV rows
 def _rows(path: str, required: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    # Bytes that are not UTF-8 are decoded as surrogates (and their row reported): a decoding
+    # error raised from the reader lost the decoder's whole buffer, some 190 good rows, silently.
     try:
-        handle = open(path, newline="", encoding="utf-8-sig")
+        handle = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
         raise ListError(path, 0, f"cannot read: {exc.strerror or exc}") from None
     with handle:
         reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ListError(path, 0, "empty file: a header row is needed") from None
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise ListError(path, 1, f"unreadable header: {exc}") from None
+        while True:     # the header: the first row that is not blank or a `#` comment
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise ListError(path, 0, "empty file: a header row is needed") from None
+            except csv.Error as exc:
+                raise ListError(path, reader.line_num, f"unreadable header: {exc}") from None
+            if header and not (len(header) == 1 and not header[0].strip()) and not header[0].startswith("#"):
+                break
+        if not_utf8(header):
+            raise ListError(path, reader.line_num, "unreadable header: not UTF-8")
         names = [h.strip().lower() for h in header]
         missing = [c for c in required if c not in names]
         if missing:
-            raise ListError(path, 1, f"header lacks column(s) {', '.join(missing)} (has {', '.join(names)})")
+            raise ListError(path, reader.line_num,
+                            f"header lacks column(s) {', '.join(missing)} (has {', '.join(names)})")
         width = len(names)
         while True:
             try:
                 row = next(reader)
             except StopIteration:
                 return
-            except (csv.Error, UnicodeDecodeError) as exc:
+            except csv.Error as exc:
                 yield reader.line_num, {"__error__": str(exc)}
                 continue
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if row[0].startswith("#"):
                 continue
+            if not_utf8(row):
+                yield reader.line_num, {"__error__": "not UTF-8"}
+                continue
             if len(row) != width:
                 yield reader.line_num, {"__error__": f"expected {width} fields, got {len(row)}"}
                 continue
             yield reader.line_num, {n: v.strip() for n, v in zip(names, row)}
+
+
+def not_utf8(row: list[str]) -> bool:
+    """Whether the row holds bytes that were not UTF-8 (decoded as lone surrogates)."""
+    text = "".join(row)
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _collect(path: str, required: Iterable[str], strict: bool,
@@ -242,7 +286,9 @@ def blocklist_row(row: dict[str, str], tz: dt.tzinfo) -> tuple[int, bool, int, i
             raise ValueError(f"p: not a number: {row['p']!r}") from None
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"p: must be between 0 and 1, got {row['p']!r}")
-        prob = round(value * P_SCALE)
+        # Kept to 1/P_SCALE, truncated: rounding made p = 0.74996 a 0.75 and banned it.  The
+        # epsilon keeps a p written with four decimals exact (0.29 * 10000 is 2899.9999999999995).
+        prob = math.floor(value * P_SCALE + P_EPSILON)
     elif src == "big_data":
         raise ValueError("p: a big_data entry needs its p")
     count = 0

@@ -1183,8 +1183,8 @@ class RecordStore:
             until: epoch seconds, exclusive.
             limit: at most this many rows; 0 for all.
         """
-        if limit < 0:
-            raise InputError(f"limit must be >= 0 (got {limit})")
+        if not 0 <= limit <= MAX_LIMIT:
+            raise InputError(f"limit must be from 0 to {MAX_LIMIT} (got {limit})")
         where: list[str] = []
         params: list[Any] = []
         for column, value in (("caller", caller), ("callee", callee), ("rule", rule)):
@@ -1411,6 +1411,9 @@ _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
 
+MAX_LIMIT = (1 << 63) - 1     # SQLite's largest integer
+
+
 def parse_time(text: str, now: float | None = None, tz: dt.tzinfo = dt.UTC, end_of_day: bool = False) -> float:
     """Epoch seconds from ISO 8601, epoch seconds, ``now`` or a relative ``-30s/-15m/-1h/-30d/-2w``.
 
@@ -1484,8 +1487,8 @@ def records_main(args: argparse.Namespace) -> int:
         until = parse_time(args.until, now, tz, end_of_day=True) if getattr(args, "until", None) else None
         limit = getattr(args, "limit", None)
         limit = 100 if limit is None else int(limit)
-        if limit < 0:
-            raise InputError(f"--limit must be >= 0 (got {limit})")
+        if not 0 <= limit <= MAX_LIMIT:
+            raise InputError(f"--limit must be from 0 to {MAX_LIMIT} (got {limit})")
         caller = _number_arg(getattr(args, "caller", None), "caller")
         callee = _number_arg(getattr(args, "callee", None), "callee")
         rule = getattr(args, "rule", None)
@@ -1534,11 +1537,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune", action="store_true", help="delete records older than records.retention_days first")
 
 
+def join_time_values(argv: list[str]) -> list[str]:
+    """``--since -1h`` as ``--since=-1h``: argparse takes a value starting with '-' for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--since", "--until") and i + 1 < len(argv) and _RELATIVE.match(argv[i + 1].strip()):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``callguard records`` on its own (``python -m callguard.records``)."""
     parser = argparse.ArgumentParser(prog="callguard records", description="List stored call records.")
     add_arguments(parser)
-    return records_main(parser.parse_args(argv))
+    return records_main(parser.parse_args(join_time_values(sys.argv[1:] if argv is None else list(argv))))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import gc
+import ipaddress
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import IO
@@ -20,7 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .guard import Guard
-from .lists import parse_tz
+from .lists import not_utf8, parse_time, parse_tz
 from .settings import RULE_NAMES
 
 CHUNK_ROWS = 16384
@@ -61,40 +63,36 @@ class TimeParser:
         self._minutes: dict[str, float] = {}
 
     def __call__(self, text: str) -> float:
-        if text[4:5] != "-":
-            return float(text)              # epoch seconds (ValueError if it is neither)
-        # Fast path: YYYY-MM-DD[T ]HH:MM:SS[.ffffff] with an optional Z or ±HH:MM; the
-        # value up to the minute is cached per zone, so a log costs one lookup per row.
-        if len(text) >= 19 and text[10] in "T " and text[13] == ":" and text[16] == ":":
+        """Raises ValueError for anything but a valid time (hour 99, a zone with text after it, NaN...)."""
+        # Fast path: YYYY-MM-DD[T ]HH:MM:SS[.ffffff] with an optional zone; the value up to the
+        # minute is cached per zone, so a log costs one lookup per row.  What goes into the cache
+        # was checked whole by fromisoformat; the seconds and fraction are checked here.
+        if len(text) >= 19 and text[4:5] == "-" and text[10] in "T " and text[13] == ":" and text[16] == ":":
+            seconds = text[17:19]
+            if not ("00" <= seconds <= "59" and seconds.isdigit()):
+                raise ValueError(f"not a time: {text!r}")
             frac = 0.0
             zone = text[19:]
             if zone[:1] == ".":
                 end = 1
-                while end < len(zone) and zone[end].isdigit():
+                while end < len(zone) and "0" <= zone[end] <= "9":
                     end += 1
+                if end == 1:
+                    raise ValueError(f"not a time: {text!r}")
                 frac = float(zone[:end])
                 zone = zone[end:]
             key = text[:16] + zone
             minute = self._minutes.get(key)
             if minute is None:
-                minute = self._day(text[:10], zone) + int(text[11:13]) * 3600 + int(text[14:16]) * 60
+                stamp = dt.datetime.fromisoformat(f"{text[:16]}:00{zone}")
+                if stamp.tzinfo is None:
+                    stamp = stamp.replace(tzinfo=self.tz)
+                minute = stamp.timestamp()
                 if len(self._minutes) > 65536:
                     self._minutes.clear()
                 self._minutes[key] = minute
-            return minute + int(text[17:19]) + frac
-        stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=self.tz)
-        return stamp.timestamp()
-
-    def _day(self, date: str, zone: str) -> float:
-        tz = self.tz
-        if zone in ("Z", "z"):
-            tz = dt.UTC
-        elif zone:
-            tz = parse_tz(zone)
-        d = dt.date.fromisoformat(date)
-        return dt.datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()
+            return minute + int(seconds) + frac
+        return parse_time(text, self.tz)
 
 
 def replay(guard: Guard, log_path: str, out: IO[str] | None, progress: IO[str] | None = None,
@@ -105,7 +103,8 @@ def replay(guard: Guard, log_path: str, out: IO[str] | None, progress: IO[str] |
         InputError: the log cannot be read or lacks the time, caller or callee column.
     """
     try:
-        handle = open(log_path, newline="", encoding="utf-8-sig")
+        # Bytes that are not UTF-8 become surrogates: their row is a bad row, the others replay.
+        handle = open(log_path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
         raise InputError(f"{log_path}: cannot read: {exc.strerror or exc}") from None
     with handle:
@@ -125,12 +124,16 @@ def _replay(guard: Guard, log_path: str, handle: IO[str], out: IO[str] | None, p
     size = os.fstat(handle.fileno()).st_size
     summary = ReplaySummary()
     started = time.perf_counter()
-    parse_time = TimeParser(parse_tz(guard.config.lists.timezone))
+    time_of = TimeParser(parse_tz(guard.config.lists.timezone))
     reader = csv.reader(handle)
     try:
         header = next(reader)
     except StopIteration:
         raise InputError(f"{log_path}: empty file: a header row time,caller,callee is needed") from None
+    except csv.Error as exc:
+        raise InputError(f"{log_path}:1: unreadable header: {exc}") from None
+    if not_utf8(header):
+        raise InputError(f"{log_path}:1: unreadable header: not UTF-8")
     names = [h.strip().lower() for h in header]
     missing = [c for c in ("time", "caller", "callee") if c not in names]
     if missing:
@@ -186,19 +189,50 @@ def _replay(guard: Guard, log_path: str, handle: IO[str], out: IO[str] | None, p
             progress.write(f"\r{share} {summary.rows:,} rows, {summary.rows / max(elapsed, 1e-9):,.0f} rows/s ")
             progress.flush()
 
-    for row in reader:
-        if not row:
-            continue
-        problem = None
-        if len(row) != width:
-            problem = f"expected {width} fields, got {len(row)}"
-        else:
+    known_sources: dict[str, str | None] = {}     # as written -> the address (None: not one)
+
+    def source_of(text: str) -> str | None:
+        address = known_sources.get(text, "")
+        if address == "":
             try:
-                t = parse_time(row[i_time])
+                address = str(ipaddress.ip_address(text.strip()))
+            except ValueError:
+                address = None
+            if len(known_sources) > 65536:
+                known_sources.clear()
+            known_sources[text] = address
+        return address
+
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            # The row cannot be split into fields; it is kept, as a row of empty fields, so
+            # the output still has a line for every line of the log.
+            row = [""] * width
+            problem: str | None = f"unreadable row: {exc}"
+        else:
+            if not row:
+                continue
+            problem = None
+        source: str | None = None
+        if problem is None and len(row) != width:
+            problem = f"expected {width} fields, got {len(row)}"
+        elif problem is None and not_utf8(row):
+            problem = "not UTF-8"
+        elif problem is None:
+            try:
+                t = time_of(row[i_time])
             except (ValueError, IndexError):
                 t = -1.0
             if not t >= 0:
                 problem = f"time: not ISO 8601 or epoch seconds: {row[i_time]!r}"
+            elif i_source >= 0 and row[i_source].strip():
+                source = source_of(row[i_source])
+                if source is None:
+                    problem = f"source: not an IP address: {row[i_source]!r}"
         if problem is not None:
             bad.add(len(rows))
             summary.bad_rows += 1
@@ -211,7 +245,7 @@ def _replay(guard: Guard, log_path: str, handle: IO[str], out: IO[str] | None, p
             times.append(t)
             callers.append(row[i_caller])
             callees.append(row[i_callee])
-            sources.append((row[i_source] or None) if i_source >= 0 else None)
+            sources.append(source)
         rows.append(row)
         if len(rows) >= chunk_rows:
             flush()
@@ -226,14 +260,74 @@ def _replay(guard: Guard, log_path: str, handle: IO[str], out: IO[str] | None, p
     return summary
 
 
-def open_output(path: str | None) -> tuple[IO[str] | None, bool]:
-    """The output stream for rows: a file, stdout for '-', nothing for None."""
-    if path is None:
-        return None, False
-    if path == "-":
-        return sys.stdout, False
-    try:
-        return open(path, "w", newline="", encoding="utf-8"), True
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+class Output:
+    """Where the replayed rows go: a file, stdout for '-', nothing for None.
+
+    A regular file is written beside its path and moved over it by :meth:`commit`, once the whole
+    log has been replayed: a replay that fails (an unreadable log, a bad header) leaves an
+    existing file as it was, where opening it for writing had already emptied it -- the log itself
+    when both were the same path.  Devices and pipes are written directly.  Bytes of the log that
+    were not UTF-8 are written back as they were.
+    """
+
+    def __init__(self, path: str | None, log_path: str) -> None:
+        self.path = path
+        self.stream: IO[str] | None = None
+        self._temp: str | None = None
+        if path is None:
+            return
+        if path == "-":
+            sys.stdout.reconfigure(errors="surrogateescape")    # type: ignore[union-attr]
+            self.stream = sys.stdout
+            return
+        try:
+            if os.path.exists(path) and os.path.exists(log_path) and os.path.samefile(path, log_path):
+                raise InputError(f"{path}: is the log being replayed; write the rows elsewhere")
+            if os.path.exists(path) and not os.path.isfile(path):
+                self.stream = open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+                return
+            folder, name = os.path.split(os.path.abspath(path))
+            fd, self._temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            self.stream = open(fd, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+    def commit(self) -> None:
+        """The rows are complete: close the file and put it in place."""
+        stream, self.stream = self.stream, None
+        if stream is None or stream is sys.stdout:
+            return
+        stream.close()
+        if self._temp is not None:
+            try:
+                if os.path.exists(self.path or ""):
+                    os.chmod(self._temp, os.stat(self.path or "").st_mode & 0o7777)
+                else:
+                    os.chmod(self._temp, 0o666 & ~_umask())
+                os.replace(self._temp, self.path or "")
+            except OSError as exc:
+                raise InputError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+            finally:
+                self._discard()
+
+    def abort(self) -> None:
+        """The replay failed: leave the path as it was."""
+        stream, self.stream = self.stream, None
+        if stream is not None and stream is not sys.stdout:
+            stream.close()
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._temp is not None:
+            try:
+                os.unlink(self._temp)
+            except FileNotFoundError:
+                pass
+            self._temp = None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
