@@ -22,7 +22,7 @@ AREAS = ["", "0391", "021", "010", "0755"]
 PIECES = ["sip:", "SIP:", "sips:", "SiPs:", "tel:", "TEL:", "<", ">", "@", ";", "?", "+", "+86", "0086", "86",
           "00", "0", "1", "9", "95", "96", " ", "-", ".", "(", ")", "\t", "/", "\u3000", "\xa0", "\u0660",
           "\u0130", "\u212a", "anonymous", "user=phone", "13800138000", "0391", "96123", "400", "800", "10086",
-          "44", "\n", "\x00", "\U0001f600", "ſ", ":"]
+          "44", "\n", "\x00", "\U0001f600", "ſ", ":", '"', "\\", "Bob ", "%", "%2B", "%33", "%3", "%25"]
 
 
 @settings(max_examples=1500, deadline=None)
@@ -58,3 +58,29 @@ def test_huge_and_non_ascii() -> None:
         assert _core.normalize(raw, "") == tuple(numbers.normalize(raw, ""))
     # an area written with non-ASCII digits (the config accepts them) keeps its characters
     assert _core.normalize("96123", "0\u0663\u0669\u0661") == tuple(numbers.normalize("96123", "0\u0663\u0669\u0661"))
+
+
+@pytest.mark.parametrize(("raw", "digits"), [
+    ('"<sip:13912340099@x>" <sip:13800138000@127.0.0.1:5000>;tag=1', "13800138000"),
+    ('"<tel:+8613912340097>" <sip:13800138000@x>', "13800138000"),
+    ('"a \\" <sip:1@x>" <sip:13800138000@x>', "13800138000"),     # an escaped quote inside the name
+    ('"a \\\\" <sip:13800138000@x>', "13800138000"),               # an escaped backslash ends it
+    ('Bob <sip:13800138000@x>', "13800138000"),
+    ('"unterminated <sip:13800138000@x>', ""),
+])
+def test_the_uri_is_the_one_after_a_quoted_display_name(raw: str, digits: str) -> None:
+    assert numbers.normalize(raw).digits == digits
+    assert _core.normalize(raw, "") == tuple(numbers.normalize(raw, ""))
+
+
+@pytest.mark.parametrize(("raw", "digits"), [
+    ("sip:%2B8613912340092@127.0.0.1", "13912340092"),        # RFC 3261 §19.1.4: escaped equals plain
+    ("<sip:%3138001380%30%30@x>;tag=1", "13800138000"),
+    ("tel:%2B86-391-3569391", "03913569391"),
+    ("sip:1380013800%2530@x", ""),                               # decoded once: %25 is '%', not a digit
+    ("sip:1380013800%3@x", ""),                                  # not an escape
+    ("1380013800%30", ""),                                       # outside a URI nothing is unescaped
+])
+def test_escaped_user_parts_are_decoded_once(raw: str, digits: str) -> None:
+    assert numbers.normalize(raw).digits == digits
+    assert _core.normalize(raw, "") == tuple(numbers.normalize(raw, ""))

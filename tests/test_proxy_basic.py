@@ -371,6 +371,49 @@ def test_banned_caller_gets_403_with_to_tag_and_reason(start: Any, peers: Any) -
     assert trunk.silent(0.3, is_method("INVITE"))
 
 
+@pytest.mark.parametrize("header", ["From", "P-Asserted-Identity"])
+def test_a_uri_quoted_in_the_display_name_is_not_the_caller(start: Any, peers: Any, header: str) -> None:
+    """RFC 3261 §25.1: the identity is the URI in angle brackets after the quoted display name, which
+    may hold anything; taking the first '<' let a banned caller pass as the number it quoted."""
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    for display, user, banned in ((f'"<sip:{CALLER}@x>"', BANNED, True), (f'"x \\" <tel:{CALLER}>"', BANNED, True),
+                                  (f'"<sip:{BANNED}@x>"', CALLER, False)):
+        inv = request("INVITE", caller.port, port)
+        value = f"{display} <sip:{user}@127.0.0.1>"
+        if header == "From":
+            inv = inv.replace(f"From: <sip:{CALLER}@127.0.0.1>", f"From: {value}")
+        else:
+            inv = inv.replace("Max-Forwards: 70", f"Max-Forwards: 70\r\nP-Asserted-Identity: {value}")
+        caller.send(inv, port)
+        if banned:
+            resp = caller.recv(match=lambda m: status(m) >= 200)
+            assert status(resp) == 403 and "banned" in headers(resp, "Reason")[0], value
+        else:
+            call_id = headers(inv, "Call-ID")[0]
+            fwd = trunk.recv(match=lambda m, cid=call_id: is_method("INVITE")(m) and headers(m, "Call-ID") == [cid])
+            trunk.send(answer(fwd, 486, "Busy Here"), port)
+            assert status(caller.recv(match=lambda m: status(m) >= 200)) == 486, value
+    assert trunk.silent(0.3, is_method("INVITE"))     # none of the banned caller's INVITEs got through
+
+
+@pytest.mark.parametrize("bad", ["Subject: Perf\x00ormance", "Subject: ring\x07", "X-Note: a\x7fb",
+                                 "User-Agent: \x1b[31mred"])
+def test_control_octets_in_a_header_value_get_400_and_are_not_forwarded(start: Any, peers: Any, bad: str) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    caller.send(request("INVITE", caller.port, port, extra=bad), port)
+    resp = caller.recv(match=lambda m: status(m) >= 200)
+    assert status(resp) == 400 and "\x00" not in resp
+    # as a quoted-pair inside a quoted string (RFC 4475 intmeth) the same octets are fine
+    caller.send(request("INVITE", caller.port, port, extra='Subject: "a\\\x00b\\\x07"'), port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    assert 'Subject: "a\\\x00b\\\x07"' in fwd
+    trunk.send(answer(fwd, 486, "Busy Here"), port)
+    assert status(caller.recv(match=is_status(486))) == 486
+    assert trunk.silent(0.3, lambda m: is_method("INVITE")(m) and bad.split(":")[0] in m)
+
+
 def test_hide_reason_omits_the_reason_header(start: Any, peers: Any) -> None:
     caller, trunk = peers(), peers()
     _, port = start([trunk.port], sip={"hide_reason": True, "user_agent": "edge-1"})
@@ -1400,8 +1443,12 @@ def test_config_error_exits_2(tmp_path: Path) -> None:
     ("SIP/2.0/UDP 10.0.0.9:5070;branch=z9hG4bKa", "SIP/2.0/UDP 10.0.0.9:5070;branch=z9hG4bKa;received=127.0.0.1"),
     ("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa"),
     ("SIP/2.0/UDP [::1]:5070;branch=z9hG4bKa", "SIP/2.0/UDP [::1]:5070;branch=z9hG4bKa;received=127.0.0.1"),
+    # a received the sender wrote is replaced by where the request came from (RFC 3261 §18.2.1)
     ("SIP/2.0/UDP gw.example;branch=z9hG4bKa;received=10.1.1.1", "SIP/2.0/UDP gw.example;branch=z9hG4bKa"
-     ";received=10.1.1.1"),
+     ";received=127.0.0.1"),
+    ("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa;rport;received=10.1.1.1", "SIP/2.0/UDP 127.0.0.1:5070"
+     ";branch=z9hG4bKa;rport=5070;received=127.0.0.1"),
+    ("SIP/2.0/UDP 127.0.0.1:5070;RECEIVED=10.1.1.1;branch=z9hG4bKa", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKa"),
 ])
 def test_received_and_rport_stamping(via: str, stamped: str) -> None:
     from callguard.sip.proxy import Proxy

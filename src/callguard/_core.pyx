@@ -680,13 +680,23 @@ cdef int _normalize(object raw, const char* area, int alen, Num* out) except -1:
     return 0
 
 
+cdef inline int _hex(Py_UCS4 c) noexcept nogil:
+    if 48 <= c <= 57:
+        return <int>c - 48
+    if 97 <= c <= 102:
+        return <int>c - 87
+    if 65 <= c <= 70:
+        return <int>c - 55
+    return -1
+
+
 cdef void _normalize_buf(int kind, const void* data, Py_ssize_t length, const char* area, int alen,
                          Num* out) noexcept nogil:
     cdef Py_ssize_t a, b, i, lt = -1
     cdef Py_UCS4 c
     cdef char d[BUF]
     cdef int n = 0
-    cdef bint plus = False, first = True, scheme = False, tel = False
+    cdef bint plus = False, first = True, scheme = False, tel = False, quoted = False, escaped = False
     cdef int sl = 0
     out.kind = HIDDEN
     out.n = 0
@@ -698,8 +708,19 @@ cdef void _normalize_buf(int kind, const void* data, Py_ssize_t length, const ch
         a += 1
     while b > a and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, b - 1)):
         b -= 1
+    # the name-addr's '<': the first outside a quoted display name (numbers._angle)
     for i in range(a, b):
-        if PyUnicode_READ(kind, data, i) == 60:      # '<'
+        c = PyUnicode_READ(kind, data, i)
+        if quoted:
+            if escaped:
+                escaped = False
+            elif c == 92:                            # '\\'
+                escaped = True
+            elif c == 34:                            # '"'
+                quoted = False
+        elif c == 34:
+            quoted = True
+        elif c == 60:                                # '<'
             lt = i
             break
     if lt >= 0:
@@ -742,8 +763,15 @@ cdef void _normalize_buf(int kind, const void* data, Py_ssize_t length, const ch
             if c == 59 or c == 63:   # ';' '?'
                 b = i
                 break
-    for i in range(a, b):
+    i = a
+    while i < b:
         c = PyUnicode_READ(kind, data, i)
+        i += 1
+        if scheme and c == 37 and i + 1 < b and _hex(PyUnicode_READ(kind, data, i)) >= 0 \
+                and _hex(PyUnicode_READ(kind, data, i + 1)) >= 0:
+            # %XX in a URI's user part is that character (RFC 3261 §19.1.4), once: numbers.extract_user
+            c = <Py_UCS4>(_hex(PyUnicode_READ(kind, data, i)) * 16 + _hex(PyUnicode_READ(kind, data, i + 1)))
+            i += 2
         if _is_sep(c):
             continue
         if first:

@@ -12,6 +12,7 @@ the specification it is tested against.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 # Kinds of number.  Values are shared with the Cython core; do not renumber.
@@ -58,10 +59,38 @@ def _area_len(d: str) -> int:
     return 3 if d[1] in "12" else 4
 
 
+_ESCAPE_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _angle(s: str) -> int:
+    """Where the name-addr's ``<`` is: the first outside a quoted display name (-1: none).
+
+    A display name is a quoted string that may hold anything, ``<sip:...>`` included
+    (RFC 3261 §25.1): the URI of ``"<sip:13912340099@x>" <sip:13800138000@x>`` is the second.
+    Taking the first ``<`` let a banned caller pass as whatever number it quoted.
+    """
+    if '"' not in s:
+        return s.find("<")
+    quoted = escaped = False
+    for i, c in enumerate(s):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            return i
+    return -1
+
+
 def extract_user(raw: str) -> str:
     """Take the user part out of a SIP/TEL URI or name-addr; plain strings pass through."""
     s = raw.strip()
-    lt = s.find("<")
+    lt = _angle(s)
     if lt >= 0:
         gt = s.find(">", lt + 1)
         s = s[lt + 1:gt] if gt > 0 else s[lt + 1:]
@@ -79,6 +108,9 @@ def extract_user(raw: str) -> str:
             cut = s.find(stop)
             if cut >= 0:
                 s = s[:cut]
+        if "%" in s:
+            # %XX is that character (RFC 3261 §19.1.4: escaped and plain are equal), decoded once
+            s = _ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 16)), s)
     return s
 
 

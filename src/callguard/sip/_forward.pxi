@@ -188,8 +188,11 @@ cdef char* _stamp_top_via(char* o, const unsigned char* p, Scan* sc, const char*
     The scan left the Via's parameters without white space, so the proxy's regular expressions
     come down to looking at each ';'-separated parameter's name.
     """
-    cdef Py_ssize_t vs = sc.via_s[0], ve = sc.via_e[0], i, ns, ne, j, rp_s = -1, rp_e = -1, hs, he
-    cdef bint received = False, rport_value = False, eq
+    cdef Py_ssize_t vs = sc.via_s[0], ve = sc.via_e[0], i, ns, ne, j, hs, he
+    cdef bint rport_bare = False, rport_value = False, eq
+    # The Via parameter by parameter: a received the sender wrote is left out (ours replaces
+    # it), the first bare rport gets the source port.
+    o = _put(o, <const char*>p + vs, sc.sent_e - vs)
     i = sc.sent_e
     while i < ve:
         ns = i + 1
@@ -202,23 +205,17 @@ cdef char* _stamp_top_via(char* o, const unsigned char* p, Scan* sc, const char*
             while j < ve and p[j] != 59:
                 j += 1
         if eq and _name_is(p + ns, ne - ns, "received", 8):
-            received = True
-        elif _name_is(p + ns, ne - ns, "rport", 5):
-            if eq:
+            pass
+        elif _name_is(p + ns, ne - ns, "rport", 5) and not eq and not rport_bare:
+            rport_bare = True
+            o = _put(o, b";rport=", 7)
+            o += _utoa(o, <unsigned long>port)
+        else:
+            if _name_is(p + ns, ne - ns, "rport", 5):
                 rport_value = True
-            elif rp_s < 0:
-                rp_s = i
-                rp_e = ne
+            o = _put(o, <const char*>p + i, j - i)
         i = j
-    if received:
-        return _put(o, <const char*>p + vs, ve - vs)
-    if rp_s >= 0:
-        o = _put(o, <const char*>p + vs, rp_s - vs)
-        o = _put(o, b";rport=", 7)
-        o += _utoa(o, <unsigned long>port)
-        o = _put(o, <const char*>p + rp_e, ve - rp_e)
-    else:
-        o = _put(o, <const char*>p + vs, ve - vs)
+    if not rport_bare:
         if not rport_value:
             hs = sc.sent_s
             he = sc.sent_e

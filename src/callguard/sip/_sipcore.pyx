@@ -358,12 +358,23 @@ cdef object _tag_of(bytes value, str problem):
     return _dec(s + tag_s, tag_e - tag_s) if tag_s >= 0 else None
 
 
+cdef bint _ctl_quoted(const unsigned char* v, Py_ssize_t n) noexcept:
+    """message._ctl_quoted: whether every control octet follows a backslash (a quoted-pair)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if (v[i] < 32 and v[i] != 9) or v[i] == 127:
+            if i == 0 or v[i - 1] != 92:
+                return False
+    return True
+
+
 cdef void _fill(SipMessage msg, const unsigned char* p, Py_ssize_t bs, Py_ssize_t be) except *:
     cdef _Lines it = _lines(p, bs, be)
     cdef const unsigned char* s
     cdef const unsigned char* v
     cdef const unsigned char* q
     cdef Py_ssize_t n, colon, ne, vs, ve, vn, i, c, a
+    cdef bint ctl
     cdef long long num
     cdef list headers = []
     cdef list vias = []
@@ -372,9 +383,13 @@ cdef void _fill(SipMessage msg, const unsigned char* p, Py_ssize_t bs, Py_ssize_
     while it.next():
         s = it.ls
         n = it.ln
+        ctl = False
         for i in range(n):
-            if s[i] == 13:
-                raise _bad("CR inside a header line")
+            if s[i] < 32 or s[i] == 127:
+                if s[i] == 13:
+                    raise _bad("CR inside a header line")
+                if s[i] != 9:
+                    ctl = True
         q = <const unsigned char*>memchr(s, 58, n) if n > 0 else NULL
         if q == NULL or q == s:
             raise _bad("header line without a name")
@@ -395,6 +410,8 @@ cdef void _fill(SipMessage msg, const unsigned char* p, Py_ssize_t bs, Py_ssize_
             ve -= 1
         v = s + vs
         vn = ve - vs
+        if ctl and not _ctl_quoted(v, vn):
+            raise _bad("control character in a header value")
         name = _name_of(s, ne)
         value = _dec(v, vn)
         headers.append((name, value))

@@ -468,6 +468,8 @@ def _parse(data: bytes, start: int, is_request: bool, datagram: bool) -> SipMess
                 if b not in TOKEN_BYTES:
                     raise _bad("invalid header name")
             value = raw_line[colon + 1:].strip(b" \t")
+            if _CTL.search(value) is not None and not _ctl_quoted(value):
+                raise _bad("control character in a header value")
             headers.append((canonical_name(name.decode("ascii")), value.decode(ENC, ERRS)))
     msg.headers = headers
     _fill(msg, headers)
@@ -486,6 +488,17 @@ def _parse(data: bytes, start: int, is_request: bool, datagram: bool) -> SipMess
     msg.body = data[body_start:end]
     msg.raw = data[start:end]
     return msg
+
+
+# Octets the grammar allows in a header value only as a quoted-pair ("\\" then the octet, inside a
+# quoted string: RFC 3261 §25.1, as RFC 4475's intmeth has them): anywhere else a NUL, BEL or
+# DEL is malformed, and forwarding it hands the trunk a header a C string would cut short.
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _ctl_quoted(value: bytes) -> bool:
+    """Whether every control octet of ``value`` follows a backslash."""
+    return all(m.start() > 0 and value[m.start() - 1] == 0x5C for m in _CTL.finditer(value))
 
 
 def _check_request_uri(uri: str) -> None:

@@ -75,6 +75,7 @@ _SENT_BY_RE = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*[A-Za-z]+\s+([^\s;,]+)", re.
 _BRANCH_RE = re.compile(r";\s*branch\s*=\s*([^;\s,]+)", re.I)
 _CTRL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _RECEIVED_RE = re.compile(r";\s*received\s*=", re.I)
+_RECEIVED_PARAM_RE = re.compile(r";\s*received\s*=\s*[^;\s]*", re.I)
 TICK = 0.02                     # resolution of transaction timers (Timer A, trunk timeout, Timer C)
 K_RETRANS, K_TRUNK, K_TIMER_C = 0, 1, 2    # K_TIMER_C + n: stage n of Timer C
 ROWS_NONE, ROWS_TUPLES, ROWS_PACKED = 0, 1, 2   # FastPath.rows_mode: no call records, tuples, packed rows
@@ -1070,7 +1071,9 @@ class Proxy:
         """RFC 3261 §18.2.1 received and RFC 3581 rport on the caller's top Via."""
         ip, port = addr[0], addr[1]
         if _RECEIVED_RE.search(v):
-            return v
+            # A received the sender wrote is not where it sent from: ours replaces it (§18.2.1
+            # has the server's say what the source was; Kamailio replaces it likewise).
+            v = _RECEIVED_PARAM_RE.sub("", v)
         if _RPORT_RE.search(v):
             return _RPORT_RE.sub(f";rport={port}", v, count=1) + f";received={ip}"
         if ";rport=" in v.replace(" ", "").lower():
