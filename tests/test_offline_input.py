@@ -282,3 +282,30 @@ def test_records_takes_a_relative_time_after_a_space_and_bounds_the_limit(tmp_pa
     assert capsys.readouterr().out == ""
     assert cli.main(["records", "--config", cfg, "--limit", str(1 << 70)]) == 2
     assert "--limit must be from 0 to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("load", _loaders() + [pytest.param(lists.load_blocklist, id="either")])
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path: Path, load: Any) -> None:
+    path = write(tmp_path / "bl.csv", "number,match,source,reason,added,expires,p,number\n"
+                                      "13800138000,exact,regulator,x,,,,13900139000\n")
+    if load is not lists.load_blocklist_py and load is not lists.load_blocklist:
+        assert load(str(path)) is None           # the compiled reader leaves it to the Python one
+        return
+    with pytest.raises(lists.ListError, match="bl.csv:1: header names column.s. number more than once"):
+        load(str(path))
+
+
+def test_a_date_error_names_its_column(tmp_path: Path) -> None:
+    path = write(tmp_path / "bl.csv", BL_HEADER + "13800138000,exact,regulator,x,2026-01-01,2026-02-30,\n")
+    _, problems = lists.load_blocklist(str(path))
+    assert [p.problem for p in problems] == ["expires: not an ISO 8601 date or time: '2026-02-30'"]
+    path = write(tmp_path / "sn.csv", FL_HEADER + "95598,,A,x,true,true,yesterday,\n")
+    _, problems = lists.load_filings(str(path))
+    assert [p.problem for p in problems] == ["valid_from: not an ISO 8601 date or time: 'yesterday'"]
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# nothing here\n"])
+def test_an_empty_config_file_is_refused_not_run_with_no_lists(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError):
+        _load_yaml(tmp_path, text)
+    assert _load_yaml(tmp_path, "{}\n").lists.blocklist is not None       # every default, said so

@@ -2248,9 +2248,9 @@ cdef class BlocklistReader:
         if not line or b'"' in line or b"\r" in line or not line.isascii():
             return None
         names = [h.strip().lower() for h in line.decode("ascii").split(",")]
-        if len(names) > MAX_FIELDS or any(c not in names for c in BLOCKLIST_COLUMNS):
-            return None
-        col = {name: i for i, name in enumerate(names)}     # a repeated name: the last one wins
+        if len(names) > MAX_FIELDS or any(names.count(c) != 1 for c in BLOCKLIST_COLUMNS):
+            return None     # a column missing or named twice: the Python reader says which
+        col = {name: i for i, name in enumerate(names)}
         self.names = names
         self.width = len(names)
         self.c_number = col["number"]

@@ -527,6 +527,9 @@ def load(path: str | os.PathLike[str]) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(file, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        # an empty file (or only comments): a config cut short on its way would run with no lists
+        raise ConfigError(file, "", "no settings in the file (write {} for every default)")
     return from_mapping(data, str(Path(file).resolve()) if file != "<config>" else file)
 
 

@@ -131,6 +131,14 @@ def parse_time(text: str, tz: dt.tzinfo, end_of_day: bool = False) -> float:
         raise ValueError(f"not an ISO 8601 date or time: {text!r}") from None
 
 
+def _time_field(row: dict[str, str], column: str, tz: dt.tzinfo, end_of_day: bool = False) -> float:
+    """parse_time of one column of a list row; the error names the column."""
+    try:
+        return parse_time(row[column], tz, end_of_day)
+    except ValueError as exc:
+        raise ValueError(f"{column}: {exc}") from None
+
+
 def epoch_seconds(text: str) -> float:
     """Epoch seconds from their text; ValueError unless a finite time from 1970 to year 9999."""
     t = float(text)
@@ -174,6 +182,9 @@ def _rows(path: str, required: Iterable[str]) -> Iterator[tuple[int, dict[str, s
         if not_utf8(header):
             raise ListError(path, reader.line_num, "unreadable header: not UTF-8")
         names = [h.strip().lower() for h in header]
+        twice = sorted({c for c in required if names.count(c) > 1})
+        if twice:
+            raise ListError(path, reader.line_num, f"header names column(s) {', '.join(twice)} more than once")
         missing = [c for c in required if c not in names]
         if missing:
             raise ListError(path, reader.line_num,
@@ -273,10 +284,10 @@ def blocklist_row(row: dict[str, str], tz: dt.tzinfo) -> tuple[int, bool, int, i
     if src not in SOURCES:
         raise ValueError(f"source: expected one of {', '.join(SOURCES)}, got {row['source']!r}")
     if row["added"]:
-        parse_time(row["added"], tz)
+        _time_field(row, "added", tz)
     exp = NEVER
     if row["expires"]:
-        exp = int(parse_time(row["expires"], tz, end_of_day=True))
+        exp = int(_time_field(row, "expires", tz, end_of_day=True))
         exp = max(0, min(exp, NEVER - 1))
     prob = P_ABSENT
     if row["p"]:
@@ -388,8 +399,8 @@ def load_filings(path: str, strict: bool = False, tz: dt.tzinfo = dt.UTC) -> tup
             raise ValueError(f"area: expected an area code like 0391, got {area!r}")
         if number.startswith("95"):
             area = ""                      # 95 numbers are national
-        start = parse_time(row["valid_from"], tz) if row["valid_from"] else -math.inf
-        end = parse_time(row["valid_until"], tz, end_of_day=True) if row["valid_until"] else math.inf
+        start = _time_field(row, "valid_from", tz) if row["valid_from"] else -math.inf
+        end = _time_field(row, "valid_until", tz, end_of_day=True) if row["valid_until"] else math.inf
         if end <= start:
             raise ValueError("valid_until: before valid_from")
         ib = _bool(row["inbound"], "inbound")
