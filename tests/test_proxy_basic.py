@@ -414,6 +414,17 @@ def test_control_octets_in_a_header_value_get_400_and_are_not_forwarded(start: A
     assert trunk.silent(0.3, lambda m: is_method("INVITE")(m) and bad.split(":")[0] in m)
 
 
+@pytest.mark.parametrize("uri", ["sip:110;phone-context=+86@127.0.0.1;user=phone", "sip:%3110@127.0.0.1",
+                                 "tel:+86-110", "sip:0391110;isub=1@127.0.0.1;user=phone"])
+def test_an_emergency_callee_with_user_parameters_passes_a_banned_caller(start: Any, peers: Any, uri: str) -> None:
+    caller, trunk = peers(), peers()
+    _, port = start([trunk.port])
+    caller.send(request("INVITE", caller.port, port, caller=BANNED, uri=uri), port)
+    fwd = trunk.recv(match=is_method("INVITE"))
+    trunk.send(answer(fwd, 486, "Busy Here"), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 486
+
+
 def test_hide_reason_omits_the_reason_header(start: Any, peers: Any) -> None:
     caller, trunk = peers(), peers()
     _, port = start([trunk.port], sip={"hide_reason": True, "user_agent": "edge-1"})
