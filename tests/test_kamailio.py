@@ -413,10 +413,11 @@ def test_records_with_outcomes_and_bye_relayed(stack: Stack) -> None:
 class RawUac:
     """A caller on a plain UDP socket: sends exactly the bytes it is told to, retransmissions included."""
 
-    def __init__(self, kport: int) -> None:
+    def __init__(self, kport: int, host: str = "127.0.0.1") -> None:
         self.kport = kport
+        self.host = host
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
 
     def close(self) -> None:
@@ -424,12 +425,12 @@ class RawUac:
 
     def request(self, method: str, ruri: str, caller: str, callee: str, call_id: str, cseq: int, branch: str,
                 to_tag: str = "", routes: tuple[str, ...] = ()) -> bytes:
-        lines = [f"{method} {ruri} SIP/2.0", f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch}",
+        lines = [f"{method} {ruri} SIP/2.0", f"Via: SIP/2.0/UDP {self.host}:{self.port};branch={branch}",
                  f"From: <sip:{caller}@127.0.0.1>;tag=raw{cseq}{call_id[-4:]}",
                  f"To: <sip:{callee}@127.0.0.1:{self.kport}>" + (f";tag={to_tag}" if to_tag else ""),
                  f"Call-ID: {call_id}", f"CSeq: {cseq} {method.replace('ACK', 'ACK')}",
                  *(f"Route: {r}" for r in routes),
-                 f"Contact: <sip:{caller}@127.0.0.1:{self.port}>", "Max-Forwards: 70", "Content-Length: 0", "", ""]
+                 f"Contact: <sip:{caller}@{self.host}:{self.port}>", "Max-Forwards: 70", "Content-Length: 0", "", ""]
         return "\r\n".join(lines).encode()
 
     def send(self, data: bytes) -> None:
@@ -735,3 +736,111 @@ def test_ack_of_a_relayed_failure_is_absorbed(tmp_path: Path) -> None:
         uac.close()
         trunk.close()
         st.close()
+
+
+def test_what_no_verdict_covers_is_never_an_open_relay(tmp_path: Path) -> None:
+    """127.0.0.1 trusted, 127.0.0.2 not.  A field that is not UTF-8 is screened like serve screens it
+    (it failed open, relayed whatever the caller); an INVITE with a To-tag from an untrusted source
+    goes to a trunk only; with the decider down only trusted sources and emergency calls fail open;
+    a CANCEL that matches nothing gets 481."""
+    st = Stack(tmp_path)
+    st.config_text = st.config_text.replace("networks: [127.0.0.0/8]", "networks: [127.0.0.1/32]")
+    st.config.write_text(st.config_text)
+    trunk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    trunk.bind(("127.0.0.1", st.uas_port))
+    elsewhere = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # a loopback target that is no trunk
+    elsewhere.bind(("127.0.0.1", 0))
+    st.start_uas = lambda: None   # type: ignore[method-assign]   # this test is the trunk
+    trusted, untrusted = RawUac(0), RawUac(0, host="127.0.0.2")
+
+    def invites_at(sock: socket.socket, wait: float) -> list[bytes]:
+        got = []
+        sock.settimeout(wait)
+        try:
+            while True:
+                data = sock.recv(65535)
+                if data.startswith(b"INVITE "):
+                    got.append(data)
+                    sock.settimeout(0.2)
+        except TimeoutError:
+            return got
+
+    def final(uac: RawUac, call_id: str, method: str = "INVITE") -> bytes:
+        return [r for r in uac.responses(call_id, method, 1) if status(r) >= 200][0]
+
+    try:
+        st.start()
+        trusted.kport = untrusted.kport = st.kport
+        ruri = f"sip:02150001234@127.0.0.1:{st.kport}"
+        # a banned caller with a byte that is not UTF-8 in its From: screened, 403 banned
+        msg = trusted.request("INVITE", ruri, "13800138000", "02150001234", "nonutf8@test", 1, "z9hG4bKnu1")
+        trusted.send(msg.replace(b"@127.0.0.1>;tag=", b"@127.0.0.1;x=\xff>;tag=", 1))
+        reply = final(trusted, "nonutf8@test")
+        assert status(reply) == 403 and "banned" in header_values(reply, "Reason")[0]
+        # an INVITE with a To-tag from the untrusted source, to a loopback port that is no trunk
+        target = f"sip:02150001234@127.0.0.1:{elsewhere.getsockname()[1]}"
+        untrusted.send(untrusted.request("INVITE", target, "13912340001", "02150001234", "totag@test", 1,
+                                         "z9hG4bKtt1", to_tag="forged"))
+        assert status(final(untrusted, "totag@test")) == 403
+        untrusted.send(untrusted.request("INVITE", target, "13912340001", "02150001234", "route@test", 1,
+                                         "z9hG4bKtt2", to_tag="forged", routes=(f"<sip:127.0.0.1:{st.kport};lr>",)))
+        assert status(final(untrusted, "route@test")) == 403
+        # a CANCEL of nothing
+        trusted.send(trusted.request("CANCEL", ruri, "13912340002", "02150001234", "cancel@test", 1, "z9hG4bKc1"))
+        assert status(final(trusted, "cancel@test", "CANCEL")) == 481
+        # the decider down: untrusted refused, untrusted emergency and trusted relayed
+        stop(st.decider)
+        untrusted.send(untrusted.request("INVITE", ruri, "13912340003", "02150001234", "down1@test", 1, "z9hG4bKd1"))
+        refused = final(untrusted, "down1@test")
+        assert status(refused) == 403 and "untrusted_source" in header_values(refused, "Reason")[0]
+        untrusted.send(untrusted.request("INVITE", f"sip:110@127.0.0.1:{st.kport}", "13912340003", "110",
+                                         "down2@test", 1, "z9hG4bKd2"))
+        trusted.send(trusted.request("INVITE", ruri, "13912340004", "02150001234", "down3@test", 1, "z9hG4bKd3"))
+        relayed = invites_at(trunk, 10)
+        deadline = time.monotonic() + 10
+        while len(relayed) < 2 and time.monotonic() < deadline:
+            relayed += invites_at(trunk, 1)
+        ids = sorted(header_values(r, "Call-ID")[0] for r in relayed)
+        assert ids == ["down2@test", "down3@test"], ids
+        assert invites_at(elsewhere, 0.3) == []
+        assert not any(b"nonutf8@test" in r or b"totag@test" in r for r in relayed)
+    finally:
+        trusted.close()
+        untrusted.close()
+        trunk.close()
+        elsewhere.close()
+        st.close()
+
+
+def test_long_fields_stay_apart_and_a_reused_transaction_key_is_screened(tmp_path: Path) -> None:
+    """Fields past the wire's 4 KiB keep a digest of the whole: INVITEs whose Call-IDs share their
+    first 4 KiB are different calls (each counted, each recorded).  And a cached verdict answers
+    only the very same request: another caller reusing an allowed call's Call-ID, CSeq and branch
+    is screened (Kamailio's transaction is gone after a few seconds, the decider's cache is not)."""
+    st = Stack(tmp_path, per_minute=2)   # only for its config; nothing is started
+    a, b = "L" * 5000 + "-a", "L" * 5000 + "-b"
+    raw_a = proto.encode_check(1, proto.CheckRequest("13912340001", "02150001234", "127.0.0.1", "", a + "|1|z", a))
+    raw_b = proto.encode_check(2, proto.CheckRequest("13912340001", "02150001234", "127.0.0.1", "", b + "|1|z", b))
+    got_a, got_b = proto.decode_check(raw_a), proto.decode_check(raw_b)
+    assert got_a.call_id != got_b.call_id and got_a.txkey != got_b.txkey
+    assert len(got_a.call_id.encode()) == proto.MAX_FIELD and got_a.call_id.startswith("L" * 4000)
+    decider = Decider(str(st.config), background_reload=False)
+    try:
+        now = time.time()
+        codes = [decider.decide(proto.CheckRequest("13912340001", "02150001234", "127.0.0.1", "",
+                                                   proto.decode_check(proto.encode_check(
+                                                       i, proto.CheckRequest("x", "y", "z", "", f"{a}{i}|1|z",
+                                                                             f"{a}{i}"))).txkey, f"{a}{i}"),
+                                 now).code for i in range(4)]
+        assert codes == [0, 0, 603, 603]        # per_minute 2: the third is over, none taken for a retransmission
+        key = "reused@x|1|z9hG4bKreused"
+        assert decider.decide(proto.CheckRequest("13912349999", "02150001234", "127.0.0.1", "", key, "reused@x"),
+                              now).code == 0
+        banned = decider.decide(proto.CheckRequest("13800138000", "02150001234", "127.0.0.1", "", key, "reused@x"),
+                                now)
+        assert (banned.code, banned.rule) == (403, "banned")
+        again = decider.decide(proto.CheckRequest("13912349999", "02150001234", "127.0.0.1", "", key, "reused@x"),
+                               now)
+        assert again.code == 0 and decider.stats["retransmissions"] == 1     # the same request: its verdict
+    finally:
+        decider.close()

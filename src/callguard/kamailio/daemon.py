@@ -110,7 +110,7 @@ class Decider:
         self._lock = threading.Lock()
         # txkey -> (expires, *verdict fields): a plain tuple of strings and numbers, which the
         # cyclic GC stops tracking, so 200k remembered transactions cost full collections nothing.
-        self._tx: dict[str, tuple[Any, ...]] = {}
+        self._tx: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self.records = records
         # Calls let through, by Call-ID: waiting for the final response (expires, caller, source),
         # then answered and waiting for the BYE (expires, caller, source, answered_at).  Each dict
@@ -135,8 +135,12 @@ class Decider:
         Call :meth:`poll` before (the server does between datagrams) to pick up reloads.
         """
         tx = self._tx
-        if req.txkey:
-            hit = tx.get(req.txkey)
+        # A retransmission repeats the whole request: the transaction key alone (Call-ID, CSeq,
+        # branch) let a banned caller reuse an allowed call's key once Kamailio's transaction had
+        # gone, and be answered with its verdict, uncounted.
+        txkey = (req.txkey, req.source, req.caller, req.callee, req.identity) if req.txkey else None
+        if txkey is not None:
+            hit = tx.get(txkey)
             if hit is not None and hit[0] > now:
                 self.stats["retransmissions"] += 1
                 return CheckReply(*hit[1:])
@@ -170,8 +174,8 @@ class Decider:
             reply = CheckReply(0, "allow", proto.FLAG_FAILED_OPEN, 0.0, "internal fault: failed open",
                                self.guard.config.trunks[0].address)
         latency_us = int((time.perf_counter() - t0) * 1e6)
-        if req.txkey:
-            self._remember(req.txkey, reply, now)
+        if txkey is not None:
+            self._remember(txkey, reply, now)
         call_id = req.call_id
         if self.records is not None:
             # A row in RECORD_FIELDS order: cheaper to build here and to turn into insert parameters
@@ -250,7 +254,7 @@ class Decider:
         if self.records is not None:
             self.records.close()
 
-    def _remember(self, txkey: str, reply: CheckReply, now: float) -> None:
+    def _remember(self, txkey: tuple[str, ...], reply: CheckReply, now: float) -> None:
         tx = self._tx
         # Entries are inserted in time order with one TTL, so the oldest are at the front.
         while tx:

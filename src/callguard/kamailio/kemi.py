@@ -25,12 +25,16 @@ counted in :attr:`CallguardKemi.faults` and logged with ``KSR.err``.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from .. import config as config_mod
-from ..config import Config
+from ..config import Config, parse_address
+from ..numbers import HIDDEN
+from ..numbers import normalize as normalize_number
+from ..settings import compile_settings, resolve_source
 from .client import DeciderClient, DeciderUnavailable
 from .protocol import (
     FLAG_FAILED_OPEN,
@@ -109,6 +113,19 @@ def _phrase(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+def _trunk_addresses(cfg: Config) -> frozenset[tuple[str, int]]:
+    """The trunks' (host, port), the hosts as configured and as resolved once at start."""
+    out: set[tuple[str, int]] = set()
+    for t in cfg.trunks:
+        _, host, port = parse_address(t.address)
+        out.add((host, port))
+        try:
+            out.update((str(a[4][0]), port) for a in socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM))
+        except OSError:
+            pass    # a name that does not resolve now: compared as written
+    return frozenset(out)
+
+
 class CallguardKemi:
     """The routing class ``mod_init`` hands to Kamailio.
 
@@ -129,6 +146,13 @@ class CallguardKemi:
         else:
             self.decider = LocalDecider(settings.config)
         self.record_route = self.config.sip.record_route if settings.record_route is None else settings.record_route
+        # What this worker decides on its own when no verdict comes (the decider down, a fault):
+        # only a trusted source or an emergency call fails open, never an open relay (as serve).
+        self._sources = compile_settings(self.config)
+        self._emergency = frozenset(self.config.emergency_numbers)
+        self._trunk_addresses = _trunk_addresses(self.config)
+        self._trunk_hosts = frozenset(host for host, _ in self._trunk_addresses)   # sources: any port
+        self._trust: dict[str, int] = {}
         self.faults = 0
         self.decisions = 0
         self.outcomes_lost = 0
@@ -180,7 +204,7 @@ class CallguardKemi:
         try:
             code = self._get("$rs")
             if code is not None and 200 <= int(code) < 300:
-                self._report(OUTCOME_ANSWERED, int(code), self._gete("$ci"))
+                self._report(OUTCOME_ANSWERED, int(code), self._text("$ci"))
         except Exception as exc:  # noqa: BLE001 - nothing may escape into Kamailio
             self._fault("onreply_route", exc)
         return 1
@@ -193,7 +217,7 @@ class CallguardKemi:
         """The INVITE relayed after a verdict ended negatively (trunk's reply or tm's timeout); tm relays it."""
         try:
             code = self._get("$T_reply_code")
-            self._report(OUTCOME_FAILED, int(code) if code is not None else 0, self._gete("$ci"))
+            self._report(OUTCOME_FAILED, int(code) if code is not None else 0, self._text("$ci"))
         except Exception as exc:  # noqa: BLE001 - nothing may escape into Kamailio
             self._fault("failure_route", exc)
         return 1
@@ -217,6 +241,8 @@ class CallguardKemi:
         if method == "CANCEL":
             if self._t_check_trans() > 0:
                 self._t_relay()
+            else:
+                self._sl_send_reply(481, "Call/Transaction Does Not Exist")   # RFC 3261 §9.2
             return
         if self._has_totag() > 0:
             self._in_dialog(method)
@@ -234,17 +260,26 @@ class CallguardKemi:
 
     def _in_dialog(self, method: str) -> None:
         K = self.K
-        if method == "BYE":
-            # Reported before relaying, whichever side hangs up; a retransmitted BYE changes nothing.
-            self._report(OUTCOME_ENDED, 0, self._gete("$ci"))
+        # In-dialog requests are not screened: from a source that is neither trusted nor a trunk
+        # (the caller of an emergency call) they go to a trunk only, as serve relays them.  Without
+        # this, an INVITE with any To-tag was relayed unscreened to whatever its Request-URI or
+        # Route named, from anywhere.
+        source = self._text("$si")
+        vouched = self._source_index(source) >= 0 or source in self._trunk_hosts
         if K.rr.loose_route() > 0:
+            if not vouched and not self._toward_trunk():
+                self._refuse_relay()
+                return
+            if method == "BYE":
+                # Reported before relaying, whichever side hangs up; a retransmitted BYE changes nothing.
+                self._report(OUTCOME_ENDED, 0, self._text("$ci"))
             self._t_relay()
             return
         if method == "ACK":
             found = self._t_check_trans()
             if found > 0:
-                self._t_relay()
-            elif found < 0 and not K.is_myself_ruri():
+                self._t_relay()   # the ACK of a transaction this proxy relayed
+            elif found < 0 and not K.is_myself_ruri() and (vouched or self._toward_trunk()):
                 K.forward()   # ACK for a 2xx sent to the callee's Contact: end to end, stateless
             # found == 0: the ACK of a negative final response tm relayed, absorbed by tm (hop by hop).
             # An ACK addressed to this proxy without a route set goes nowhere: forwarding it would
@@ -254,22 +289,28 @@ class CallguardKemi:
             # Without Record-Route the peer should have sent this to the Contact; follow the
             # request URI's callee to the trunk so the dialog still ends cleanly.
             self._setdsturi(trunk_uri(pick_trunk(self.config, "")))
+        elif not vouched and not self._toward_trunk():
+            self._refuse_relay()
+            return
+        if method == "BYE":
+            self._report(OUTCOME_ENDED, 0, self._text("$ci"))
         if self._t_relay() < 0:
             K.sl.sl_reply_error()
 
     def _screen(self) -> None:
-        gete = self._gete
-        call_id = gete("$ci")
-        req = CheckRequest(gete("$fu"), gete("$ru"), gete("$si"), gete("$ai"),
-                           f'{call_id}|{gete("$cs")}|{gete("$via0(branch)")}', call_id)
+        text = self._text
+        call_id = text("$ci")
+        req = CheckRequest(text("$fu"), text("$ru"), text("$si"), text("$ai"),
+                           f'{call_id}|{text("$cs")}|{text("$via0(branch)")}', call_id)
         try:
             reply = self.decider.check(req)
         except DeciderUnavailable as exc:
             if not self._decider_down:
                 self._decider_down = True
-                self.K.err(f"callguard: decider unavailable, calls fail open: {exc}\n")
+                self.K.err(f"callguard: decider unavailable, calls from trusted sources and emergency calls "
+                           f"fail open: {exc}\n")
             self._fault("decider", exc, log=False)
-            self._relay(self._fallback_trunk(req), track=False)
+            self._fail_open(req.source, req.callee, self._fallback_trunk(req))
             return
         if self._decider_down:
             self._decider_down = False
@@ -330,13 +371,60 @@ class CallguardKemi:
         return pick_trunk(self.config, user)
 
     def _relay_fail_open(self) -> None:
-        """After an unexpected fault: relay an initial INVITE to the default trunk; never raise."""
+        """After an unexpected fault: an initial INVITE fails open (see _fail_open); never raise."""
         try:
             K = self.K
             if K.pv.gete("$rm") == "INVITE" and K.siputils.has_totag() < 0:
-                self._relay(pick_trunk(self.config, ""), track=False)
+                self._fail_open(self._text("$si"), self._text("$ru"), pick_trunk(self.config, ""))
         except Exception as exc:  # noqa: BLE001 - the last line of defence: count, log, stop
             self._fault("fail_open_relay", exc)
+
+    def _fail_open(self, source: str, callee: str, trunk: str) -> None:
+        """No verdict: relay an emergency call or one from a trusted source; refuse the rest as
+        ``untrusted_source`` would (that rule needs no lists, no counts: the worker can say it)."""
+        number = normalize_number(callee)
+        if (number.kind != HIDDEN and number.digits in self._emergency) or self._source_index(source) >= 0:
+            self._relay(trunk, track=False)
+            return
+        rule = self.config.rules["untrusted_source"]
+        key = (rule.code, "untrusted_source", rule.reason, FLAG_HIDE_REASON if self.config.sip.hide_reason else 0)
+        header, phrase = self._replies.get(key) or self._reply_texts(*key)
+        if header:
+            self._append_to_reply(header)
+        self._sl_send_reply(rule.code, phrase)
+
+    def _source_index(self, source: str) -> int:
+        """resolve_source of the worker's config (-1: untrusted), cached until the worker restarts."""
+        idx = self._trust.get(source)
+        if idx is None:
+            idx = resolve_source(self._sources, source)
+            if len(self._trust) > 4096:
+                self._trust.clear()
+            self._trust[source] = idx
+        return idx
+
+    def _toward_trunk(self) -> bool:
+        """Whether the request goes to a trunk (its destination URI, else its Request-URI)."""
+        host, port = (self._text("$dd"), self._text("$dp")) if self._text("$du") else \
+            (self._text("$rd"), self._text("$rp"))
+        try:
+            number = int(port) if port else 5060
+        except ValueError:
+            return False
+        return (host.strip("[]"), number) in self._trunk_addresses
+
+    def _refuse_relay(self) -> None:
+        self._sl_send_reply(403, "Forbidden - not a dialog of this source")
+
+    def _text(self, spec: str) -> str:
+        """A pseudo-variable as text.  app_python3 raises UnicodeDecodeError for one that is not
+        UTF-8, which failed the call open whatever its caller: then read it hex-encoded and keep
+        the bytes as surrogates, as serve's parser does."""
+        try:
+            return str(self._gete(spec))
+        except UnicodeDecodeError:
+            raw = self._gete(f"$({spec[1:]}{{s.encode.hexa}})")
+            return bytes.fromhex(str(raw)).decode("utf-8", "surrogateescape")
 
     def _fault(self, where: str, exc: BaseException, log: bool = True) -> None:
         """Count a fault; log it at most once per FAULT_LOG_INTERVAL (the count tells how many).

@@ -24,6 +24,7 @@ A typical CHECK is about 100 bytes each way; an OUTCOME about 40.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from typing import Any, NamedTuple
@@ -54,7 +55,7 @@ _VERDICT = struct.Struct("<HBBf")
 _OUTCOME = struct.Struct("<BHd")
 HEADER_SIZE = _HEADER.size
 MAX_DATAGRAM = 65507
-MAX_FIELD = 4096   # longer fields are cut: a SIP URI longer than this is garbage anyway
+MAX_FIELD = 4096   # longer fields are cut (and end in a digest of the whole, see _fit)
 
 
 class ProtocolError(ValueError):
@@ -83,8 +84,19 @@ class CheckReply(NamedTuple):
     trunk: str
 
 
+def _fit(text: str) -> bytes:
+    """A field as sent: UTF-8, at most MAX_FIELD bytes.  A longer one keeps its start and ends in
+    a digest of the whole, so two fields that differ past the cut stay different: cut bare, the
+    Call-IDs of a flood sharing their first 4 KiB were one transaction to the decider (its later
+    INVITEs taken for retransmissions, uncounted, and one call record for all)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_FIELD:
+        return raw
+    return raw[:MAX_FIELD - 41] + b"#" + hashlib.sha1(raw).hexdigest().encode()
+
+
 def _pack_str(text: str) -> bytes:
-    raw = text.encode("utf-8", "surrogatepass")[:MAX_FIELD]
+    raw = _fit(text)
     return _STR.pack(len(raw)) + raw
 
 
@@ -138,7 +150,7 @@ def encode_check(request_id: int, req: CheckRequest, version: int = VERSION) -> 
     fields = req if version >= 2 else req[:5]
     parts = [_HEADER.pack(MAGIC, version, OP_CHECK, request_id & 0xFFFFFFFF)]
     for text in fields:
-        raw = text.encode("utf-8", "surrogatepass")[:MAX_FIELD]
+        raw = _fit(text)
         parts.append(_STR.pack(len(raw)))
         parts.append(raw)
     return b"".join(parts)
@@ -184,8 +196,8 @@ def rule_index(rule: str) -> int:
 
 def encode_reply_body(code: int, rule: str, flags: int, score: float, reason: str, trunk: str) -> bytes:
     """A CHECK reply without its header (the decider caches it for retransmissions)."""
-    r = reason.encode("utf-8", "surrogatepass")[:MAX_FIELD]
-    t = trunk.encode("utf-8", "surrogatepass")[:MAX_FIELD]
+    r = _fit(reason)
+    t = _fit(trunk)
     return b"".join((_VERDICT.pack(code, _RULE_INDEX.get(rule, _ALLOW_INDEX), flags, score),
                      _STR.pack(len(r)), r, _STR.pack(len(t)), t))
 

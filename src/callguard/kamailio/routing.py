@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from functools import lru_cache
 
 from ..config import Config, parse_address
+from ..settings import compile_settings, resolve_source
 
 
 def pick_trunk(cfg: Config, callee_digits: str) -> str:
@@ -41,23 +41,17 @@ class IdentityPolicy:
     """Which number is the caller: From, or P-Asserted-Identity from a source that is trusted for it."""
 
     def __init__(self, cfg: Config) -> None:
-        self._nets = [(ipaddress.ip_network(n, strict=False), s.trust_identity)
-                      for s in cfg.sources for n in s.networks]
+        self._cfg = cfg
+        self._settings = compile_settings(cfg)
         self._cache: dict[str, bool] = {}
 
     def trusts(self, source: str) -> bool:
-        """True when the source's network trusts P-Asserted-Identity."""
+        """True when the source trusts P-Asserted-Identity: the source the core finds (the same
+        resolve_source, so an IPv4-mapped, bracketed or zoned address is the same source)."""
         hit = self._cache.get(source)
         if hit is None:
-            hit = False
-            try:
-                ip = ipaddress.ip_address(source)
-                for net, trust in self._nets:
-                    if ip.version == net.version and ip in net:
-                        hit = trust
-                        break
-            except ValueError:
-                hit = False
+            idx = resolve_source(self._settings, source)
+            hit = idx >= 0 and self._cfg.sources[idx].trust_identity
             if len(self._cache) > 4096:
                 self._cache.clear()
             self._cache[source] = hit
