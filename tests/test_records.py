@@ -1183,3 +1183,54 @@ def test_rows_packed_elsewhere_are_stored_as_add_many_stores_them(impl: str, tmp
         s.close()
         s.add_packed(buf.packed(), buf.rows, buf.tmin, buf.tmax, buf.odd)     # closed: counted as lost
         assert s.dropped == 2
+
+
+def test_a_full_store_drops_whole_batches_counted_and_logs_a_line_not_one_per_record(tmp_path: Path,
+                                                                                      impl: str) -> None:
+    """SQLITE_FULL (here the file may not grow: max_page_count) fails the store, not a row: the batch
+    is dropped and counted at once, with one error line, instead of halving it down to single rows
+    (about 2N transactions and one line per record); writing resumes once there is room."""
+    s = RecordStore(str(tmp_path / "records.sqlite3"), flush_interval=0.05)
+    try:
+        s.add_many([tuple(make_record(i, T0 + i)[f] for f in RECORD_FIELDS) for i in range(10)])
+        s.flush(timeout=30)
+        assert s.written == 10
+        pages = s._wconn.execute("PRAGMA page_count").fetchone()[0]
+        s._wconn.execute(f"PRAGMA max_page_count = {pages}")
+        rows = [tuple(make_record(i, T0 + i)[f] for f in RECORD_FIELDS) for i in range(10, 5010)]
+        with capture_logs() as logs:
+            for k in range(0, len(rows), 500):
+                s.add_many(rows[k:k + 500])
+            s.flush(timeout=30)
+        assert s.written == 10 and s.dropped == 5000
+        failed = [e for e in logs if e["event"] == "records_write_failed"]
+        assert 1 <= len(failed) <= 2, len(failed)
+        s._wconn.execute("PRAGMA max_page_count = 1073741823")
+        s.add_many(rows[:5])
+        s.flush(timeout=30)
+        assert s.written == 15
+    finally:
+        s.close()
+
+
+def test_records_that_cannot_be_opened_are_counted_as_dropped(tmp_path: Path) -> None:
+    """records.path a directory (or a corrupt file): calls flow and every decision's record is
+    counted in callguard_records_dropped_total and logged, not lost with the counter at 0."""
+    from callguard import config as config_mod
+    from callguard.metrics import Metrics
+    from callguard.sip.proxy import UnwrittenRecords
+    from callguard.sip.server import _open_records
+
+    (tmp_path / "junk.sqlite3").write_bytes(os.urandom(5000))
+    for path in (tmp_path, tmp_path / "junk.sqlite3"):
+        cfg = config_mod.from_mapping({"records": {"enabled": True, "path": str(path)}, "metrics": {"enabled": True}})
+        m = Metrics()
+        with capture_logs() as logs:
+            rec = _open_records(cfg, records_mod._log(), m)
+            assert isinstance(rec, UnwrittenRecords)
+            rec.add_packed(b"", 7, T0, T0, False)
+            rec.add_many([("x",) * len(RECORD_FIELDS)] * 2)
+            rec.add({"time": T0})
+        assert m.registry.get_sample_value("callguard_records_dropped_total") == 10
+        assert [e["event"] for e in logs] == ["records_failed", "records_dropping"]
+        assert rec.packs_rows      # the fast path hands its rows over (ROWS_PACKED), so they are counted

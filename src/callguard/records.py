@@ -429,6 +429,7 @@ class RecordStore:
         self.written = 0
         self._dropped_full = 0      # incremented by add()/outcome() callers only
         self._dropped_failed = 0    # incremented by the writer thread only
+        self._store_error_logged: float | None = None   # when a store-wide write error was last logged
         self._dropped_reported = 0
         self._dropping = False
         self._closed = False
@@ -756,6 +757,17 @@ class RecordStore:
                 # Every column is NOT NULL: a None in a row (add_many) fails the batch instead of
                 # costing a check per row on every batch; store it with the column default.
                 self._write([_defaults_filled(row) if _has_none(row) else row for row in inserts], updates, packable)
+                return
+            if _store_wide(exc):
+                # The store itself failed (a full disk, an I/O error, a read-only or corrupt file):
+                # no half of the batch would fare better.  Halving down to single rows cost ~2N
+                # transactions and one error line per record (tens of thousands a second).
+                self._dropped_failed += len(inserts) + len(updates)
+                now = time.monotonic()
+                if self._store_error_logged is None or now - self._store_error_logged >= STORE_ERROR_LOG_INTERVAL:
+                    self._store_error_logged = now
+                    _log().error("records_write_failed", path=self.path, error=str(exc), records=len(inserts),
+                                 outcomes=len(updates), dropped=self.dropped)
                 return
             if len(inserts) + len(updates) > 1:
                 # One bad record must not cost the whole batch: retry each half (the outcomes
@@ -1412,6 +1424,17 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
 
 MAX_LIMIT = (1 << 63) - 1     # SQLite's largest integer
+
+
+# SQLite primary result codes of a failure of the store rather than of a row: BUSY, LOCKED, NOMEM,
+# READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
+_STORE_ERRORS = frozenset((5, 6, 7, 8, 10, 11, 13, 14, 15, 26))
+STORE_ERROR_LOG_INTERVAL = 10.0     # seconds between records_write_failed lines of a store-wide error
+
+
+def _store_wide(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in _STORE_ERRORS
 
 
 def parse_time(text: str, now: float | None = None, tz: dt.tzinfo = dt.UTC, end_of_day: bool = False) -> float:

@@ -300,6 +300,50 @@ class NullRecords:
     def close(self) -> None: ...
 
 
+class UnwrittenRecords:
+    """Stand-in when call records are on but the store could not be opened (a corrupt file, a
+    directory, no permission): every record is counted as dropped (``callguard_records_dropped_total``)
+    and logged (``records_dropping``, then at most once a minute with the count), instead of the
+    decisions vanishing with the dropped counter at 0."""
+
+    packs_rows = True       # the fast path packs its rows as for a store: the count is the point
+    LOG_INTERVAL = 60.0
+
+    def __init__(self, path: str, error: str, metrics: Any, log: Any) -> None:
+        self.path = path
+        self.error = error
+        self.metrics = metrics
+        self.log = log
+        self.dropped = 0
+        self._logged_at: float | None = None
+
+    def _drop(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.dropped += n
+        self.metrics.record_dropped(n)
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= self.LOG_INTERVAL:
+            self._logged_at = now
+            if self.log is not None:
+                self.log.error("records_dropping", path=self.path, error=self.error, dropped=self.dropped,
+                               reason="the records store could not be opened")
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._drop(1)
+
+    def add_many(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        self._drop(len(rows))
+
+    def add_packed(self, data: bytes, rows: int, tmin: float, tmax: float, odd: bool) -> None:
+        self._drop(rows)
+
+    def outcome(self, call_id: str, final_code: int | None = None, answered_at: float | None = None,
+                ended_at: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
 # ---------------------------------------------------------------- state objects
 class TrunkState:
     """A trunk and its health."""

@@ -24,7 +24,7 @@ from ..errors import CallguardError, ConfigError, SipError
 from ..log import QueuedStream, get_logger
 from ..log import configure as configure_logging
 from ..state import rebuild_rate_state, restore_snapshot, write_snapshot
-from .proxy import NullMetrics, NullRecords, Proxy, frame_stream
+from .proxy import NullMetrics, NullRecords, Proxy, UnwrittenRecords, frame_stream
 from .transport import TcpManager, open_tcp, open_udp
 
 EXIT_OK = 0
@@ -69,8 +69,8 @@ def _open_records(cfg: Config, log: Any, metrics: Any) -> Any:
     try:
         from ..records import RecordStore
     except ImportError as exc:
-        log.warning("records_unavailable", error=str(exc))
-        return NullRecords()
+        log.error("records_unavailable", error=str(exc))
+        return UnwrittenRecords(cfg.records.path, str(exc), metrics, log)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.records.path)), exist_ok=True)
         # One writer transaction per second: each costs a WAL append, a commit and the catalog
@@ -80,7 +80,7 @@ def _open_records(cfg: Config, log: Any, metrics: Any) -> Any:
                            on_written=metrics.record_written, on_dropped=metrics.record_dropped)
     except Exception as exc:  # noqa: BLE001 - calls keep flowing without records; said loudly
         log.error("records_failed", path=cfg.records.path, error=str(exc))
-        return NullRecords()
+        return UnwrittenRecords(cfg.records.path, str(exc), metrics, log)
 
 
 def _open_metrics(cfg: Config, log: Any) -> Any:
