@@ -844,3 +844,39 @@ def test_long_fields_stay_apart_and_a_reused_transaction_key_is_screened(tmp_pat
         assert again.code == 0 and decider.stats["retransmissions"] == 1     # the same request: its verdict
     finally:
         decider.close()
+
+
+def test_the_decider_does_not_reload_a_list_still_being_written(tmp_path: Path) -> None:
+    """The file watcher reloads a changed list only once it has stayed as it is for a watch interval
+    and its last line is finished: it swapped in a blocklist caught half written, bans lost."""
+    st = Stack(tmp_path)   # only for its config; nothing is started
+    decider = Decider(str(st.config), background_reload=True)
+
+    def settle(now: float) -> float:
+        for _ in range(4):
+            now += 1.1
+            decider.poll(now)
+            if decider._loading is not None:
+                decider._loading.join(30)
+            decider.poll(now)
+        return now
+
+    def rule(caller: str, now: float) -> str:
+        return decider.decide(proto.CheckRequest(caller, "02150001234", "127.0.0.1", "", "", ""), now).rule
+
+    try:
+        now = time.time()
+        assert rule("13800138000", now) == "banned"
+        full = st.blocklist.read_text()
+        generation = decider.generation
+        st.blocklist.write_text(full + "13700137001,exact,regulator,new ban,,,,\n13700137002,exact,regu")
+        now = settle(now)
+        assert decider.generation == generation                 # not swapped in: still being written
+        assert rule("13800138000", now) == "banned"
+        with open(st.blocklist, "a") as f:
+            f.write("lator,new ban,,,,\n")
+        now = settle(now)
+        assert decider.generation == generation + 1
+        assert [rule(n, now) for n in ("13800138000", "13700137001", "13700137002")] == ["banned"] * 3
+    finally:
+        decider.close()

@@ -1151,6 +1151,64 @@ def test_sighup_during_a_reload_reads_the_files_again_after_it(start: Any, peers
     assert status(resp) == 403 and first_line(resp) == "SIP/2.0 403 second"
 
 
+def test_a_reload_waits_for_a_list_still_being_written(start: Any, peers: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocklist written in place, SIGHUP in the middle: the reload sees a last line without its
+    end, waits, and loads the finished file; it swapped the half file in, bans lost, before."""
+    from callguard.sip import server as server_mod
+
+    caller, trunk = peers(), peers()
+    ip, port = start([trunk.port])
+    blocklist = Path(ip.server.cfg.lists.blocklist)
+    unfinished_seen = threading.Event()
+    real_unfinished = server_mod._unfinished
+
+    def unfinished(path: str) -> bool:
+        r = real_unfinished(path)
+        if r:
+            unfinished_seen.set()
+        return r
+
+    monkeypatch.setattr(server_mod, "_unfinished", unfinished)
+    text = BLOCKLIST + "13700137001,exact,regulator,new ban,,,,\n13700137002,exact,regul"
+    blocklist.write_text(text)
+    ip.call(ip.server._on_hup)
+    assert unfinished_seen.wait(10)
+    with open(blocklist, "a") as f:
+        f.write("ator,new ban,,,,\n")
+    wait_until(lambda: not ip.call(lambda: ip.server.reloading), 15, "the reload to finish")
+    for number in (BANNED, "13700137001", "13700137002"):
+        caller.send(request("INVITE", caller.port, port, caller=number), port)
+        assert status(caller.recv(match=lambda m: status(m) >= 200)) == 403, number
+
+
+def test_a_reload_that_fails_changes_nothing(start: Any, peers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new config's trunk name does not resolve: reload_failed, and the old lists, rules and
+    trunks all stay (the guard and rules were swapped before the lookup failed)."""
+    caller, trunk = peers(), peers()
+    ip, port = start([trunk.port])
+    path = Path(ip.server.config_path)
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "trunk.unresolvable.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["trunks"] = [{"name": "t", "address": "udp:trunk.unresolvable.test:5060"}]
+    data["rules"] = {"banned": {"mode": "shadow"}}
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    before = ip.call(lambda: (ip.server.proxy.guard, ip.server.proxy.cfg, list(ip.server.proxy.trunks)))
+    ip.call(ip.server._on_hup)
+    wait_until(lambda: not ip.call(lambda: ip.server.reloading), 10, "the reload to finish")
+    after = ip.call(lambda: (ip.server.proxy.guard, ip.server.proxy.cfg, list(ip.server.proxy.trunks)))
+    assert after[0] is before[0] and after[1] is before[1] and after[2] == before[2]
+    caller.send(request("INVITE", caller.port, port, caller=BANNED), port)
+    assert status(caller.recv(match=lambda m: status(m) >= 200)) == 403
+
+
 def test_records_and_outcomes(start: Any, peers: Any, tmp_path: Path) -> None:
     from callguard.records import RecordStore
 

@@ -494,6 +494,20 @@ def load_lists(blocklist: str, service_numbers: str, allowlist: str, extra_allow
     return Lists(bl, fl, make_allowlist(keys, prefix, reasons), problems)
 
 
+def unfinished_file(path: str) -> bool:
+    """Whether the file has content whose last line has no line end: most likely a writer is not
+    done with it (reloads wait for the rest; a list is best renamed into place)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False    # the load says what is wrong with it
+
+
 def file_stamp(*paths: str) -> tuple[tuple[str, float, int], ...]:
     """(path, mtime, size) of each list file: cheap change detection for reloads."""
     out = []

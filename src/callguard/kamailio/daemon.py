@@ -43,7 +43,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..errors import CallguardError
 from ..guard import Guard, load_lists
-from ..lists import Lists
+from ..lists import Lists, unfinished_file
 from ..log import QueuedStream, get_logger
 from ..log import configure as configure_logging
 from ..osthread import set_os_thread_name
@@ -63,6 +63,7 @@ log = _get_log()
 TX_TTL = 32.0            # seconds a transaction's verdict is kept for its retransmissions (64*T1)
 TX_MAX = 200_000         # bound on remembered transactions (a flood must not grow memory without end)
 WATCH_INTERVAL = 1.0     # seconds between checks of the config and list files' mtimes
+RELOAD_TRIES = 5         # reads of lists that keep changing before a reload gives up
 SOCKET_BUFFER = 4 * 1024 * 1024
 PENDING_TTL = 300.0      # seconds a let-through call waits for its final response (tm's fr_inv_timer is 60)
 DIALOG_LINGER = 12 * 3600.0   # answered calls whose BYE never came are forgotten after this (as serve)
@@ -71,15 +72,21 @@ RECORDS_FLUSH_INTERVAL = 1.0   # seconds between two writes of the call records
 CLOCK_SKEW = 300.0       # a worker's timestamp further than this from ours is replaced by ours
 
 
-def _mtimes(cfg: Config, config_path: str) -> tuple[float, ...]:
-    """Modification times of the config file and every list file it names (0 for a missing file)."""
+def _mtimes(cfg: Config, config_path: str) -> tuple[tuple[float, int], ...]:
+    """(mtime, size) of the config file and every list file it names ((0, 0) unnamed, -1 missing)."""
     out = []
     for path in (config_path, cfg.lists.blocklist, cfg.lists.service_numbers, cfg.lists.allowlist):
         try:
-            out.append(os.stat(path).st_mtime if path else 0.0)
+            st = os.stat(path) if path else None
+            out.append((st.st_mtime, st.st_size) if st is not None else (0.0, 0))
         except OSError:
-            out.append(-1.0)
+            out.append((-1.0, -1))
     return tuple(out)
+
+
+def _lists_unfinished(cfg: Config) -> bool:
+    return any(unfinished_file(p) for p in (cfg.lists.blocklist, cfg.lists.service_numbers, cfg.lists.allowlist)
+               if p)
 
 
 class Decider:
@@ -102,11 +109,12 @@ class Decider:
         self.guard = Guard(cfg)
         self.identity = IdentityPolicy(cfg)
         self._mtimes = _mtimes(cfg, self.config_path)
-        self._failed_mtimes: tuple[float, ...] | None = None
+        self._failed_mtimes: tuple[tuple[float, int], ...] | None = None
+        self._settling: tuple[tuple[float, int], ...] | None = None   # changed stamps seen at the last look
         self._next_watch = 0.0
         self._background = background_reload
         self._loading: threading.Thread | None = None
-        self._pending_reload: tuple[Config, Lists, tuple[float, ...]] | None = None
+        self._pending_reload: tuple[Config, Lists, tuple[tuple[float, int], ...]] | None = None
         self._lock = threading.Lock()
         # txkey -> (expires, *verdict fields): a plain tuple of strings and numbers, which the
         # cyclic GC stops tracking, so 200k remembered transactions cost full collections nothing.
@@ -270,10 +278,20 @@ class Decider:
         self._start_reload(force=True)
 
     def _watch(self) -> None:
-        """Start a reload when a watched file changed (and did not already fail in this state)."""
+        """Start a reload when a watched file changed (and did not already fail in this state),
+        once it has stayed as it is for a watch interval and its last line is finished: the
+        watcher read a list in the middle of being written (header and half the rows, bans lost)."""
         current = _mtimes(self.guard.config, self.config_path)
-        if current != self._mtimes and current != self._failed_mtimes:
-            self._start_reload(force=False)
+        if current == self._mtimes or current == self._failed_mtimes:
+            self._settling = None
+            return
+        if current != self._settling:
+            self._settling = current    # changed since the last look: give the writer an interval
+            return
+        if _lists_unfinished(self.guard.config):
+            return
+        self._settling = None
+        self._start_reload(force=False)
 
     def _start_reload(self, force: bool) -> None:
         if self._loading is not None and self._loading.is_alive():
@@ -290,9 +308,24 @@ class Decider:
         """Load the config and lists (the slow part); a bad file keeps the old ones and logs why."""
         set_os_thread_name("cg-reload")
         try:
-            cfg = config_mod.load(self.config_path)
-            mtimes = _mtimes(cfg, self.config_path)
-            lists = load_lists(cfg)
+            for attempt in range(1, RELOAD_TRIES + 1):
+                cfg = config_mod.load(self.config_path)
+                mtimes = _mtimes(cfg, self.config_path)
+                last = attempt == RELOAD_TRIES or not self._background   # no sleeping in a Kamailio worker
+                if not last and _lists_unfinished(cfg):
+                    changed = True
+                else:
+                    lists = load_lists(cfg)
+                    changed = _mtimes(cfg, self.config_path) != mtimes
+                if not changed:
+                    break
+                if last:
+                    raise CallguardError("a list file kept changing while it was read; write lists to a "
+                                         "temporary file and rename it into place")
+                log.warning("reload_retry", config=self.config_path, attempt=attempt,
+                            reason="a list file is being written (it changed while read, or its last line "
+                                   "is not finished)")
+                time.sleep(1.0)
         except (CallguardError, OSError, ValueError) as exc:
             with self._lock:
                 self._failed_mtimes = _mtimes(self.guard.config, self.config_path)
@@ -332,8 +365,12 @@ class Decider:
         self.generation += 1
         self.last_reload_error = ""
         self.stats["reloads"] += 1
+        for p in self.guard.problems[:20]:
+            log.warning("list_row_skipped", problem=str(p))
+        lists = self.guard.lists
         log.info("reloaded", config=self.config_path, generation=self.generation,
-                 blocklist_problems=len(self.guard.problems))
+                 blocklist=len(lists.blocklist), filings=len(lists.filings), allowlist=len(lists.allowlist),
+                 broken_rows=len(lists.problems), blocklist_problems=len(self.guard.problems))
 
     def poll(self, now: float) -> None:
         """Housekeeping between datagrams: swap in a finished reload, watch the files."""

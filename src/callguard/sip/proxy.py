@@ -495,8 +495,28 @@ class Proxy:
         self.apply_config(cfg)
 
     # ------------------------------------------------------------ configuration
-    def apply_config(self, cfg: Config, guard: Any = None) -> None:
-        """Take a (re)loaded config; called between two messages, so the swap is atomic."""
+    def trunk_states(self, cfg: Config) -> list[TrunkState]:
+        """The trunks of ``cfg``, names resolved (blocking: a reload calls this off the loop), each
+        keeping the up/down state it has now."""
+        old = {t.spec: t for t in getattr(self, "trunks", [])}
+        trunks = []
+        for t in cfg.trunks:
+            ts = TrunkState(t.name, t.address, t.prefixes, t.keepalive)
+            prev = old.get(t.address)
+            if prev is not None:
+                ts.up = prev.up
+            trunks.append(ts)
+        return trunks
+
+    def apply_config(self, cfg: Config, guard: Any = None, trunks: list[TrunkState] | None = None) -> None:
+        """Take a (re)loaded config; called between two messages, so the swap is atomic.
+
+        What can fail (a trunk name that does not resolve) comes first, or is done before
+        (``trunks``): a failed reload changed the guard, the rules and the keepalives and then
+        stopped, half applied, while it logged that the old config was kept.
+        """
+        if trunks is None:
+            trunks = self.trunk_states(cfg)
         if guard is not None:
             self.guard = guard
         self.cfg = cfg
@@ -513,18 +533,10 @@ class Proxy:
         self.max_size = sip.max_message_size
         self.emergency = frozenset(cfg.emergency_numbers)
         self._trust = {}
-        old = {t.spec: t for t in getattr(self, "trunks", [])}
-        for t in old.values():
+        for t in getattr(self, "trunks", []):
             if t.ka_handle is not None:
                 t.ka_handle.cancel()
                 t.ka_handle = None
-        trunks = []
-        for t in cfg.trunks:
-            ts = TrunkState(t.name, t.address, t.prefixes, t.keepalive)
-            prev = old.get(t.address)
-            if prev is not None:
-                ts.up = prev.up
-            trunks.append(ts)
         self.trunks = trunks
         self.trunk_ips = frozenset(t.host for t in trunks)
         if self.tcp is not None:

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from .. import config as config_mod
+from .. import lists as lists_mod
 from ..config import Config, Trunk, parse_address
 from ..errors import CallguardError, ConfigError, SipError
 from ..log import QueuedStream, get_logger
@@ -31,6 +32,7 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 RECORDS_FLUSH_INTERVAL = 1.0    # seconds between two writes of the call records
+RELOAD_TRIES = 5                # reads of lists that keep changing before a reload gives up
 
 
 def _logger() -> Any:
@@ -207,22 +209,46 @@ class Server:
             self.stop_event.set()
 
     async def reload(self) -> bool:
-        """Re-read config and lists in a worker thread, then swap them in between two messages."""
+        """Re-read config and lists in a worker thread, then swap them in between two messages.
+
+        A list file that changes while it is read (written in place, not renamed into place) is
+        read again after a second, up to RELOAD_TRIES times; the old lists stay meanwhile.
+        """
         loop = asyncio.get_running_loop()
         try:
             from ..guard import Guard, load_lists
 
-            def build() -> tuple[Config, Any]:
+            def build(last_try: bool) -> tuple[Config, Any, list[Any]]:
                 cfg = config_mod.load(self.config_path)
                 cfg = apply_overrides(cfg, self.listen_override, self.trunk_override)
+                paths = (cfg.lists.blocklist, cfg.lists.service_numbers, cfg.lists.allowlist)
+                before = lists_mod.file_stamp(*paths)
+                # A file that does not end its last line is most likely still being written: wait
+                # for the rest (and take it as it is on the last try, as a start would).
+                if not last_try and any(_unfinished(p) for p in paths if p):
+                    raise _ListsChanging()
                 lists = load_lists(cfg)
-                return cfg, Guard(cfg, lists, implementation=getattr(self.guard, "implementation", None))
+                if lists_mod.file_stamp(*paths) != before:
+                    raise _ListsChanging()
+                guard = Guard(cfg, lists, implementation=getattr(self.guard, "implementation", None))
+                return cfg, guard, self.proxy.trunk_states(cfg)   # names resolved here, off the loop
 
-            cfg, new_guard = await loop.run_in_executor(None, build)
+            for attempt in range(1, RELOAD_TRIES + 1):
+                try:
+                    cfg, new_guard, trunks = await loop.run_in_executor(None, build, attempt == RELOAD_TRIES)
+                    break
+                except _ListsChanging:
+                    if attempt == RELOAD_TRIES:
+                        raise CallguardError("a list file kept changing while it was read; write lists to "
+                                             "a temporary file and rename it into place") from None
+                    self.log.warning("reload_retry", config=self.config_path, attempt=attempt,
+                                     reason="a list file is being written (it changed while read, or its "
+                                            "last line is not finished)")
+                    await asyncio.sleep(1.0)
             # Adopting the rate-limit state happens here, on the loop thread, so no attempt is lost.
             new_guard.core.adopt_state(self.guard.core)
             old = self.cfg
-            self.proxy.apply_config(cfg, new_guard)
+            self.proxy.apply_config(cfg, new_guard, trunks)
             self.proxy.start()
             self.guard = new_guard
             self.cfg = cfg
@@ -232,7 +258,12 @@ class Server:
             if cfg.records != old.records or cfg.metrics != old.metrics or cfg.logging != old.logging:
                 self.log.warning("reload_restart_needed", note="records, metrics and logging settings apply "
                                  "after a restart")
-            self.log.info("reloaded", config=self.config_path, trunks=[t.address for t in cfg.trunks])
+            for p in new_guard.problems[:20]:
+                self.log.warning("list_row_skipped", problem=str(p))
+            lists = new_guard.lists
+            self.log.info("reloaded", config=self.config_path, trunks=[t.address for t in cfg.trunks],
+                          blocklist=len(lists.blocklist), filings=len(lists.filings), allowlist=len(lists.allowlist),
+                          broken_rows=len(lists.problems))
             return True
         except (CallguardError, OSError, ValueError) as exc:
             self.log.error("reload_failed", config=self.config_path, error=str(exc))
@@ -335,6 +366,13 @@ def serve_main(args: Any) -> int:
         return _serve(cfg, guard, path, listen, trunk, log_stream)
     finally:
         log_stream.close()
+
+
+class _ListsChanging(Exception):
+    """A list file changed while a reload read it, or does not end its last line yet."""
+
+
+_unfinished = lists_mod.unfinished_file
 
 
 def _serve(cfg: Config, guard: Any, path: str, listen: list[str], trunk: str | None,
