@@ -1492,6 +1492,41 @@ def test_corrupt_snapshot_is_ignored(tmp_path: Path, peers: Any) -> None:
         served.kill()
 
 
+def _catches_sighup(pid: int) -> bool:
+    """Whether the process has a handler for SIGHUP (SigCgt in /proc, bit 0)."""
+    try:
+        status_text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status_text.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & 1)
+
+
+def test_a_sighup_while_starting_is_a_reload_once_up_not_the_end(tmp_path: Path, peers: Any) -> None:
+    """SIGHUP's default action ends a process: one that came while the lists loaded took serve
+    down with exit 129.  Sent as soon as the process catches it (before it listens): serve comes
+    up, reads the files again, and stops cleanly on SIGTERM."""
+    caller, trunk = peers(), peers()
+    port = free_port()
+    cfg = make_config(tmp_path, [f"udp:127.0.0.1:{port}"], [{"name": "t", "address": f"udp:127.0.0.1:{trunk.port}"}],
+                      logging={"level": "info"})
+    blocklist = Path(config_mod.load(cfg).lists.blocklist)
+    with open(blocklist, "a") as f:      # enough rows that the start takes a while after the handler is set
+        f.writelines(f"1370{i:07d},exact,regulator,bulk,,,,\n" for i in range(300_000))
+    served = Served(cfg)
+    try:
+        wait_until(lambda: _catches_sighup(served.proc.pid) or served.proc.poll() is not None, 30,
+                   "serve to catch SIGHUP")
+        served.proc.send_signal(signal.SIGHUP)
+        served.wait_options(caller, port)
+        wait_until(lambda: served.events("reloaded"), 30, "the reload after the start")
+        assert served.proc.poll() is None and served.events("reload_after_start")
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(30) == 0
+    finally:
+        served.kill()
+
+
 def _serve(config: Path) -> subprocess.Popen[str]:
     env = _serve_env()
     return subprocess.Popen([sys.executable, "-m", "callguard", "serve", "--config", str(config)],

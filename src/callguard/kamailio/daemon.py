@@ -48,6 +48,7 @@ from ..log import QueuedStream, get_logger
 from ..log import configure as configure_logging
 from ..osthread import set_os_thread_name
 from ..records import RecordStore
+from ..signals import hangups_held, hold_hangups
 from ..state import restore_snapshot, write_snapshot
 from . import protocol as proto
 from .protocol import CheckReply, CheckRequest, Outcome
@@ -588,6 +589,7 @@ def decider_main(args: argparse.Namespace) -> int:
     call records are written before the process exits.  Returns the exit status.
     """
     config_path = getattr(args, "config", None) or config_mod.default_config_path()
+    hold_hangups()      # a SIGHUP while the lists load is a reload once up, not the end (exit 129)
     try:
         cfg = config_mod.load(config_path)
     except CallguardError as exc:
@@ -628,6 +630,9 @@ def _run_decider(args: argparse.Namespace, config_path: str) -> int:
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
     signal.signal(signal.SIGHUP, server.hangup)
+    if hangups_held():
+        log.info("reload_after_start", reason="SIGHUP while starting")
+        server.hangup()
     try:
         server.serve_forever()
     finally:

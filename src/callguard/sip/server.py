@@ -24,6 +24,7 @@ from ..config import Config, Trunk, parse_address
 from ..errors import CallguardError, ConfigError, SipError
 from ..log import QueuedStream, get_logger
 from ..log import configure as configure_logging
+from ..signals import hangups_held, hold_hangups
 from ..state import rebuild_rate_state, restore_snapshot, write_snapshot
 from .proxy import NullMetrics, NullRecords, Proxy, UnwrittenRecords, frame_stream
 from .transport import TcpManager, open_tcp, open_udp
@@ -177,6 +178,9 @@ class Server:
                 loop.add_signal_handler(sig, fn)
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
                 pass
+        if hangups_held():
+            self.log.info("reload_after_start", reason="SIGHUP while starting")
+            self._on_hup()
         await self.stop_event.wait()
         await self._drain()
         return EXIT_OK
@@ -351,6 +355,7 @@ def serve_main(args: Any) -> int:
     trunk = getattr(args, "trunk", None)
     path = args.config or config_mod.default_config_path()
     log_stream: QueuedStream | None = None
+    hold_hangups()
     try:
         cfg = apply_overrides(config_mod.load(path), listen, trunk)
         # Logs leave through a thread of their own: a stalled reader of stderr never stalls calls.
