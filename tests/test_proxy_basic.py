@@ -1639,3 +1639,33 @@ def test_rebuild_reads_at_most_the_newest_records_it_may(tmp_path: Path) -> None
                 assert times[-1] == int((now - 10) * 1000) and len(times) == attempts   # the newest ones
             else:
                 assert not rebuilt and guard.core.tracked() == (0, 0, 0)
+
+
+def test_a_snapshot_written_in_the_future_is_ignored_so_the_records_count(tmp_path: Path) -> None:
+    """A snapshot whose written_at is ahead of the clock (taken while the clock ran ahead) hid every
+    record up to that time from the rebuild after a crash; it is ignored, said so, and a snapshot
+    of the past is restored as before."""
+    from structlog.testing import capture_logs
+
+    from callguard.guard import Guard
+    from callguard.log import get_logger
+    from callguard.state import restore_snapshot, write_snapshot
+
+    trunks = [{"name": "t", "address": "udp:127.0.0.1:5080"}]
+    cfg = config_mod.load(make_config(tmp_path, ["udp:127.0.0.1:5060"], trunks,
+                                      rate_limits=[{"name": "w", "window": 600, "max_calls": 2}]))
+    now = time.time()
+    over = Guard(cfg)
+    for i in range(3):
+        over.check(CALLER, f"0215000123{i}", source="127.0.0.1", now=now - 30 + i)
+    assert over.check(CALLER, "02150001299", source="127.0.0.1", now=now - 20).rule == "high_frequency"
+    path = str(tmp_path / "state.json")
+    for written_at, restored in ((now + 86400, False), (now - 5, True)):
+        write_snapshot(path, over, now=written_at)
+        fresh = Guard(cfg)
+        with capture_logs() as logs:
+            taken = restore_snapshot(fresh, path, get_logger(), now=now)
+        assert (taken is not None) == restored
+        assert [e["event"] for e in logs] == (["snapshot_restored"] if restored else ["snapshot_ignored"])
+        rule = fresh.check(CALLER, "02150001298", source="127.0.0.1", now=now).rule
+        assert rule == ("high_frequency" if restored else "allow")

@@ -38,7 +38,10 @@ def write_snapshot(path: str, guard: Any, now: float | None = None) -> None:
         raise
 
 
-def restore_snapshot(guard: Any, path: str, log: Any) -> float | None:
+FUTURE_TOLERANCE = 60.0     # seconds a snapshot's written_at may be ahead of the clock (skew between hosts)
+
+
+def restore_snapshot(guard: Any, path: str, log: Any, now: float | None = None) -> float | None:
     """Load the rate-limit snapshot if there is one; a corrupt file is logged and ignored.
 
     Returns the time the snapshot describes (when it was written), None when none was loaded.
@@ -48,9 +51,17 @@ def restore_snapshot(guard: Any, path: str, log: Any) -> float | None:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        guard.restore(data)
         written = data.get("written_at")
         taken = float(written) if isinstance(written, (int, float)) else os.path.getmtime(path)
+        now = time.time() if now is None else now
+        if not taken <= now + FUTURE_TOLERANCE:
+            # Written by a clock that ran ahead (then stepped back): taken as is, it hid every
+            # record up to that time from rebuild_rate_state, so a caller over its limit before a
+            # crash started afresh.  Without it the records of the whole window are counted again.
+            log.warning("snapshot_ignored", path=path, written_at=taken, now=now,
+                        error="written in the future: the clock was ahead when it was taken")
+            return None
+        guard.restore(data)
         log.info("snapshot_restored", path=path, written_at=taken)
         return taken
     except Exception as exc:  # noqa: BLE001 - a bad snapshot must not stop the proxy from starting
