@@ -683,9 +683,8 @@ def parse_uri_user(uri: str) -> str:
     if at < 0:
         return ""
     userinfo = rest[:at]
-    # a password follows the first ':' of userinfo; ';' parameters of a telephone-subscriber user
-    # (`110;phone-context=+86`) are not part of the number: kept, they hid an emergency callee
-    user = userinfo.split(":", 1)[0].split(";", 1)[0]
+    # a password follows the first ':' of userinfo, but ';' params of the user come first
+    user = userinfo.split(":", 1)[0]
     return _unescape(user)
 
 

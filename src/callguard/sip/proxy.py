@@ -969,7 +969,9 @@ class Proxy:
         return str(msg.from_value)
 
     def _callee_of(self, msg: Any) -> str:
-        user = parse_uri_user(msg.uri)
+        # The ';' parameters of a telephone-subscriber user (`110;phone-context=+86`) are not part
+        # of the number: kept, they hid an emergency callee from rule 1.
+        user = parse_uri_user(msg.uri).split(";", 1)[0]
         return str(user) if user else str(msg.uri)
 
     def _is_emergency(self, callee: str) -> bool:
