@@ -1209,6 +1209,31 @@ def test_a_reload_that_fails_changes_nothing(start: Any, peers: Any, monkeypatch
     assert status(caller.recv(match=lambda m: status(m) >= 200)) == 403
 
 
+def test_sigterm_during_a_reload_abandons_it_and_stops_cleanly(start: Any, peers: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reload task is cancelled and awaited on stop: left pending it was reported on stderr
+    ("Task was destroyed but it is pending"), outside the JSON log."""
+    trunk = peers()
+    ip, _ = start([trunk.port])
+    real_load = config_mod.load
+    reading, release = threading.Event(), threading.Event()
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        assert release.wait(10)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(config_mod, "load", load)
+    ip.call(ip.server._on_hup)
+    assert reading.wait(10)
+    ip.loop.call_soon_threadsafe(ip.server._on_term)
+    wait_until(lambda: ip.server._reload_task.done(), 10, "the reload task to end")
+    assert ip.server._reload_task.cancelled()
+    release.set()
+    ip.thread.join(15)
+    assert ip.result == [0]
+
+
 def test_records_and_outcomes(start: Any, peers: Any, tmp_path: Path) -> None:
     from callguard.records import RecordStore
 

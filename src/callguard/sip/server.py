@@ -118,6 +118,7 @@ class Server:
         self.stop_event: asyncio.Event | None = None
         self.reloading = False
         self.reload_again = False      # a SIGHUP came while reloading
+        self._reload_task: asyncio.Task[None] | None = None
         self.log_stream: Any = None     # where the proxy writes its batched decision lines (None: stderr)
         self.udp: list[Any] = []
         self.tcp_servers: list[Any] = []
@@ -182,6 +183,15 @@ class Server:
             self.log.info("reload_after_start", reason="SIGHUP while starting")
             self._on_hup()
         await self.stop_event.wait()
+        task = self._reload_task
+        if task is not None and not task.done():
+            # Stopping outweighs a reload under way; left pending, the task was reported on stderr
+            # ("Task was destroyed but it is pending") outside the JSON log.
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                self.log.info("reload_abandoned", reason="stopping")
         await self._drain()
         return EXIT_OK
 
@@ -194,7 +204,7 @@ class Server:
             self.log.info("reload_queued")
             return
         self.reloading = True
-        asyncio.get_running_loop().create_task(self._reload_while_asked())
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload_while_asked())
 
     async def _reload_while_asked(self) -> None:
         try:
