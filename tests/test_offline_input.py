@@ -309,3 +309,15 @@ def test_an_empty_config_file_is_refused_not_run_with_no_lists(tmp_path: Path, t
     with pytest.raises(ConfigError):
         _load_yaml(tmp_path, text)
     assert _load_yaml(tmp_path, "{}\n").lists.blocklist is not None       # every default, said so
+
+
+def test_validate_lists_every_broken_row_with_strict_lists_too(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path / "bl.csv", BL_HEADER + "13800138000,exact,nowhere,x,,,\n13800138001,exact,regulator,x,,,\n"
+                                           "13800138002,fuzzy,regulator,x,,,\n")
+    write(tmp_path / "sn.csv", FL_HEADER)
+    cfg = write(tmp_path / "c.yaml", "lists: {blocklist: bl.csv, service_numbers: sn.csv, strict: true}\n"
+                                     "records: {enabled: false}\nmetrics: {enabled: false}\n")
+    assert cli.main(["validate", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "bl.csv:2:" in err and "bl.csv:4:" in err and "lists.strict is on" in err

@@ -7,6 +7,7 @@ config, 1 an unexpected internal error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -147,9 +148,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .guard import load_lists
 
     cfg = config_mod.load(args.config or default_config_path())
-    lists = load_lists(cfg)
+    strict = cfg.lists.strict
+    # Every broken row is listed, strict or not: strict loading stops at the first one.
+    lists = load_lists(dataclasses.replace(cfg, lists=dataclasses.replace(cfg.lists, strict=False)))
     for problem in lists.problems:
         print(f"warning: {problem}", file=sys.stderr)
+    if strict and lists.problems:
+        print("error: lists.strict is on: the proxy refuses a list with a broken row", file=sys.stderr)
     print(f"{cfg.source_file}: ok; blocklist {len(lists.blocklist)} entries, filings {len(lists.filings)}, "
           f"allowlist {len(lists.allowlist)}; {len(lists.problems)} broken row(s) skipped")
     return EXIT_BAD_INPUT if lists.problems else EXIT_OK
