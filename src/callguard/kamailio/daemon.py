@@ -64,6 +64,7 @@ log = _get_log()
 TX_TTL = 32.0            # seconds a transaction's verdict is kept for its retransmissions (64*T1)
 TX_MAX = 200_000         # bound on remembered transactions (a flood must not grow memory without end)
 WATCH_INTERVAL = 1.0     # seconds between checks of the config and list files' mtimes
+MAX_PEERS = 4096         # worker addresses counted one by one in --stats; the rest together
 RELOAD_TRIES = 5         # reads of lists that keep changing before a reload gives up
 SOCKET_BUFFER = 4 * 1024 * 1024
 PENDING_TTL = 300.0      # seconds a let-through call waits for its final response (tm's fr_inv_timer is 60)
@@ -470,7 +471,11 @@ class DeciderServer:
             return proto.header(proto.OP_ERROR, rid) + f"protocol version {version} not supported; " \
                 f"this decider speaks {proto.VERSION}".encode()
         if op == proto.OP_CHECK:
-            self.peers[str(addr)] += 1
+            peer = str(addr)
+            if peer in self.peers or len(self.peers) < MAX_PEERS:
+                self.peers[peer] += 1
+            else:
+                self.peers["(others)"] += 1     # a sender per datagram must not grow this without bound
             r = self.decider.decide(proto.decode_check(data, version), now)
             # The reply carries the request's version: a version 1 worker checks it.
             return proto.header_v(version, op, rid) + proto.encode_reply_body(r.code, r.rule, r.flags, r.score,
