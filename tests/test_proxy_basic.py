@@ -1155,13 +1155,13 @@ def test_a_reload_waits_for_a_list_still_being_written(start: Any, peers: Any,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A blocklist written in place, SIGHUP in the middle: the reload sees a last line without its
     end, waits, and loads the finished file; it swapped the half file in, bans lost, before."""
-    from callguard.sip import server as server_mod
+    from callguard import lists as lists_mod
 
     caller, trunk = peers(), peers()
     ip, port = start([trunk.port])
     blocklist = Path(ip.server.cfg.lists.blocklist)
     unfinished_seen = threading.Event()
-    real_unfinished = server_mod._unfinished
+    real_unfinished = lists_mod.unfinished_file
 
     def unfinished(path: str) -> bool:
         r = real_unfinished(path)
@@ -1169,7 +1169,7 @@ def test_a_reload_waits_for_a_list_still_being_written(start: Any, peers: Any,
             unfinished_seen.set()
         return r
 
-    monkeypatch.setattr(server_mod, "_unfinished", unfinished)
+    monkeypatch.setattr(lists_mod, "unfinished_file", unfinished)
     text = BLOCKLIST + "13700137001,exact,regulator,new ban,,,,\n13700137002,exact,regul"
     blocklist.write_text(text)
     ip.call(ip.server._on_hup)

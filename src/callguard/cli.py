@@ -7,7 +7,6 @@ config, 1 an unexpected internal error.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -150,7 +149,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config or default_config_path())
     strict = cfg.lists.strict
     # Every broken row is listed, strict or not: strict loading stops at the first one.
-    lists = load_lists(dataclasses.replace(cfg, lists=dataclasses.replace(cfg.lists, strict=False)))
+    lists = load_lists(cfg, strict=False)
     for problem in lists.problems:
         print(f"warning: {problem}", file=sys.stderr)
     if strict and lists.problems:

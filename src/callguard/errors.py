@@ -38,6 +38,15 @@ class ListError(CallguardError):
         super().__init__(f"{where}: {problem}")
 
 
+class ListsBeingWritten(CallguardError):
+    """A list file changed while it was read, or its last line is not finished: a writer is not
+    done with it (a reload reads it again a second later, see ``guard.load_lists_settled``)."""
+
+    def __init__(self) -> None:
+        super().__init__("a list file kept changing while it was read; write lists to a temporary file "
+                         "and rename it into place")
+
+
 class InputError(CallguardError):
     """Bad input on the command line or in a call log (not the config)."""
 

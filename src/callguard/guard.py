@@ -13,6 +13,7 @@ from . import config as config_mod
 from . import lists as lists_mod
 from ._corepy import CorePy
 from .config import Config
+from .errors import ListsBeingWritten
 from .lists import Lists
 from .log import get_logger
 from .settings import RULE_NAMES, compile_settings
@@ -38,6 +39,33 @@ def load_lists(cfg: Config, strict: bool | None = None) -> Lists:
                                 extra_allow=cfg.allowlist_numbers,
                                 strict=cfg.lists.strict if strict is None else strict,
                                 tz=lists_mod.parse_tz(cfg.lists.timezone))
+
+
+RELOAD_TRIES = 5    # reads of lists still being written before a reload gives up (a second apart)
+RELOAD_RETRY_REASON = "a list file is being written (it changed while read, or its last line is not finished)"
+
+
+def _list_paths(cfg: Config) -> tuple[str, ...]:
+    return tuple(p for p in (cfg.lists.blocklist, cfg.lists.service_numbers, cfg.lists.allowlist) if p)
+
+
+def lists_being_written(cfg: Config) -> bool:
+    """Whether a list file of ``cfg`` does not end its last line: most likely a writer is not done."""
+    return any(lists_mod.unfinished_file(p) for p in _list_paths(cfg))
+
+
+def load_lists_settled(cfg: Config, wait: bool) -> Lists:
+    """load_lists for a reload: raises ListsBeingWritten when a file changed while it was read,
+    or (``wait``) when one does not end its last line yet -- a reload that swapped such a file in
+    took half a blocklist, bans lost.  The last try passes ``wait=False``, as a start would."""
+    paths = _list_paths(cfg)
+    before = lists_mod.file_stamp(*paths)
+    if wait and lists_being_written(cfg):
+        raise ListsBeingWritten()
+    lists = load_lists(cfg)
+    if lists_mod.file_stamp(*paths) != before:
+        raise ListsBeingWritten()
+    return lists
 
 
 def _fail_open(caller: str, callee: str, source: str | None) -> Any:

@@ -177,7 +177,7 @@ def _rows(path: str, required: Iterable[str]) -> Iterator[tuple[int, dict[str, s
                 raise ListError(path, 0, "empty file: a header row is needed") from None
             except csv.Error as exc:
                 raise ListError(path, reader.line_num, f"unreadable header: {exc}") from None
-            if header and not (len(header) == 1 and not header[0].strip()) and not header[0].startswith("#"):
+            if not _skipped(header):
                 break
         if not_utf8(header):
             raise ListError(path, reader.line_num, "unreadable header: not UTF-8")
@@ -198,9 +198,7 @@ def _rows(path: str, required: Iterable[str]) -> Iterator[tuple[int, dict[str, s
             except csv.Error as exc:
                 yield reader.line_num, {"__error__": str(exc)}
                 continue
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if row[0].startswith("#"):
+            if _skipped(row):
                 continue
             if not_utf8(row):
                 yield reader.line_num, {"__error__": "not UTF-8"}
@@ -209,6 +207,11 @@ def _rows(path: str, required: Iterable[str]) -> Iterator[tuple[int, dict[str, s
                 yield reader.line_num, {"__error__": f"expected {width} fields, got {len(row)}"}
                 continue
             yield reader.line_num, {n: v.strip() for n, v in zip(names, row)}
+
+
+def _skipped(row: list[str]) -> bool:
+    """A blank line or a `#` comment."""
+    return not row or (len(row) == 1 and not row[0].strip()) or row[0].startswith("#")
 
 
 def not_utf8(row: list[str]) -> bool:

@@ -62,6 +62,11 @@ def _area_len(d: str) -> int:
 _ESCAPE_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
+def unescape(s: str) -> str:
+    """Every %XX of a URI part as the character it escapes, decoded once (RFC 3261 §19.1.4)."""
+    return _ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 16)), s)
+
+
 def _angle(s: str) -> int:
     """Where the name-addr's ``<`` is: the first outside a quoted display name (-1: none).
 
@@ -109,8 +114,7 @@ def extract_user(raw: str) -> str:
             if cut >= 0:
                 s = s[:cut]
         if "%" in s:
-            # %XX is that character (RFC 3261 §19.1.4: escaped and plain are equal), decoded once
-            s = _ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 16)), s)
+            s = unescape(s)     # escaped and plain are equal (RFC 3261 §19.1.4)
     return s
 
 
@@ -188,6 +192,13 @@ def normalize(raw: str, default_area: str = "") -> Number:
     if len(s) == 13 and s[0] == "8" and s[1] == "6" and s[2] == "1" and s[3] in "3456789":
         return Number(MOBILE, s[2:], "")        # 86 + mobile, sent without + or 00
     return classify(s, default_area)
+
+
+def is_emergency(raw: str, emergency: frozenset[str] | set[str]) -> bool:
+    """Whether the core's rule 1 lets this callee through: normalised as it normalises (``0391
+    110``, ``0086110``, ``sip:110;phone-context=+86@…``), not hidden, one of ``emergency``."""
+    number = normalize(raw)
+    return number.kind != HIDDEN and number.digits in emergency
 
 
 def _international(s: str) -> Number:

@@ -12,6 +12,8 @@ import datetime as dt
 import gc
 import ipaddress
 import os
+import re
+import stat
 import sys
 import tempfile
 import time
@@ -22,7 +24,7 @@ import numpy as np
 
 from .errors import InputError
 from .guard import Guard
-from .lists import not_utf8, parse_time, parse_tz
+from .lists import MAX_EPOCH, not_utf8, parse_time, parse_tz
 from .settings import RULE_NAMES
 
 CHUNK_ROWS = 16384
@@ -53,6 +55,9 @@ class ReplaySummary:
             lines.append(f"warning: {self.out_of_order} row(s) earlier than the row before them; rate limits assume "
                          "time order: sort the log by time for an exact replay")
         return "\n".join(lines)
+
+
+_EPOCH = re.compile(r"[0-9]+(?:\.[0-9]*)?").fullmatch
 
 
 class TimeParser:
@@ -92,6 +97,12 @@ class TimeParser:
                     self._minutes.clear()
                 self._minutes[key] = minute
             return minute + int(seconds) + frac
+        if _EPOCH(text) is not None and not (len(text) in (8, 14) and text.isdigit()):
+            # epoch seconds, as parse_time reads them (8 or 14 bare digits are basic ISO dates),
+            # without its layers: half the rows of a log may be epoch times
+            t = float(text)
+            if t <= MAX_EPOCH:
+                return t
         return parse_time(text, self.tz)
 
 
@@ -192,15 +203,14 @@ def _replay(guard: Guard, log_path: str, handle: IO[str], out: IO[str] | None, p
     known_sources: dict[str, str | None] = {}     # as written -> the address (None: not one)
 
     def source_of(text: str) -> str | None:
-        address = known_sources.get(text, "")
-        if address == "":
-            try:
-                address = str(ipaddress.ip_address(text.strip()))
-            except ValueError:
-                address = None
-            if len(known_sources) > 65536:
-                known_sources.clear()
-            known_sources[text] = address
+        """The address a source column holds (None: not one), remembered for the next rows."""
+        try:
+            address: str | None = str(ipaddress.ip_address(text.strip()))
+        except ValueError:
+            address = None
+        if len(known_sources) > 65536:
+            known_sources.clear()
+        known_sources[text] = address
         return address
 
     while True:
@@ -216,23 +226,24 @@ def _replay(guard: Guard, log_path: str, handle: IO[str], out: IO[str] | None, p
         else:
             if not row:
                 continue
-            problem = None
-        source: str | None = None
-        if problem is None and len(row) != width:
-            problem = f"expected {width} fields, got {len(row)}"
-        elif problem is None and not_utf8(row):
-            problem = "not UTF-8"
-        elif problem is None:
-            try:
-                t = time_of(row[i_time])
-            except (ValueError, IndexError):
-                t = -1.0
-            if not t >= 0:
-                problem = f"time: not ISO 8601 or epoch seconds: {row[i_time]!r}"
-            elif i_source >= 0 and row[i_source].strip():
-                source = source_of(row[i_source])
-                if source is None:
-                    problem = f"source: not an IP address: {row[i_source]!r}"
+            problem = source = None
+            if len(row) != width:
+                problem = f"expected {width} fields, got {len(row)}"
+            elif not_utf8(row):
+                problem = "not UTF-8"
+            else:
+                try:
+                    t = time_of(row[i_time])
+                except (ValueError, IndexError):
+                    t = -1.0
+                if not t >= 0:
+                    problem = f"time: not ISO 8601 or epoch seconds: {row[i_time]!r}"
+                elif i_source >= 0 and row[i_source].strip():
+                    source = known_sources.get(row[i_source], "")
+                    if source == "":
+                        source = source_of(row[i_source])
+                    if source is None:
+                        problem = f"source: not an IP address: {row[i_source]!r}"
         if problem is not None:
             bad.add(len(rows))
             summary.bad_rows += 1
@@ -281,9 +292,10 @@ class Output:
             self.stream = sys.stdout
             return
         try:
-            if os.path.exists(path) and os.path.exists(log_path) and os.path.samefile(path, log_path):
+            existing = os.stat(path) if os.path.exists(path) else None
+            if existing is not None and os.path.exists(log_path) and os.path.samestat(existing, os.stat(log_path)):
                 raise InputError(f"{path}: is the log being replayed; write the rows elsewhere")
-            if os.path.exists(path) and not os.path.isfile(path):
+            if existing is not None and not stat.S_ISREG(existing.st_mode):
                 self.stream = open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
                 return
             folder, name = os.path.split(os.path.abspath(path))

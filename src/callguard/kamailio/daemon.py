@@ -41,9 +41,9 @@ from typing import Any
 
 from .. import config as config_mod
 from ..config import Config
-from ..errors import CallguardError
-from ..guard import Guard, load_lists
-from ..lists import Lists, unfinished_file
+from ..errors import CallguardError, ListsBeingWritten
+from ..guard import RELOAD_RETRY_REASON, RELOAD_TRIES, Guard, lists_being_written, load_lists_settled
+from ..lists import Lists
 from ..log import QueuedStream, get_logger
 from ..log import configure as configure_logging
 from ..osthread import set_os_thread_name
@@ -65,7 +65,6 @@ TX_TTL = 32.0            # seconds a transaction's verdict is kept for its retra
 TX_MAX = 200_000         # bound on remembered transactions (a flood must not grow memory without end)
 WATCH_INTERVAL = 1.0     # seconds between checks of the config and list files' mtimes
 MAX_PEERS = 4096         # worker addresses counted one by one in --stats; the rest together
-RELOAD_TRIES = 5         # reads of lists that keep changing before a reload gives up
 SOCKET_BUFFER = 4 * 1024 * 1024
 PENDING_TTL = 300.0      # seconds a let-through call waits for its final response (tm's fr_inv_timer is 60)
 DIALOG_LINGER = 12 * 3600.0   # answered calls whose BYE never came are forgotten after this (as serve)
@@ -84,11 +83,6 @@ def _mtimes(cfg: Config, config_path: str) -> tuple[tuple[float, int], ...]:
         except OSError:
             out.append((-1.0, -1))
     return tuple(out)
-
-
-def _lists_unfinished(cfg: Config) -> bool:
-    return any(unfinished_file(p) for p in (cfg.lists.blocklist, cfg.lists.service_numbers, cfg.lists.allowlist)
-               if p)
 
 
 class Decider:
@@ -290,7 +284,7 @@ class Decider:
         if current != self._settling:
             self._settling = current    # changed since the last look: give the writer an interval
             return
-        if _lists_unfinished(self.guard.config):
+        if lists_being_written(self.guard.config):
             return
         self._settling = None
         self._start_reload(force=False)
@@ -314,19 +308,13 @@ class Decider:
                 cfg = config_mod.load(self.config_path)
                 mtimes = _mtimes(cfg, self.config_path)
                 last = attempt == RELOAD_TRIES or not self._background   # no sleeping in a Kamailio worker
-                if not last and _lists_unfinished(cfg):
-                    changed = True
-                else:
-                    lists = load_lists(cfg)
-                    changed = _mtimes(cfg, self.config_path) != mtimes
-                if not changed:
+                try:
+                    lists = load_lists_settled(cfg, wait=not last)
                     break
-                if last:
-                    raise CallguardError("a list file kept changing while it was read; write lists to a "
-                                         "temporary file and rename it into place")
-                log.warning("reload_retry", config=self.config_path, attempt=attempt,
-                            reason="a list file is being written (it changed while read, or its last line "
-                                   "is not finished)")
+                except ListsBeingWritten:
+                    if last:
+                        raise
+                log.warning("reload_retry", config=self.config_path, attempt=attempt, reason=RELOAD_RETRY_REASON)
                 time.sleep(1.0)
         except (CallguardError, OSError, ValueError) as exc:
             with self._lock:

@@ -32,8 +32,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..config import Config, parse_address
-from ..numbers import HIDDEN
-from ..numbers import normalize as normalize_number
+from ..numbers import is_emergency
 from ..settings import compile_settings, resolve_source
 from .client import DeciderClient, DeciderUnavailable
 from .protocol import (
@@ -320,16 +319,19 @@ class CallguardKemi:
         if reply.flags & FLAG_FAILED_OPEN:
             self._fault("decision", RuntimeError(reply.reason), log=False)
         if code:
-            key = (code, reply.rule, reply.reason, reply.flags & FLAG_HIDE_REASON)
-            texts = self._replies.get(key)
-            if texts is None:
-                texts = self._reply_texts(*key)
-            header, phrase = texts
-            if header:
-                self._append_to_reply(header)
-            self._sl_send_reply(code, phrase)
+            self._reject(code, reply.rule, reply.reason, reply.flags & FLAG_HIDE_REASON)
             return
         self._relay(reply.trunk or self._fallback_trunk(req), track=True)
+
+    def _reject(self, code: int, rule: str, reason: str, hide: int) -> None:
+        """The rejection reply: its Reason header (unless hidden) and status phrase, stateless."""
+        texts = self._replies.get((code, rule, reason, hide))
+        if texts is None:
+            texts = self._reply_texts(code, rule, reason, hide)
+        header, phrase = texts
+        if header:
+            self._append_to_reply(header)
+        self._sl_send_reply(code, phrase)
 
     def _reply_texts(self, code: int, rule: str, reason: str, hide: int) -> tuple[str, str]:
         """The Reason header (empty when hidden) and status phrase of a rejection, remembered."""
@@ -382,16 +384,11 @@ class CallguardKemi:
     def _fail_open(self, source: str, callee: str, trunk: str) -> None:
         """No verdict: relay an emergency call or one from a trusted source; refuse the rest as
         ``untrusted_source`` would (that rule needs no lists, no counts: the worker can say it)."""
-        number = normalize_number(callee)
-        if (number.kind != HIDDEN and number.digits in self._emergency) or self._source_index(source) >= 0:
+        if is_emergency(callee, self._emergency) or self._source_index(source) >= 0:
             self._relay(trunk, track=False)
             return
         rule = self.config.rules["untrusted_source"]
-        key = (rule.code, "untrusted_source", rule.reason, FLAG_HIDE_REASON if self.config.sip.hide_reason else 0)
-        header, phrase = self._replies.get(key) or self._reply_texts(*key)
-        if header:
-            self._append_to_reply(header)
-        self._sl_send_reply(rule.code, phrase)
+        self._reject(rule.code, "untrusted_source", rule.reason, FLAG_HIDE_REASON if self.config.sip.hide_reason else 0)
 
     def _source_index(self, source: str) -> int:
         """resolve_source of the worker's config (-1: untrusted), cached until the worker restarts."""
@@ -421,7 +418,7 @@ class CallguardKemi:
         UTF-8, which failed the call open whatever its caller: then read it hex-encoded and keep
         the bytes as surrogates, as serve's parser does."""
         try:
-            return str(self._gete(spec))
+            return self._gete(spec)     # type: ignore[no-any-return]
         except UnicodeDecodeError:
             raw = self._gete(f"$({spec[1:]}{{s.encode.hexa}})")
             return bytes.fromhex(str(raw)).decode("utf-8", "surrogateescape")

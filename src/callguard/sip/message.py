@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import SipError
+from ..numbers import unescape
 
 __all__ = [
     "COMPACT_FORMS", "KNOWN_METHODS", "IMPLEMENTATION", "SipMessage", "SipMessagePy", "Via",
@@ -659,10 +660,6 @@ def frame_stream(buf: bytearray, max_size: int) -> bytes | None:
 # --------------------------------------------------------------------------- helpers for SIP elements
 
 
-def _unescape(s: str) -> str:
-    return re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), s)
-
-
 def parse_uri_user(uri: str) -> str:
     """The user part of a sip:/sips:/tel: URI or of a name-addr, percent-decoded; '' if none."""
     s = uri.strip()
@@ -676,7 +673,7 @@ def parse_uri_user(uri: str) -> str:
     scheme = s[:colon].strip().lower()
     rest = s[colon + 1:]
     if scheme == "tel":
-        return _unescape(rest.split(";", 1)[0].split("?", 1)[0])
+        return unescape(rest.split(";", 1)[0].split("?", 1)[0])
     if scheme not in ("sip", "sips"):
         return ""
     at = rest.rfind("@")
@@ -685,7 +682,7 @@ def parse_uri_user(uri: str) -> str:
     userinfo = rest[:at]
     # a password follows the first ':' of userinfo, but ';' params of the user come first
     user = userinfo.split(":", 1)[0]
-    return _unescape(user)
+    return unescape(user)
 
 
 def check_request_semantics(msg: SipMessage, supported: frozenset[str] | set[str] = frozenset()) -> SipError | None:

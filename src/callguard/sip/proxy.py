@@ -36,8 +36,7 @@ from typing import Any
 
 from ..config import Config, parse_address
 from ..errors import SipError
-from ..numbers import HIDDEN
-from ..numbers import normalize as normalize_number
+from ..numbers import is_emergency
 from ..settings import resolve_source
 
 # message.py selects the Cython twin of the parser itself (unless CALLGUARD_NO_EXTENSIONS is set).
@@ -978,8 +977,7 @@ class Proxy:
         """Whether the core's rule 1 lets this callee through: the same normalisation, so every form
         it knows (``0391 110`` with an area code, ``0086110``, ``+86 110``) passes overload, drain and
         trunks marked down too."""
-        number = normalize_number(callee)
-        return number.kind != HIDDEN and number.digits in self.emergency
+        return is_emergency(callee, self.emergency)
 
     def _on_invite(self, msg: Any, key: Any, ep: Any, addr: Any, ip: str) -> None:
         prev = self.stx.get(key)

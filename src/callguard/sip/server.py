@@ -19,9 +19,8 @@ import sys
 from typing import Any
 
 from .. import config as config_mod
-from .. import lists as lists_mod
 from ..config import Config, Trunk, parse_address
-from ..errors import CallguardError, ConfigError, SipError
+from ..errors import CallguardError, ConfigError, ListsBeingWritten, SipError
 from ..log import QueuedStream, get_logger
 from ..log import configure as configure_logging
 from ..signals import hangups_held, hold_hangups
@@ -33,7 +32,6 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 RECORDS_FLUSH_INTERVAL = 1.0    # seconds between two writes of the call records
-RELOAD_TRIES = 5                # reads of lists that keep changing before a reload gives up
 
 
 def _logger() -> Any:
@@ -230,34 +228,24 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         try:
-            from ..guard import Guard, load_lists
+            from ..guard import RELOAD_RETRY_REASON, RELOAD_TRIES, Guard, load_lists_settled
 
-            def build(last_try: bool) -> tuple[Config, Any, list[Any]]:
+            def build(wait: bool) -> tuple[Config, Any, list[Any]]:
                 cfg = config_mod.load(self.config_path)
                 cfg = apply_overrides(cfg, self.listen_override, self.trunk_override)
-                paths = (cfg.lists.blocklist, cfg.lists.service_numbers, cfg.lists.allowlist)
-                before = lists_mod.file_stamp(*paths)
-                # A file that does not end its last line is most likely still being written: wait
-                # for the rest (and take it as it is on the last try, as a start would).
-                if not last_try and any(_unfinished(p) for p in paths if p):
-                    raise _ListsChanging()
-                lists = load_lists(cfg)
-                if lists_mod.file_stamp(*paths) != before:
-                    raise _ListsChanging()
+                lists = load_lists_settled(cfg, wait)
                 guard = Guard(cfg, lists, implementation=getattr(self.guard, "implementation", None))
                 return cfg, guard, self.proxy.trunk_states(cfg)   # names resolved here, off the loop
 
             for attempt in range(1, RELOAD_TRIES + 1):
                 try:
-                    cfg, new_guard, trunks = await loop.run_in_executor(None, build, attempt == RELOAD_TRIES)
+                    cfg, new_guard, trunks = await loop.run_in_executor(None, build, attempt < RELOAD_TRIES)
                     break
-                except _ListsChanging:
+                except ListsBeingWritten:
                     if attempt == RELOAD_TRIES:
-                        raise CallguardError("a list file kept changing while it was read; write lists to "
-                                             "a temporary file and rename it into place") from None
+                        raise
                     self.log.warning("reload_retry", config=self.config_path, attempt=attempt,
-                                     reason="a list file is being written (it changed while read, or its "
-                                            "last line is not finished)")
+                                     reason=RELOAD_RETRY_REASON)
                     await asyncio.sleep(1.0)
             # Adopting the rate-limit state happens here, on the loop thread, so no attempt is lost.
             new_guard.core.adopt_state(self.guard.core)
@@ -381,13 +369,6 @@ def serve_main(args: Any) -> int:
         return _serve(cfg, guard, path, listen, trunk, log_stream)
     finally:
         log_stream.close()
-
-
-class _ListsChanging(Exception):
-    """A list file changed while a reload read it, or does not end its last line yet."""
-
-
-_unfinished = lists_mod.unfinished_file
 
 
 def _serve(cfg: Config, guard: Any, path: str, listen: list[str], trunk: str | None,
